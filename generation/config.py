@@ -1,0 +1,73 @@
+"""Typed config of the ``generation`` stage (one section of the experiment YAML).
+
+Everything that changes pixels or labels lives in ``SceneConfig``; its hash keys the
+shards, so changing any of it renders again. ``GenerationConfig`` adds what only
+decides how much is rendered and how (scene count, shard size, workers, retries).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from generation.assets import DEFAULT_MANIFEST, load_manifest
+
+
+class SceneConfig(BaseModel):
+    """What one rendered clip looks like. Every field here affects pixels or labels."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    recipe: str = "movi"                    # name in generation.recipes.RECIPES
+    resolution: int = Field(64, gt=0, le=4096)   # square frames, pixels
+    frames: int = Field(4, gt=0, le=1000)   # T frames per clip
+    fps: int = Field(12, gt=0, le=240)
+    spp: int = Field(16, gt=0, le=16384)    # Cycles samples per pixel (RGB layer)
+    denoise: bool = False                   # OpenImageDenoise on the RGB layer
+    min_objects: int = Field(3, ge=1, le=64)
+    max_objects: int = Field(10, ge=1, le=64)
+    camera_motion: bool = True              # camera moves along a small arc
+    asset_manifest: Path = DEFAULT_MANIFEST  # a local Kubric asset manifest
+    assets: Optional[list[str]] = None      # subset of asset ids (None = all)
+    flow: bool = False                      # also store optical flow
+    object_coordinates: bool = False        # also store object coordinates
+
+    @model_validator(mode="after")
+    def _check(self) -> "SceneConfig":
+        if self.min_objects > self.max_objects:
+            raise ValueError(f"min_objects ({self.min_objects}) > max_objects ({self.max_objects})")
+        from generation.recipes import RECIPES
+        if self.recipe not in RECIPES:
+            raise ValueError(f"unknown recipe {self.recipe!r} (known: {sorted(RECIPES)})")
+        manifest = load_manifest(self.asset_manifest)
+        if self.assets is not None:
+            unknown = sorted(set(self.assets) - set(manifest["assets"]))
+            if unknown or not self.assets:
+                raise ValueError(f"unknown asset(s) {unknown} in {self.asset_manifest} "
+                                 f"(known: {sorted(manifest['assets'])})")
+        return self
+
+    def digest(self) -> str:
+        """Content hash of everything that determines a clip (the manifest's bytes
+        included, so editing the asset set renders again)."""
+        data = self.model_dump(mode="json")
+        data["asset_manifest"] = hashlib.sha256(Path(self.asset_manifest).read_bytes()).hexdigest()
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+class GenerationConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    out: Path = Path("data/synthetic")      # shard directory
+    scenes: int = Field(8, gt=0)            # total clips
+    scenes_per_shard: int = Field(4, gt=0)
+    seed: int = Field(0, ge=0)              # scene i uses seed (seed, i) -> see scene_seed()
+    workers: int = Field(1, gt=0, le=256)   # shards rendered at once (one process each)
+    retries: int = Field(2, ge=0, le=20)    # re-runs of a crashed render worker
+    task_runner: Literal["threads", "processes", "dask"] = "threads"
+    dask_address: Optional[str] = None      # existing Dask scheduler; None = LocalCluster
+    scene: SceneConfig = Field(default_factory=SceneConfig)

@@ -1,0 +1,213 @@
+"""Kubric's Blender renderer on Blender 4.5 (pip ``bpy``), fixed.
+
+Kubric (kubric-nightly 2023.12.27) was written for Blender 2.93. Its scene API and
+PyBullet simulation work unchanged on bpy 4.5; its renderer breaks in the places
+below. ``Blender45`` subclasses Kubric's ``Blender`` view and fixes each one, so the
+rest of Kubric (scene observers, keyframing, the Z/Normal/Cryptomatte/Vector passes
+of the auxiliary view layer) is used as it is.
+
+| Blender 4.x change                                   | symptom in Kubric                    | fix here                         |
+|------------------------------------------------------|--------------------------------------|----------------------------------|
+| Principled BSDF inputs renamed (``Specular`` ->      | KeyError for every object with a     | ``_add_principled_material``:    |
+| ``Specular IOR Level``, ``Transmission`` ->          | ``PrincipledBSDFMaterial``           | binds Kubric's traits to the new |
+| ``Transmission Weight``, ``Emission`` ->             |                                      | sockets; ``specular_tint`` (a    |
+| ``Emission Color``); ``Specular Tint`` is a colour;  |                                      | float) becomes a colour between  |
+| ``Transmission Roughness`` removed                   |                                      | white and the base colour        |
+| AOV output node ``name`` -> ``aov_name``             | object coordinates silently all 0    | ``_fix_object_coordinates_aov``  |
+| ``import_scene.obj`` -> ``wm.obj_import``;           | .obj assets fail to load             | ``_add_file_object``             |
+| ``Mesh.use_auto_smooth`` removed (4.1)               |                                      |                                  |
+| cryptomatte EXR channels lowercase on 4.5            | KeyError ``CryptoObject00.R`` in     | ``read_exr_layers`` matches      |
+| (``CryptoObject00.r``)                               | post-processing                      | channel names case-insensitively |
+| default view transform AgX                           | colours differ from Kubric datasets  | ``view_transform="Filmic"``      |
+| NLM denoiser removed                                 | denoising setting ignored            | OpenImageDenoise, set explicitly |
+
+Each fix has a test in ``tests/generation/test_kubric_compat.py`` that checks the
+label it affects. Bpy 5.0 replaced the compositor node-tree API: stay on 4.5 LTS.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import bpy  # noqa: F401  (import order: bpy before kubric's renderer)
+import numpy as np
+import OpenEXR
+from kubric import core
+from kubric.renderer import blender_utils
+from kubric.renderer.blender import (AttributeSetter, Blender, KeyframeSetter,
+                                     register_object3d_setters)
+from singledispatchmethod import singledispatchmethod
+
+logger = logging.getLogger(__name__)
+
+OBJECT_COORDINATES_AOV = "ObjectCoordinates"
+# Kubric's pre-4.0 OBJ importer arguments -> wm.obj_import's.
+_AXIS = {"X": "X", "Y": "Y", "Z": "Z", "-X": "NEGATIVE_X", "-Y": "NEGATIVE_Y",
+         "-Z": "NEGATIVE_Z"}
+
+
+class Blender45(Blender):
+    """Kubric's Blender view with the Blender 4.5 fixes applied (see module docstring).
+
+    Extra arguments: ``view_transform`` (default "Filmic", Kubric's look) and
+    ``denoiser`` ("OPENIMAGEDENOISE" is the only CPU denoiser left in 4.x).
+    """
+
+    def __init__(self, scene: core.Scene, *, view_transform: str = "Filmic",
+                 denoiser: str = "OPENIMAGEDENOISE", **kwargs):
+        super().__init__(scene, **kwargs)
+        self._fix_object_coordinates_aov()
+        self.blender_scene.view_settings.view_transform = view_transform
+        self.blender_scene.view_settings.look = "None"
+        if self.use_denoising:
+            self.blender_scene.cycles.denoiser = denoiser
+        # Our EXR reader understands both channel spellings; keep Kubric's table of
+        # post-processors and add float normals (Kubric's "normal" is quantised to uint16).
+        self.post_processors["normal_float"] = lambda layers, scene: layers["normal"]
+
+    # -- fix: AOV node property renamed --------------------------------------------
+    @staticmethod
+    def _fix_object_coordinates_aov() -> None:
+        """Kubric sets ``ShaderNodeOutputAOV.name``; since 2.9x the pass it writes is
+        chosen by ``aov_name``, so the AOV pass stayed empty (all zeros)."""
+        for mat in bpy.data.materials:
+            if not mat.use_nodes:
+                continue
+            for node in mat.node_tree.nodes:
+                if node.bl_idname == "ShaderNodeOutputAOV" and not node.aov_name:
+                    node.aov_name = OBJECT_COORDINATES_AOV
+
+    # -- dispatch: our handlers first, Kubric's for everything else ---------------------
+    @singledispatchmethod
+    def add_asset(self, asset: core.Asset):
+        return super().add_asset(asset)
+
+    # -- fix: Principled BSDF sockets renamed ----------------------------------------------
+    @add_asset.register(core.PrincipledBSDFMaterial)
+    @blender_utils.prepare_blender_object
+    def _add_principled_material(self, obj: core.PrincipledBSDFMaterial):
+        mat = bpy.data.materials.new(obj.uid)
+        mat.use_nodes = True
+        bsdf = mat.node_tree.nodes["Principled BSDF"]
+        # Kubric's emission is a colour at strength 1 (2.93 had no strength socket).
+        bsdf.inputs["Emission Strength"].default_value = 1.0
+        _bind(obj, "color", bsdf.inputs["Base Color"])
+        _bind(obj, "roughness", bsdf.inputs["Roughness"])
+        _bind(obj, "metallic", bsdf.inputs["Metallic"])
+        _bind(obj, "specular", bsdf.inputs["Specular IOR Level"])
+        _bind(obj, "ior", bsdf.inputs["IOR"])
+        _bind(obj, "transmission", bsdf.inputs["Transmission Weight"])
+        _bind(obj, "emission", bsdf.inputs["Emission Color"])
+
+        # 2.93's scalar tint mixed the specular colour from white towards the base
+        # colour; 4.x takes that colour directly.
+        def tint_colour(tint: float):
+            base = np.asarray(obj.color.rgba if hasattr(obj.color, "rgba") else obj.color)
+            return tuple((1.0 - tint) * np.ones(4) + tint * base)
+
+        _bind(obj, "specular_tint", bsdf.inputs["Specular Tint"], converter=tint_colour)
+        if obj.transmission_roughness:
+            logger.debug("transmission_roughness has no socket in Blender 4.x; ignored")
+        return mat
+
+    # -- fix: OBJ importer renamed; Mesh.use_auto_smooth removed ---------------------------
+    @add_asset.register(core.FileBasedObject)
+    @blender_utils.prepare_blender_object
+    def _add_file_object(self, obj: core.FileBasedObject):
+        if obj.render_filename is None:
+            return None
+        path = Path(obj.render_filename)
+        if path.suffix.lower() != ".obj":
+            raise ValueError(f"render mesh {path.name}: only .obj assets are supported "
+                             "on Blender 4.5")
+        kwargs = dict(obj.render_import_kwargs)
+        # Accept Kubric's (2.93) argument names as well as 4.x's.
+        if "axis_forward" in kwargs:
+            kwargs["forward_axis"] = _AXIS[kwargs.pop("axis_forward")]
+        if "axis_up" in kwargs:
+            kwargs["up_axis"] = _AXIS[kwargs.pop("axis_up")]
+        for old in [k for k in kwargs if k not in ("forward_axis", "up_axis", "global_scale")]:
+            kwargs.pop(old)
+        bpy.ops.object.select_all(action="DESELECT")
+        with contextlib.redirect_stdout(io.StringIO()):
+            bpy.ops.wm.obj_import(filepath=str(path), use_split_objects=False, **kwargs)
+        imported = bpy.context.selected_objects
+        if len(imported) != 1:
+            raise ValueError(f"{path} imported as {len(imported)} objects, expected 1")
+        blender_obj = imported[0]
+        register_object3d_setters(obj, blender_obj)
+        obj.observe(AttributeSetter(blender_obj, "active_material",
+                                    converter=self._convert_to_blender_object), "material")
+        obj.observe(AttributeSetter(blender_obj, "scale"), "scale")
+        obj.observe(KeyframeSetter(blender_obj, "scale"), "scale", type="keyframe")
+        return blender_obj
+
+    # -- fix: cryptomatte channel case ---------------------------------------------
+    def postprocess(self, from_dir, return_layers: Sequence[str]):
+        """Same contract as Kubric's: stacks per-frame layers; reads EXRs with
+        ``read_exr_layers`` (channel names matched case-insensitively)."""
+        from kubric import file_io
+        from_dir = Path(from_dir)
+        stacks: dict[str, list] = {key: [] for key in return_layers}
+        for exr_path in sorted((from_dir / "exr").glob("*.exr")):
+            layers = read_exr_layers(exr_path)
+            layers["rgba"] = file_io.read_png(from_dir / "images" / (exr_path.stem + ".png"))
+            for key in return_layers:
+                stacks[key].append(self.post_processors[key](layers, self.scene))
+        return {key: np.stack(v, axis=0) for key, v in stacks.items() if v}
+
+
+def _bind(obj: core.Asset, trait: str, socket, converter=None) -> None:
+    """Keep a Blender socket's default value in sync with a Kubric trait (now and at keyframes)."""
+    kwargs = {} if converter is None else {"converter": converter}
+    obj.observe(AttributeSetter(socket, "default_value", **kwargs), trait)
+    obj.observe(KeyframeSetter(socket, "default_value"), trait, type="keyframe")
+
+
+# Layer name in the EXR -> (key Kubric's post-processors use, channel suffixes).
+_EXR_LAYERS = {
+    "image": ("linear_rgba", "RGBA"),
+    "depth": ("depth", "V"),
+    "normal": ("normal", "XYZ"),
+    "uv": ("uv", "XYZ"),
+    "objectcoordinates": ("object_coordinates", "RGB"),
+}
+
+
+def read_exr_layers(path: Path) -> dict[str, np.ndarray]:
+    """Read the multilayer EXR Kubric's compositor writes into the arrays Kubric's
+    post-processors expect. Channel names are matched case-insensitively: Blender 4.5
+    writes ``CryptoObject00.r`` where 2.93/4.2 wrote ``CryptoObject00.R``."""
+    with OpenEXR.File(str(path), separate_channels=True) as exr:
+        channels = {name.lower(): ch.pixels for name, ch in exr.channels().items()}
+
+    def stack(layer: str, suffixes: str) -> np.ndarray:
+        return np.stack([channels[f"{layer}.{s.lower()}"] for s in suffixes], axis=-1)
+
+    out: dict[str, np.ndarray] = {}
+    layer_names = {name.partition(".")[0] for name in channels}
+    for layer, (key, suffixes) in _EXR_LAYERS.items():
+        if layer in layer_names:
+            out[key] = stack(layer, suffixes).astype(np.float32)
+    if "vector" in layer_names:
+        # Blender's Vector pass: (prev x, prev y, next x, next y) with y up; Kubric's
+        # flows are (dy, dx) with y down.
+        vec = stack("vector", "RGBA").astype(np.float32)
+        out["backward_flow"] = np.stack([vec[..., 1], -vec[..., 0]], axis=-1)
+        out["forward_flow"] = np.stack([vec[..., 3], -vec[..., 2]], axis=-1)
+    crypto = sorted(n for n in layer_names if n.startswith("cryptoobject"))
+    if crypto:
+        # Each cryptomatte layer holds two (id hash, coverage) rank pairs in RG and BA;
+        # the hash is a float32 whose bits are the uint32 murmur hash.
+        ids = stack_pairs(channels, crypto, "rb")
+        out["segmentation_indices"] = ids.astype(np.float32).view(np.uint32)
+        out["segmentation_alphas"] = stack_pairs(channels, crypto, "ga").astype(np.float32)
+    return out
+
+
+def stack_pairs(channels: dict, layers: list[str], suffixes: str) -> np.ndarray:
+    return np.stack([channels[f"{layer}.{s}"] for layer in layers for s in suffixes], axis=-1)

@@ -1,0 +1,216 @@
+"""Typed configs of the training stages: ``pretrain``, ``finetune`` and ``evaluate``.
+
+Each is one section of the experiment YAML (``configs/demo.yaml``). Unknown keys are
+rejected, every default says where it comes from, and the checks that involve more than
+one field live in one validator per class. Only factories (``training.model``,
+``training.train``) read these objects; layers take plain arguments.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Variant = Literal["vit", "mt", "pvit"]
+Task = Literal["depth", "normals", "segmentation", "pose"]
+DataFormat = Literal["ssv2", "list"]
+Sampling = Literal["stride", "segments"]
+
+SYNTHETIC_TASKS: tuple[str, ...] = ("depth", "normals", "segmentation", "pose")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message is one line naming the field."""
+
+
+class LossWeights(BaseModel):
+    """Per-task loss weights; defaults are the paper's (same for every dataset)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    depth: float = Field(0.5, ge=0)  # MSE on the downsampled, clipped depth map
+    normals: float = Field(0.5, ge=0)  # MSE on the 3-channel normal map
+    segmentation: float = Field(0.1, ge=0)  # per-pixel cross-entropy
+    pose: float = Field(3.0, ge=0)  # MSE on position/quaternion, masked by presence
+    action: float = Field(1.0, ge=0)  # downstream cross-entropy
+
+
+class _TrainStage(BaseModel):
+    """Fields shared by the two training stages."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    out: str = "runs/pretrain"  # run directory: config.yaml, metrics.jsonl, checkpoints
+    seed: int = 0
+    # --- model ---
+    model: str = "pvit_tiny"  # a registered size: pvit_test, pvit_tiny, pvit_small, pvit_base
+    variant: Variant = "pvit"  # vit: no prompts/heads; mt: heads on CLS; pvit: prompts
+    num_frames: int = Field(16, ge=1)  # the paper's 16x4 clips
+    img_size: int = Field(224, ge=16)  # the paper's 224 crops
+    tubelet_size: int = Field(2, ge=1)  # frames per patch (2x16x16 tubelets)
+    tasks: list[Task] = Field(default_factory=lambda: list(SYNTHETIC_TASKS))
+    prompts_per_task: int = Field(1, ge=1)  # the paper uses one token per task
+    label_size: int = Field(56, ge=4)  # dense heads predict maps of this size (pixels)
+    pose_slots: int = Field(8, ge=1)  # object slots of the pose head (max objects/scene)
+    depth_max_m: float = Field(20.0, gt=0)  # depth clipped here (background is +inf)
+    dropout: float = Field(0.5, ge=0, lt=1)  # before the classifier, as the paper
+    drop_path: float = Field(0.1, ge=0, lt=1)
+    loss_weights: LossWeights = Field(default_factory=LossWeights)
+    # --- data ---
+    synthetic: Optional[str] = "data/shards"  # shard directory written by `pvit generate`
+    shuffle_buffer: int = Field(64, ge=1)  # clips held by the webdataset sample shuffle
+    crop_scale: tuple[float, float] = (0.6, 1.0)  # random-resized-crop area range
+    flip: bool = True  # random horizontal flip (normals' x and poses are mirrored too)
+    num_workers: int = Field(2, ge=0)
+    # --- optimisation ---
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(8, ge=1)  # per process; synthetic and real each
+    lr: float = Field(1.5e-4, gt=0)  # AdamW peak learning rate
+    min_lr: float = Field(1e-6, ge=0)  # end of the cosine
+    weight_decay: float = Field(1e-4, ge=0)  # the paper's 1e-4
+    warmup_epochs: float = Field(1.0, ge=0)
+    grad_clip: float = Field(1.0, ge=0)  # max global grad norm; 0 disables
+    amp: bool = True  # bf16 autocast, CUDA only (ignored on CPU)
+    compile: bool = False  # torch.compile the model
+    log_every: int = Field(10, ge=1)  # steps between metrics.jsonl lines
+    checkpoint_every: int = Field(0, ge=0)  # steps between mid-epoch checkpoints; 0: epochs only
+
+    @model_validator(mode="after")
+    def _check_shared(self) -> "_TrainStage":
+        from training.model import list_models  # the registry is the source of truth
+
+        if self.model not in list_models():
+            raise ValueError(f"model: unknown '{self.model}', choose from {list_models()}")
+        if self.num_frames % self.tubelet_size:
+            raise ValueError(
+                f"num_frames: {self.num_frames} is not a multiple of tubelet_size {self.tubelet_size}")
+        if self.crop_scale[0] > self.crop_scale[1] or not 0 < self.crop_scale[0] <= 1:
+            raise ValueError(f"crop_scale: {self.crop_scale} is not 0 < min <= max <= 1")
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr: {self.min_lr} is above lr {self.lr}")
+        if self.variant != "vit" and not self.tasks:
+            raise ValueError(f"tasks: variant '{self.variant}' needs at least one synthetic task")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"tasks: duplicate entries in {self.tasks}")
+        return self
+
+    def model_kwargs(self, num_classes: int, num_seg_classes: int) -> dict[str, Any]:
+        """Arguments of ``create_model`` besides the name; stored in checkpoints."""
+        return dict(
+            variant=self.variant, num_frames=self.num_frames, img_size=self.img_size,
+            tubelet_size=self.tubelet_size, num_classes=num_classes,
+            tasks=list(self.tasks) if self.variant != "vit" else [],
+            prompts_per_task=self.prompts_per_task, label_size=self.label_size,
+            pose_slots=self.pose_slots, num_seg_classes=num_seg_classes,
+            drop_rate=self.dropout, drop_path_rate=self.drop_path)
+
+
+class PretrainConfig(_TrainStage):
+    """Prompt pretraining on synthetic shards: all heads, no downstream task."""
+
+    init: Optional[str] = None  # image timm weights (.safetensors / .pth) or None (scratch)
+
+    @model_validator(mode="after")
+    def _check_pretrain(self) -> "PretrainConfig":
+        if self.variant == "vit":
+            raise ValueError("variant: 'vit' has no synthetic heads, so there is nothing to pretrain")
+        if not self.synthetic:
+            raise ValueError("synthetic: pretraining needs a shard directory")
+        return self
+
+
+class FinetuneConfig(_TrainStage):
+    """Downstream training with synthetic batches mixed in (the paper's joint recipe)."""
+
+    out: str = "runs/finetune"
+    # pretrain checkpoint (.pt), image timm weights (.safetensors/.pth), or None (scratch)
+    init: Optional[str] = None
+    data_format: DataFormat = "list"  # ssv2: labels/*.json + videos/<id>.webm; list: `path label`
+    data_root: Optional[str] = None  # required: root of the downstream data set
+    videos_dir: str = "videos"  # SSv2 only: the folder of <id>.webm under data_root
+    train_split: str = "train"  # ssv2: labels/<split>.json; list: <data_root>/<split>.txt
+    val_split: str = "validation"  # evaluated after the last epoch ("" skips it)
+    sampling: Sampling = "stride"  # stride: frame_stride apart; segments: one per segment (SSv2)
+    frame_stride: int = Field(4, ge=1)  # the paper's 16x4
+    # synthetic clips per real clip in a batch; the paper's supplement uses 64+64 (1.0)
+    synthetic_ratio: float = Field(1.0, ge=0, le=3)  # the paper caps synthetic at 3x real
+    lr: float = Field(7e-5, gt=0)  # the paper's SSv2 learning rate
+
+    @model_validator(mode="after")
+    def _check_finetune(self) -> "FinetuneConfig":
+        if not self.data_root:
+            raise ValueError("data_root: fine-tuning needs a downstream data set")
+        if self.synthetic_ratio > 0 and self.variant != "vit" and not self.synthetic:
+            raise ValueError("synthetic: synthetic_ratio > 0 needs a shard directory")
+        return self
+
+    @property
+    def synthetic_batch_size(self) -> int:
+        """Synthetic clips per step; 0 when they would carry no loss (variant vit)."""
+        if self.variant == "vit" or not self.synthetic:
+            return 0
+        return round(self.batch_size * self.synthetic_ratio)
+
+
+class EvaluateConfig(BaseModel):
+    """Top-1/top-5 of a checkpoint on a downstream split, single and multi-view."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoint: Optional[str] = None  # a finetune checkpoint (.pt); set by the command
+    data_format: DataFormat = "list"
+    data_root: Optional[str] = None
+    videos_dir: str = "videos"
+    split: str = "validation"
+    spatial_crops: int = Field(3, ge=1, le=3)  # left/centre/right crops, as the paper's 3 at test
+    temporal_clips: int = Field(2, ge=1)  # clips spread evenly over the video
+    batch_size: int = Field(8, ge=1)
+    num_workers: int = Field(2, ge=0)
+    out: Optional[str] = None  # JSON path; default <checkpoint dir>/eval_<split>.json
+
+    @model_validator(mode="after")
+    def _check(self) -> "EvaluateConfig":
+        if not self.data_root:
+            raise ValueError("data_root: evaluation needs a downstream data set")
+        return self
+
+
+STAGES: dict[str, type[BaseModel]] = {
+    "pretrain": PretrainConfig, "finetune": FinetuneConfig, "evaluate": EvaluateConfig}
+
+
+def _first_error(err: ValidationError, section: str) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")
+    # model validators report without a location; their message starts with the field
+    return f"{section}.{where}: {msg}" if where else f"{section}.{msg}"
+
+
+def build_stage_config(section: str, values: dict[str, Any] | None,
+                       overrides: dict[str, Any] | None = None) -> BaseModel:
+    """Validate one stage's section plus command-line overrides (None values ignored)."""
+    merged = dict(values or {})
+    merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return STAGES[section].model_validate(merged)
+    except ValidationError as err:
+        raise ConfigError(_first_error(err, section)) from None
+
+
+def load_stage_config(path: str | Path, section: str,
+                      overrides: dict[str, Any] | None = None) -> BaseModel:
+    """Read ``section`` of the experiment YAML at ``path`` and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config: no such file {path}")
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config: {path} is not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"config: {path} must hold a mapping of sections")
+    return build_stage_config(section, doc.get(section), overrides)

@@ -1,0 +1,160 @@
+"""A video ViT backbone with task prompt tokens, built from timm's layers.
+
+Input clips are ``[B, 3, T, H, W]`` floats. A Conv3d cuts them into tubelets
+(default 2x16x16); separate spatial and temporal position embeddings are summed
+(factorised), so image weights map onto the spatial table and the temporal table
+starts at zero. The token sequence is ``[CLS, patches..., prompts...]``: the task
+prompts are concatenated once at the input and everything attends to everything in
+every timm ``Block`` (no mask), as in PromptonomyViT. The CLS token feeds the
+classifier.
+
+This module holds only what survives export (backbone, prompts, classifier); the
+training-only task heads live in ``training.heads`` and ``training.model``.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import nn
+from timm.layers import Mlp, trunc_normal_
+from timm.models.vision_transformer import Block
+
+
+class TubeletEmbed(nn.Module):
+    """Non-overlapping ``tubelet x patch x patch`` cubes -> tokens ``[B, N, D]``."""
+
+    def __init__(self, img_size: int, patch_size: int, num_frames: int, tubelet_size: int,
+                 in_chans: int = 3, embed_dim: int = 768):
+        super().__init__()
+        if img_size % patch_size or num_frames % tubelet_size:
+            raise ValueError(f"img_size {img_size} / num_frames {num_frames} are not multiples "
+                             f"of patch {patch_size} / tubelet {tubelet_size}")
+        self.grid_size = (num_frames // tubelet_size, img_size // patch_size, img_size // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1] * self.grid_size[2]
+        kernel = (tubelet_size, patch_size, patch_size)
+        self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=kernel, stride=kernel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # [B, D, t, h, w] -> [B, t*h*w, D]
+
+
+class VideoViT(nn.Module):
+    """Plain (non-hierarchical) video ViT with optional prompt tokens."""
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        num_frames: int = 16,
+        tubelet_size: int = 2,
+        in_chans: int = 3,
+        num_classes: int = 0,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        num_prompts: int = 0,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        block_fn: Callable[..., nn.Module] = Block,
+        norm_layer: Callable[..., nn.Module] = partial(nn.LayerNorm, eps=1e-6),  # timm ViT's
+        act_layer: Callable[..., nn.Module] = nn.GELU,
+        mlp_layer: Callable[..., nn.Module] = Mlp,
+    ):
+        super().__init__()
+        self.num_classes = num_classes
+        self.embed_dim = self.num_features = embed_dim
+        self.num_prompts = num_prompts
+        self.patch_embed = TubeletEmbed(img_size, patch_size, num_frames, tubelet_size,
+                                        in_chans, embed_dim)
+        t, h, w = self.grid_size = self.patch_embed.grid_size
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed_spatial = nn.Parameter(torch.zeros(1, h * w, embed_dim))
+        # zero at init: an inflated image model then sees each time step like an image
+        self.pos_embed_temporal = nn.Parameter(torch.zeros(1, t, embed_dim))
+        self.prompt_tokens = nn.Parameter(torch.zeros(1, num_prompts, embed_dim)) if num_prompts else None
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth decay rule
+        self.blocks = nn.Sequential(*[
+            block_fn(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                     drop_path=dpr[i], norm_layer=norm_layer, act_layer=act_layer,
+                     mlp_layer=mlp_layer)
+            for i in range(depth)])
+        self.norm = norm_layer(embed_dim)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        trunc_normal_(self.pos_embed_spatial, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        if self.prompt_tokens is not None:
+            trunc_normal_(self.prompt_tokens, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    # --- timm's method names: training and export code rely on them, not on the class ---
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {"cls_token", "pos_embed_spatial", "pos_embed_temporal", "prompt_tokens"}
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 1  # CLS; prompts come after the patches
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)  # [B, t*h*w, D], time-major
+        b, _, d = x.shape
+        t, hw = self.grid_size[0], self.grid_size[1] * self.grid_size[2]
+        pos = (self.pos_embed_temporal[:, :, None, :] + self.pos_embed_spatial[:, None, :, :])
+        x = x + pos.reshape(1, t * hw, d)
+        tokens = [self.cls_token.expand(b, -1, -1), x]
+        if self.prompt_tokens is not None:
+            tokens.append(self.prompt_tokens.expand(b, -1, -1))
+        return torch.cat(tokens, dim=1)
+
+    def forward_intermediates(
+        self, x: torch.Tensor, indices: Optional[Sequence[int]] = None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Final normed tokens ``[B, 1+N+P, D]`` and the patch tokens ``[B, N, D]`` after
+        each block in ``indices`` (0-based; not normed)."""
+        take = set(indices or ())
+        x = self._embed(x)
+        n = self.patch_embed.num_patches
+        intermediates = []
+        for i, blk in enumerate(self.blocks):
+            x = blk(x)
+            if i in take:
+                intermediates.append(x[:, 1:1 + n])
+        return self.norm(x), intermediates
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_intermediates(x)[0]
+
+    def split_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``[B, 1+N+P, D]`` -> CLS ``[B, D]``, patches ``[B, N, D]``, prompts ``[B, P, D]``."""
+        n = self.patch_embed.num_patches
+        return x[:, 0], x[:, 1:1 + n], x[:, 1 + n:]
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.head_drop(x[:, 0])
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
