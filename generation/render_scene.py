@@ -43,15 +43,16 @@ def _quiet_fd(fd: int = 1):
 
 
 def render_clip(cfg: SceneConfig, seed: int, key: str, *, scratch_root: Path | None = None,
-                labels_on: bool = True) -> tuple[dict, dict]:
+                labels_on: bool = True, threads: int = 0) -> tuple[dict, dict]:
     """Render scene ``seed``; returns (clip dict, timings in seconds).
 
-    ``labels_on=False`` renders RGB only (used by the label-overhead benchmark)."""
+    ``labels_on=False`` renders RGB only (used by the label-overhead benchmark);
+    ``threads > 0`` caps Blender's render threads (several workers share the cores)."""
     import kubric as kb  # heavy (TensorFlow); imported once per worker process
 
     from generation.assets import load_manifest
     from generation.kubric_compat import Blender45
-    from generation.recipes import RECIPES
+    from generation.recipes import get_recipe
 
     timings = {}
     scratch = Path(tempfile.mkdtemp(prefix=f"render_{key}_", dir=scratch_root))
@@ -64,6 +65,10 @@ def render_clip(cfg: SceneConfig, seed: int, key: str, *, scratch_root: Path | N
         with _quiet_fd():
             renderer = Blender45(scene, scratch_dir=scratch, samples_per_pixel=cfg.spp,
                                  use_denoising=cfg.denoise, adaptive_sampling=False)
+        if threads > 0:
+            import bpy
+            bpy.context.scene.render.threads_mode = "FIXED"
+            bpy.context.scene.render.threads = threads
         if not labels_on:
             _disable_label_passes()
         manifest = load_manifest(cfg.asset_manifest)
@@ -71,7 +76,7 @@ def render_clip(cfg: SceneConfig, seed: int, key: str, *, scratch_root: Path | N
         asset_ids = sorted(cfg.assets or manifest["assets"])
         with kb.AssetSource.from_manifest(str(cfg.asset_manifest), scratch_dir=scratch) as source:
             with _quiet_fd():
-                content = RECIPES[cfg.recipe](scene, cfg, rng, source, asset_ids)
+                content = get_recipe(cfg.recipe)(scene, cfg, rng, source, asset_ids)
             timings["build_s"] = time.perf_counter() - t0
 
             t1 = time.perf_counter()

@@ -1,11 +1,20 @@
-"""Scene recipes: plain functions ``build(scene, cfg, rng, assets) -> SceneContent``.
+"""Scene recipes: plain functions ``build(scene, cfg, rng, assets, asset_ids) -> SceneContent``.
 
 A recipe adds a floor, objects, lights and a camera to an empty ``kubric.Scene``
 (views such as the renderer are already linked, so keyframes reach them) and runs
 the physics. It never imports ``bpy``: the renderer is a view on the scene. Add a
 recipe by writing a module with such a function and registering it here.
+
+The registry names ``module:function`` and is resolved only inside render workers:
+``import kubric`` pulls in TensorFlow, which must stay out of the CLI/training
+process (TensorFlow loaded before torch's triton crashes the process).
 """
 
-from generation.recipes import movi
+from importlib import import_module
 
-RECIPES = {"movi": movi.build}
+RECIPES = {"movi": "generation.recipes.movi:build"}
+
+
+def get_recipe(name: str):
+    module, _, function = RECIPES[name].partition(":")
+    return getattr(import_module(module), function)

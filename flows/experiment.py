@@ -1,0 +1,90 @@
+"""The experiment file: one YAML with a section per stage, validated as a whole.
+
+Every command takes the whole file and reads its sections, so ``pvit generate``,
+``pvit pretrain`` and ``pvit pipeline`` all run from the same ``configs/demo.yaml``.
+CLI flags become ``overrides``: a dict of dotted paths (``generation.scene.frames``)
+applied before validation, so a bad flag is reported exactly like a bad key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from generation.config import GenerationConfig
+from training.config import EvaluateConfig, FinetuneConfig, PretrainConfig
+
+
+class ConfigError(ValueError):
+    """One line naming the file/field that is wrong (the CLI exits with code 2)."""
+
+
+class ExperimentConfig(BaseModel):
+    """All stages. ``generation`` has usable defaults; a training section that the file
+    leaves out is None, and the command that needs it says so (see ``require``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    pretrain: Optional[PretrainConfig] = None
+    finetune: Optional[FinetuneConfig] = None
+    evaluate: Optional[EvaluateConfig] = None
+
+    def require(self, section: str):
+        value = getattr(self, section)
+        if value is None:
+            raise ConfigError(f"the experiment file has no `{section}` section")
+        return value
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    node = data
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        node = child
+    node[leaf] = value
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "config"
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    extra = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{where}: {msg}{extra}"
+
+
+def load_experiment(path: Path | str | None, overrides: dict[str, Any] | None = None
+                    ) -> ExperimentConfig:
+    """Read and validate an experiment file; raises ``ConfigError`` with one line."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of stage sections")
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(data, dotted, value)
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{path or 'config'}: {_first_error(exc)}") from None
+    except ValueError as exc:  # raised inside validators (e.g. unreadable asset manifest)
+        raise ConfigError(f"{path or 'config'}: {exc}") from None
+
+
+def dump_experiment(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,81 @@
+"""``pvit show``: a contact sheet a person can look at.
+
+One row per frame (a few frames), columns RGB | depth | instance seg | semantic seg |
+normals, each tile upscaled to at least 128 px with nearest neighbour so label edges
+stay crisp.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from generation.manifest import read_manifest
+from generation.shard_format import read_shard
+
+COLUMNS = ("rgb", "depth", "instance", "semantic", "normal")
+
+
+def _palette(n: int, seed: int) -> np.ndarray:
+    colours = np.random.RandomState(seed).randint(40, 256, size=(max(n, 1), 3)).astype(np.uint8)
+    colours[0] = 0
+    return colours
+
+
+def tiles(clip: dict, t: int) -> list[np.ndarray]:
+    depth = clip["depth"][t]
+    finite = np.isfinite(depth)
+    lo, hi = (depth[finite].min(), depth[finite].max()) if finite.any() else (0.0, 1.0)
+    d8 = np.zeros(depth.shape, np.uint8)
+    d8[finite] = (255 * (1 - (depth[finite] - lo) / max(hi - lo, 1e-6))).astype(np.uint8)
+    depth_rgb = cv2.applyColorMap(d8, cv2.COLORMAP_VIRIDIS)[..., ::-1]
+    depth_rgb[~finite] = 0
+    inst = _palette(int(clip["instance_seg"].max()) + 1, 1)[clip["instance_seg"][t]]
+    sem = _palette(len(clip["meta"].get("classes", [])) + 1, 2)[clip["semantic_seg"][t]]
+    normal = ((clip["normal"][t] + 1) * 127.5).clip(0, 255).astype(np.uint8)
+    normal[clip["instance_seg"][t] == 0] = 0
+    return [clip["rgb"][t], depth_rgb, inst, sem, normal]
+
+
+def contact_sheet(clip: dict, max_frames: int = 4, min_tile: int = 128) -> np.ndarray:
+    """RGB uint8 image of the sheet."""
+    t_count = clip["rgb"].shape[0]
+    frames = np.unique(np.linspace(0, t_count - 1, min(max_frames, t_count)).round().astype(int))
+    h = clip["rgb"].shape[1]
+    scale = max(1, int(np.ceil(min_tile / h)))
+    rows = [np.concatenate([cv2.resize(tile, None, fx=scale, fy=scale,
+                                       interpolation=cv2.INTER_NEAREST) for tile in tiles(clip, t)],
+                           axis=1) for t in frames]
+    sheet = np.concatenate(rows, axis=0)
+    header = np.full((24, sheet.shape[1], 3), 255, np.uint8)
+    tile_w = sheet.shape[1] // len(COLUMNS)
+    for i, name in enumerate(COLUMNS):
+        cv2.putText(header, name, (i * tile_w + 6, 17), cv2.FONT_HERSHEY_SIMPLEX, 0.5,
+                    (0, 0, 0), 1, cv2.LINE_AA)
+    return np.concatenate([header, sheet], axis=0)
+
+
+def find_clip(directory: Path, key: str | None) -> dict:
+    manifest = read_manifest(directory)
+    if manifest is None or not manifest["shards"]:
+        raise ValueError(f"no shards listed in {Path(directory) / 'manifest.json'}")
+    for record in manifest["shards"]:
+        if key is None or key in record.get("keys", []):
+            for clip in read_shard(Path(directory) / record["name"]):
+                if key is None or clip["key"] == key:
+                    return clip
+    raise ValueError(f"sample {key!r} not found in {directory}")
+
+
+def write_contact_sheet(directory: Path, out: Path, key: str | None = None) -> Path:
+    sheet = contact_sheet(find_clip(Path(directory), key))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp.png")
+    if not cv2.imwrite(str(tmp), sheet[..., ::-1]):
+        raise ValueError(f"could not write {out}")
+    os.replace(tmp, out)
+    return out

@@ -1,0 +1,67 @@
+"""``DIR/manifest.json``: what a shard directory holds and how it was made.
+
+It records the full scene spec and its hash, the versions that made the pixels
+(project, kubric, bpy), and per shard its name, sha256, sample count, keys and
+scene seeds. It is always replaced atomically (temporary name, then rename).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from importlib import metadata
+from pathlib import Path
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+
+
+def versions() -> dict:
+    def version(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "unknown"
+    return {"project": version("pvit-synth"), "kubric": version("kubric-nightly"),
+            "bpy": version("bpy"), "format": FORMAT_VERSION}
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def read_manifest(directory: Path) -> dict | None:
+    """The manifest of ``directory``, or None when there is none (or it is unreadable,
+    in which case every shard is treated as unknown and rendered again)."""
+    path = Path(directory) / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return manifest if isinstance(manifest, dict) and "shards" in manifest else None
+
+
+def new_manifest(spec: dict, spec_hash: str, classes: list[str], dataset: dict) -> dict:
+    return {"format_version": FORMAT_VERSION, "spec": spec, "spec_hash": spec_hash,
+            "versions": versions(), "classes": classes, "dataset": dataset, "shards": []}
+
+
+def upsert_shard(manifest: dict, record: dict) -> None:
+    """Add or replace one shard record, keeping shards sorted by name."""
+    shards = [s for s in manifest["shards"] if s["name"] != record["name"]]
+    shards.append(record)
+    manifest["shards"] = sorted(shards, key=lambda s: s["name"])
