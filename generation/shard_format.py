@@ -116,10 +116,13 @@ def encode_clip(clip: dict) -> dict:
 def decode_sample(sample: dict) -> dict:
     """WebDataset sample (member name -> bytes) -> clip dict. Use as the ``.map`` stage
     of a ``wds.WebDataset`` pipeline; never pickles, never touches wds's image decoders."""
+    # webdataset lowercases member extensions (K.npy arrives as k.npy); match either way.
+    sample = {k if k.startswith("__") else k.lower(): v for k, v in sample.items()}
+
     def member(name: str) -> bytes:
-        if name not in sample:
+        if name.lower() not in sample:
             raise FormatError(f"sample {sample.get('__key__')!r}: missing member {name}")
-        return sample[name]
+        return sample[name.lower()]
 
     clip: dict = {"key": sample["__key__"]}
     for table in (FRAME_FIELDS, CAMERA_FIELDS):
@@ -127,7 +130,7 @@ def decode_sample(sample: dict) -> dict:
             clip[name] = _check(name, _npy_array(member(f"{name}.npy"), name), dtype, ndim)
     for name, (dtype, ndim) in OPTIONAL_FIELDS.items():
         if f"{name}.npy" in sample:
-            clip[name] = _check(name, _npy_array(sample[f"{name}.npy"], name), dtype, ndim)
+            clip[name] = _check(name, _npy_array(member(f"{name}.npy"), name), dtype, ndim)
     clip["instances"] = {
         name: _check(f"instances.{name}",
                      _npy_array(member(f"{INSTANCE_PREFIX}{name}.npy"), name), dtype, ndim)

@@ -1,0 +1,102 @@
+"""Geometric checks of the labels of a real (tiny) Blender render."""
+
+import numpy as np
+import pytest
+
+from generation.shard_format import CLASSES, decode_sample, encode_clip
+
+pytestmark = pytest.mark.blender
+
+
+def backproject(depth, K, w2c, v, u):
+    z = depth[v, u].astype(np.float64)
+    x = (u + 0.5 - K[0, 2]) / K[0, 0] * z
+    y = (v + 0.5 - K[1, 2]) / K[1, 1] * z
+    cam = np.stack([x, y, z, np.ones_like(z)])
+    return (np.linalg.inv(w2c.astype(np.float64)) @ cam)[:3].T
+
+
+def test_floor_pixels_backproject_onto_the_floor_plane(rendered_clip):
+    clip = rendered_clip
+    for t in range(clip["rgb"].shape[0]):
+        v, u = np.nonzero(clip["instance_seg"][t] == 1)
+        assert len(v) > 100, "the floor should fill much of the frame"
+        world = backproject(clip["depth"][t], clip["K"], clip["world_to_camera"][t], v, u)
+        # The floor's top face is z = 0 (pixel centres sample it exactly).
+        assert np.abs(world[:, 2]).max() < 0.02
+        assert np.abs(world[:, :2]).max() < 20.0
+
+
+def test_floor_normals_match_the_floor_in_camera_frame(rendered_clip):
+    clip = rendered_clip
+    for t in range(clip["rgb"].shape[0]):
+        expected = clip["world_to_camera"][t, :3, :3] @ np.array([0, 0, 1.0])
+        normals = clip["normal"][t][clip["instance_seg"][t] == 1]
+        assert np.abs(normals - expected).max() < 1e-3
+        assert np.allclose(np.linalg.norm(normals, axis=-1), 1, atol=1e-4)
+
+
+def test_projected_object_centres_fall_on_their_own_ids(rendered_clip):
+    clip = rendered_clip
+    inst = clip["instances"]
+    K, checked = clip["K"], 0
+    for n, obj_id in enumerate(inst["id"][1:], start=1):       # skip the floor
+        for t in range(clip["rgb"].shape[0]):
+            if inst["visibility"][n, t] < 0.01:
+                continue
+            p = clip["world_to_camera"][t] @ np.append(inst["position"][n, t], 1.0)
+            u, v = (K @ p[:3])[:2] / p[2]
+            seg = clip["instance_seg"][t]
+            if not (0 <= int(v) < seg.shape[0] and 0 <= int(u) < seg.shape[1]):
+                continue
+            # An occluder may cover the centre; require the id within one pixel unless
+            # the centre's pixel shows a nearer object.
+            window = seg[max(0, int(v) - 1):int(v) + 2, max(0, int(u) - 1):int(u) + 2]
+            here = seg[int(v), int(u)]
+            if here != obj_id:
+                assert obj_id in window or clip["depth"][t][int(v), int(u)] < p[2], \
+                    f"object {obj_id} frame {t}: centre pixel shows {here}"
+            checked += 1
+    assert checked >= 3
+
+
+def test_label_types_ranges_and_consistency(rendered_clip):
+    clip = rendered_clip
+    t, h, w, _ = clip["rgb"].shape
+    assert (t, h, w) == (3, 48, 48)
+    assert clip["instance_seg"].dtype == np.uint16 and clip["depth"].dtype == np.float32
+    ids = set(clip["instances"]["id"].tolist())
+    assert set(np.unique(clip["instance_seg"]).tolist()) - {0} <= ids
+    fg = clip["instance_seg"] > 0
+    assert np.all(np.isfinite(clip["depth"][fg])) and np.all(clip["depth"][fg] > 0)
+    # semantic = category of the instance under the pixel
+    cat = np.concatenate([[0], clip["instances"]["category"]])
+    assert np.array_equal(clip["semantic_seg"], cat[clip["instance_seg"]])
+    assert clip["instances"]["category"][0] == CLASSES.index("floor")
+    names = clip["meta"]["instance_names"]
+    for name, c in zip(names[1:], clip["instances"]["category"][1:]):
+        assert name.endswith(CLASSES[c])
+    # objects move (physics) and the visible fractions add up to the covered area
+    pos = clip["instances"]["position"][1:]
+    assert np.abs(pos[:, -1] - pos[:, 0]).max() > 0.01
+    covered = fg.reshape(t, -1).mean(axis=1)
+    assert np.allclose(clip["instances"]["visibility"].sum(axis=0), covered, atol=1e-6)
+    # each oriented box contains its object's centre of mass: in the box's own edge
+    # coordinates (corner 0 + a*x_edge + b*y_edge + c*z_edge) all of a, b, c are in [0, 1]
+    box = clip["instances"]["bbox_3d"].astype(np.float64)
+    edges = np.stack([box[..., 1, :] - box[..., 0, :], box[..., 2, :] - box[..., 0, :],
+                      box[..., 4, :] - box[..., 0, :]], axis=-1)
+    rel = clip["instances"]["position"] - box[..., 0, :]
+    coords = np.linalg.solve(edges, rel[..., None])[..., 0]
+    assert coords.min() > 0 and coords.max() < 1
+
+
+def test_optional_outputs_and_shard_round_trip(rendered_clip):
+    clip = rendered_clip
+    oc = clip["object_coordinates"]
+    fg = clip["instance_seg"] > 1
+    assert oc.min() >= 0 and oc.max() <= 1 and oc[fg].std() > 0.05
+    assert clip["forward_flow"].shape == clip["rgb"].shape[:3] + (2,)
+    back = decode_sample(encode_clip(clip))
+    np.testing.assert_array_equal(back["depth"], clip["depth"])
+    np.testing.assert_array_equal(back["object_coordinates"], oc)
