@@ -22,6 +22,20 @@ class ConfigError(ValueError):
     """One line naming the file/field that is wrong (the CLI exits with code 2)."""
 
 
+class ToyActionsConfig(BaseModel):
+    """The offline downstream set the demo trains on (``training/toy_actions.py``): real
+    encoded videos of moving shapes in both the SSv2 and the list layout."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    out: Path = Path("data/toy_actions")
+    clips_per_class: int = Field(8, ge=2)
+    val_per_class: int = Field(2, ge=1)
+    size: int = Field(64, ge=16)       # pixels
+    frames: int = Field(24, ge=4)
+    seed: int = Field(0, ge=0)
+
+
 class ExperimentConfig(BaseModel):
     """All stages. ``generation`` has usable defaults; a training section that the file
     leaves out is None, and the command that needs it says so (see ``require``)."""
@@ -29,6 +43,7 @@ class ExperimentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    toy_actions: Optional[ToyActionsConfig] = None
     pretrain: Optional[PretrainConfig] = None
     finetune: Optional[FinetuneConfig] = None
     evaluate: Optional[EvaluateConfig] = None

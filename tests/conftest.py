@@ -7,8 +7,12 @@ Kubric run in render workers), but pytest does, so load torch's side first.
 """
 
 import os
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Every Prefect run of the suite (in-process or in `pvit` subprocesses) uses its own
+# database, not ~/.prefect: runs stay isolated from the user's and from other suites.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="pvit-tests-prefect-"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 import torch  # noqa: E402,F401
