@@ -31,6 +31,7 @@ test-fast: install
 
 lint: install
 	$(BIN)/ruff check generation training flows tests benchmarks
+	$(BIN)/hadolint docker/*.Dockerfile
 
 bench: install
 	$(BIN)/python benchmarks/render.py

@@ -117,15 +117,14 @@ def show(directory: Path = typer.Argument(..., help="shard directory"),
     console.print(f"wrote {path}")
 
 
-def _register_training() -> None:
-    try:
-        from training.commands import register
-    except ImportError:  # training commands not installed in this checkout
-        return
-    register(app)
+def _register_commands() -> None:
+    from flows.serve import register as register_serve
+    from training.commands import register as register_training
+    register_training(app)
+    register_serve(app)
 
 
-_register_training()
+_register_commands()
 
 
 def main() -> None:

@@ -57,7 +57,13 @@ def generate_dataset(config: GenerationConfig) -> dict:
     """Render the shards ``config`` asks for that are not already valid in ``config.out``.
 
     Returns a summary: shard and clip counts, how many were rendered or kept, render
-    seconds, bytes, and the manifest path."""
+    seconds, bytes, and the manifest path. The shard tasks run in a subflow whose task
+    runner the config chooses, so deployments and ``pvit serve`` honour it too."""
+    return render_shards.with_options(task_runner=make_task_runner(config))(config)
+
+
+@flow(name="render_shards")
+def render_shards(config: GenerationConfig) -> dict:
     logger = get_run_logger()
     out = Path(config.out)
     manifest, todo, done = dataset.prepare(config)
@@ -114,11 +120,11 @@ def _dataset_table(summary: dict, shards: list[dict]) -> None:
 
 
 def run_generate(config: GenerationConfig, on_shard: ProgressHook = None) -> dict:
-    """Run the flow with the task runner the config asks for."""
+    """Run the flow, calling ``on_shard`` with each finished shard record."""
     if on_shard is not None:
         _on_shard.append(on_shard)
     try:
-        return generate_dataset.with_options(task_runner=make_task_runner(config))(config)
+        return generate_dataset(config)
     finally:
         if on_shard is not None:
             _on_shard.remove(on_shard)

@@ -1,0 +1,122 @@
+"""``pvit serve``: serve the project's flows from this process, the quick local setup.
+
+``prefect.serve`` runs one process that polls the Prefect API for runs of these
+deployments and executes them here: no work pool, no worker (``prefect.yaml`` is the
+path for work pools). With an experiment file, each deployment's ``config``
+parameter defaults to that file's section, so a run needs no parameters at all::
+
+    prefect server start &                      # once, in another terminal
+    export PREFECT_API_URL=http://127.0.0.1:4200/api
+    pvit serve configs/demo.yaml
+    prefect deployment run generate_dataset/serve
+
+Flows are imported one by one and tolerantly: a flow module that does not exist in
+this checkout is skipped with a note, so ``pvit serve`` works whatever subset exists.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+
+if TYPE_CHECKING:
+    from prefect import Flow
+    from prefect.deployments.runner import RunnerDeployment
+
+    from flows.experiment import ExperimentConfig
+
+# (flow name, module, attribute, experiment section that is its `config`; None = all)
+FLOWS: list[tuple[str, str, str, str | None]] = [
+    ("generate_dataset", "flows.generate", "generate_dataset", "generation"),
+    ("pretrain", "flows.train", "pretrain", "pretrain"),
+    ("finetune", "flows.train", "finetune", "finetune"),
+    ("evaluate", "flows.train", "evaluate", "evaluate"),
+    ("pipeline", "flows.pipeline", "pipeline", None),
+]
+FLOW_NAMES = [name for name, *_ in FLOWS]
+
+
+def load_flows(names: list[str] | None = None) -> tuple[dict[str, Flow], dict[str, str]]:
+    """Import the flows called ``names`` (default: all). Returns (flows by name, reasons
+    for those skipped). Only a missing module or attribute is skipped; any other import
+    error is a bug and propagates."""
+    wanted = names or FLOW_NAMES
+    unknown = sorted(set(wanted) - set(FLOW_NAMES))
+    if unknown:
+        raise ValueError(f"unknown flow(s) {unknown} (known: {FLOW_NAMES})")
+    loaded, skipped = {}, {}
+    for name, module_name, attr, _ in FLOWS:
+        if name not in wanted:
+            continue
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            skipped[name] = f"{module_name} does not exist in this checkout"
+            continue
+        flow = getattr(module, attr, None)
+        if flow is None:
+            skipped[name] = f"{module_name} defines no {attr}"
+            continue
+        loaded[name] = flow
+    return loaded, skipped
+
+
+def default_parameters(name: str, experiment: ExperimentConfig | None) -> dict:
+    """The flow's ``config`` default taken from the experiment file (empty without one,
+    or when the file has no section for this flow)."""
+    if experiment is None:
+        return {}
+    section = next(section for flow, _, _, section in FLOWS if flow == name)
+    value = experiment if section is None else getattr(experiment, section)
+    if value is None:
+        return {}
+    return {"config": value.model_dump(mode="json")}
+
+
+def build_deployments(flows: dict[str, Flow], experiment: ExperimentConfig | None = None,
+                      name: str = "serve") -> list[RunnerDeployment]:
+    """One deployment per flow, named ``<flow>/<name>``."""
+    return [flow.to_deployment(name=name, parameters=default_parameters(flow_name, experiment),
+                               tags=["pvit", "serve"])
+            for flow_name, flow in flows.items()]
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``pvit serve`` to the CLI."""
+
+    @app.command("serve")
+    def serve_command(
+        config: Path | None = typer.Argument(
+            None, help="experiment YAML; its sections become the deployments' default config"),
+        flow: list[str] | None = typer.Option(
+            None, "--flow", help=f"serve only this flow (repeatable; {', '.join(FLOW_NAMES)})"),
+        name: str = typer.Option("serve", help="deployment name: runs are <flow>/<name>"),
+        limit: int | None = typer.Option(None, min=1, help="flow runs executed at once"),
+    ) -> None:
+        """Serve the flows as deployments from this process (Ctrl-C stops)."""
+        from prefect import serve
+        from prefect.settings import PREFECT_API_URL
+
+        from flows.cli import console, fail, load_or_exit
+
+        experiment = load_or_exit(config, {}) if config is not None else None
+        if not PREFECT_API_URL.value():
+            fail("no Prefect server to serve on: start one (`prefect server start`) and set "
+                 "PREFECT_API_URL (e.g. http://127.0.0.1:4200/api)")
+        try:
+            flows, skipped = load_flows(flow)
+        except ValueError as exc:
+            fail(str(exc))
+        for skipped_name, reason in skipped.items():
+            console.print(f"skipping {skipped_name}: {reason}", markup=False)
+        if not flows:
+            fail("no flow to serve")
+        deployments = build_deployments(flows, experiment, name)
+        console.print("serving " + ", ".join(f"{f}/{name}" for f in flows)
+                      + f" on {PREFECT_API_URL.value()}", markup=False)
+        serve(*deployments, limit=limit)

@@ -1,0 +1,129 @@
+"""Prefect flows of the training stages, thin over ``training`` (which runs without
+Prefect too: ``pvit pretrain|finetune|evaluate``).
+
+Each stage is a task whose output directory carries a content-keyed record
+(``flows.stage_cache``): an unchanged stage is skipped, a changed one starts from a
+clean directory, and a retried task resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
+
+from flows import stage_cache
+from training.config import EvaluateConfig, FinetuneConfig, PretrainConfig
+
+TRAIN_RETRIES = 1
+
+
+def _log_progress(stage: str):
+    logger = get_run_logger()
+
+    def hook(record: dict) -> None:
+        shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in record.items()}
+        logger.info("%s %s", stage, shown)
+    return hook
+
+
+def _metrics_artifact(stage: str, summary: dict) -> None:
+    rows = [{"metric": k, "value": v} for k, v in summary.items()
+            if isinstance(v, (int, float, str)) and not isinstance(v, bool)]
+    losses = summary.get("losses") or summary.get("final_losses") or {}
+    rows += [{"metric": f"loss/{k}", "value": v} for k, v in losses.items()]
+    create_table_artifact(key=f"{stage}-metrics", table=rows, description=f"{stage} summary")
+    curve = Path(summary.get("run_dir", "")) / "loss_curve.png"
+    if curve.is_file():
+        from prefect.artifacts import create_markdown_artifact
+        create_markdown_artifact(key=f"{stage}-loss-curve",
+                                 markdown=f"![{stage} loss curve]({curve.resolve().as_uri()})\n\n"
+                                          f"`{curve}`")
+
+
+@task(name="pretrain", retries=TRAIN_RETRIES, retry_delay_seconds=2)
+def pretrain_task(cfg: PretrainConfig, key: str) -> dict:
+    from training.train import run_pretrain
+    stage_cache.begin(Path(cfg.out), key)           # a retry finds "resumable": keeps last.pt
+    summary = run_pretrain(cfg, progress=_log_progress("pretrain"))
+    stage_cache.finish(Path(cfg.out), key, summary, ["checkpoints/final.pt", "summary.json"])
+    _metrics_artifact("pretrain", {**summary, "run_dir": cfg.out})
+    return summary
+
+
+@task(name="finetune", retries=TRAIN_RETRIES, retry_delay_seconds=2)
+def finetune_task(cfg: FinetuneConfig, key: str) -> dict:
+    from training.train import run_finetune
+    stage_cache.begin(Path(cfg.out), key)
+    summary = run_finetune(cfg, progress=_log_progress("finetune"))
+    stage_cache.finish(Path(cfg.out), key, summary, ["checkpoints/final.pt", "summary.json"])
+    _metrics_artifact("finetune", {**summary, "run_dir": cfg.out})
+    return summary
+
+
+@task(name="evaluate")
+def evaluate_task(cfg: EvaluateConfig, out_dir: str, key: str) -> dict:
+    from training.evaluate import run_evaluate
+    out = Path(out_dir)
+    stage_cache.begin(out, key)
+    cfg = cfg.model_copy(update={"out": str(out / f"eval_{cfg.split}.json")})
+    result = run_evaluate(cfg)
+    stage_cache.finish(out, key, result, [f"eval_{cfg.split}.json"])
+    _metrics_artifact("evaluate", result)
+    return result
+
+
+@flow(name="pretrain")
+def pretrain(config: PretrainConfig) -> dict:
+    """Prompt pretraining on synthetic shards (cached on its config and the shards)."""
+    key = stage_cache.stage_key("pretrain", config.model_dump(mode="json"),
+                                {"synthetic": dataset_key(config.synthetic)},
+                                stage_cache.code_version("training"))
+    return cached(config.out, key) or pretrain_task(config, key)
+
+
+@flow(name="finetune")
+def finetune(config: FinetuneConfig) -> dict:
+    """Downstream fine-tuning with synthetic batches mixed in."""
+    upstream = {"synthetic": dataset_key(config.synthetic), "init": file_key(config.init)}
+    key = stage_cache.stage_key("finetune", config.model_dump(mode="json"), upstream,
+                                stage_cache.code_version("training"))
+    return cached(config.out, key) or finetune_task(config, key)
+
+
+@flow(name="evaluate")
+def evaluate(config: EvaluateConfig) -> dict:
+    """Top-1/top-5 (single and multi-view) of a fine-tuned checkpoint."""
+    out_dir = str(Path(config.checkpoint).parent / "evaluate")
+    key = stage_cache.stage_key("evaluate", config.model_dump(mode="json"),
+                                {"checkpoint": file_key(config.checkpoint)},
+                                stage_cache.code_version("training"))
+    return cached(out_dir, key) or evaluate_task(config, out_dir, key)
+
+
+def cached(out_dir, key: str) -> dict | None:
+    """The stored summary when ``out_dir`` is done for ``key``."""
+    if stage_cache.state(Path(out_dir), key) == "done":
+        get_run_logger().info("%s is up to date (key %s): skipped", out_dir, key[:12])
+        return stage_cache.read_record(Path(out_dir))["summary"]
+    return None
+
+
+def dataset_key(directory) -> str:
+    """Content key of a shard directory: its spec hash and every shard's sha256."""
+    if not directory:
+        return "none"
+    from generation.manifest import read_manifest
+    manifest = read_manifest(Path(directory))
+    if manifest is None:
+        return "missing"
+    return stage_cache.stage_key("dataset", manifest["spec_hash"],
+                                 {s["name"]: s["sha256"] for s in manifest["shards"]}, "")
+
+
+def file_key(path) -> str:
+    if not path or not Path(path).is_file():
+        return "none"
+    from generation.manifest import sha256_file
+    return sha256_file(Path(path))
