@@ -117,6 +117,53 @@ def show(directory: Path = typer.Argument(..., help="shard directory"),
     console.print(f"wrote {path}")
 
 
+@app.command()
+def pipeline(
+    config: Path = typer.Argument(..., help="experiment YAML (all sections)"),
+    force: list[str] = typer.Option([], "--force", help="recompute a stage: generate | "
+                                    "toy_actions | pretrain | finetune | evaluate (repeatable)"),
+) -> None:
+    """Run the whole DAG: generate -> pretrain -> finetune -> evaluate, cached per stage."""
+    from flows.pipeline import STAGES
+    unknown = sorted(set(force) - set(STAGES))
+    if unknown:
+        fail(f"--force: unknown stage(s) {unknown} (stages: {', '.join(STAGES)})")
+    cfg = load_or_exit(config, {})
+    check_writable_dir(cfg.generation.out, "generation.out")
+    for section in ("pretrain", "finetune"):
+        stage = getattr(cfg, section)
+        if stage is not None:
+            check_writable_dir(Path(stage.out), f"{section}.out")
+
+    import json
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from flows.generate import shard_progress
+    from flows.pipeline import StageError, pipeline as pipeline_flow
+    from generation.dataset import plan
+
+    total = sum(len(job.seeds) for job in plan(cfg.generation))
+    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console) as progress:
+        bar = progress.add_task("rendering (new shards)", total=total)
+        try:
+            with shard_progress(lambda rec: progress.advance(bar, rec["samples"])):
+                result = pipeline_flow(cfg, force=list(force))
+        except StageError as exc:
+            fail(str(exc), code=1)
+        progress.update(bar, completed=total)
+    console.print("pipeline finished:", markup=False)
+    for name, path in result["paths"].items():
+        if path:
+            console.print(f"  {name:9s} {path}", markup=False)
+    evaluation = result.get("evaluate")
+    if evaluation:
+        console.print("  " + json.dumps({k: v for k, v in evaluation.items()
+                                         if k.startswith(("top", "multi", "single"))}),
+                      markup=False)
+
+
 def _register_commands() -> None:
     from flows.serve import register as register_serve
     from training.commands import register as register_training

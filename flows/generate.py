@@ -8,6 +8,7 @@ are Prefect's; the task runner (threads, processes or Dask) is chosen by config.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -119,12 +120,19 @@ def _dataset_table(summary: dict, shards: list[dict]) -> None:
                      f"{summary['frames']} frames in {summary['out']}"))
 
 
+@contextmanager
+def shard_progress(hook: ProgressHook):
+    """Within this block, ``hook`` is called with each finished shard record."""
+    if hook is not None:
+        _on_shard.append(hook)
+    try:
+        yield
+    finally:
+        if hook is not None:
+            _on_shard.remove(hook)
+
+
 def run_generate(config: GenerationConfig, on_shard: ProgressHook = None) -> dict:
     """Run the flow, calling ``on_shard`` with each finished shard record."""
-    if on_shard is not None:
-        _on_shard.append(on_shard)
-    try:
+    with shard_progress(on_shard):
         return generate_dataset(config)
-    finally:
-        if on_shard is not None:
-            _on_shard.remove(on_shard)

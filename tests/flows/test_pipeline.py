@@ -1,0 +1,119 @@
+"""The whole DAG on a tiny experiment: real renders, real training, real Prefect runs."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = [pytest.mark.slow, pytest.mark.blender]
+
+TINY = dict(model="pvit_test", num_frames=2, img_size=32, label_size=16, pose_slots=4,
+            num_workers=0, log_every=1, batch_size=2, epochs=1, lr=1e-3)
+
+
+def experiment(tmp_path: Path, **changes) -> Path:
+    data = {
+        "generation": {"out": str(tmp_path / "shards"), "scenes": 2, "scenes_per_shard": 1,
+                       "workers": 2, "retries": 0,
+                       "scene": {"resolution": 32, "frames": 2, "spp": 4, "min_objects": 3,
+                                 "max_objects": 4}},
+        "toy_actions": {"out": str(tmp_path / "toy"), "clips_per_class": 3, "val_per_class": 1,
+                        "size": 32, "frames": 8},
+        "pretrain": dict(TINY, out=str(tmp_path / "pre")),
+        "finetune": dict(TINY, out=str(tmp_path / "fine"), frame_stride=3),
+        "evaluate": {"spatial_crops": 3, "temporal_clips": 2, "batch_size": 4, "num_workers": 0},
+    }
+    for dotted, value in changes.items():
+        section, key = dotted.split("__")
+        data[section][key] = value
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def pipeline(config: Path, *flags) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.cli", "pipeline", str(config), *flags],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+
+
+def records(tmp_path: Path) -> dict:
+    """mtime of each stage's record: changes exactly when the stage ran."""
+    paths = {"toy": tmp_path / "toy", "pre": tmp_path / "pre", "fine": tmp_path / "fine",
+             "eval": tmp_path / "fine" / "checkpoints" / "evaluate"}
+    out = {name: (p / ".stage.json").stat().st_mtime_ns for name, p in paths.items()}
+    out["shards"] = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "shards").glob("*.tar")}
+    return out
+
+
+def test_pipeline_runs_caches_and_reruns_only_what_changed(tmp_path):
+    cfg = experiment(tmp_path)
+    first = pipeline(cfg)
+    assert first.returncode == 0, first.stderr[-3000:]
+    evaluation = json.loads((tmp_path / "fine" / "checkpoints" / "evaluate" /
+                             "eval_validation.json").read_text())
+    assert 0 <= evaluation["top1"] <= 100 and evaluation["multi_view"]["views_per_clip"] == 6
+    assert str(tmp_path / "fine") in first.stdout + first.stderr   # the final summary
+    summary = json.loads((tmp_path / "pre" / "summary.json").read_text())
+    assert summary  # pretrain ran on the rendered shards
+    before = records(tmp_path)
+
+    # Nothing changed: nothing renders, nothing trains.
+    again = pipeline(cfg)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert records(tmp_path) == before
+    assert "up to date" in again.stdout + again.stderr
+
+    # Only the fine-tuning rate changed: finetune and evaluate rerun, nothing else.
+    lr = experiment(tmp_path, finetune__lr=5e-4)
+    changed = pipeline(lr)
+    assert changed.returncode == 0, changed.stderr[-3000:]
+    after = records(tmp_path)
+    for same in ("toy", "pre", "shards"):
+        assert after[same] == before[same], same
+    for rerun in ("fine", "eval"):
+        assert after[rerun] != before[rerun], rerun
+
+    # More scenes: only the new shard renders, then pretraining (and what follows) reruns.
+    more = experiment(tmp_path, finetune__lr=5e-4, generation__scenes=3)
+    grown = pipeline(more)
+    assert grown.returncode == 0, grown.stderr[-3000:]
+    final = records(tmp_path)
+    assert {k: final["shards"][k] for k in after["shards"]} == after["shards"]
+    assert len(final["shards"]) == 3
+    assert final["pre"] != after["pre"] and final["toy"] == after["toy"]
+
+    # --force recomputes one stage (and what depends on it changes only if its output does)
+    forced = pipeline(more, "--force", "toy_actions")
+    assert forced.returncode == 0
+    assert records(tmp_path)["toy"] != final["toy"]
+    assert records(tmp_path)["shards"] == final["shards"]
+
+
+def test_bad_config_fails_before_any_task(tmp_path):
+    cfg = experiment(tmp_path, finetune__lr=-1.0)
+    result = pipeline(cfg)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error:") and "finetune.lr" in result.stderr
+    assert not (tmp_path / "shards").exists()
+    bad_force = pipeline(experiment(tmp_path), "--force", "everything")
+    assert bad_force.returncode == 2 and "unknown stage" in bad_force.stderr
+
+
+def test_failed_stage_names_itself_and_keeps_upstream_outputs(tmp_path):
+    # finetune on another model size than its pretrain checkpoint: a clear error
+    cfg = experiment(tmp_path, finetune__model="pvit_tiny")
+    result = pipeline(cfg)
+    assert result.returncode == 1
+    assert "stage finetune failed" in result.stderr
+    assert (tmp_path / "pre" / "checkpoints" / "final.pt").is_file()
+    assert len(list((tmp_path / "shards").glob("*.tar"))) == 2
+    # fixing the config reuses the shards and the pretrain run
+    pre = (tmp_path / "pre" / ".stage.json").stat().st_mtime_ns
+    fixed = pipeline(experiment(tmp_path))
+    assert fixed.returncode == 0, fixed.stderr[-3000:]
+    assert (tmp_path / "pre" / ".stage.json").stat().st_mtime_ns == pre
