@@ -159,9 +159,10 @@ def pipeline(
             console.print(f"  {name:9s} {path}", markup=False)
     evaluation = result.get("evaluate")
     if evaluation:
-        console.print("  " + json.dumps({k: v for k, v in evaluation.items()
-                                         if k.startswith(("top", "multi", "single"))}),
-                      markup=False)
+        multi = evaluation.get("multi_view", {})
+        console.print(f"  top1 {evaluation['top1']:.1f}  top5 {evaluation['top5']:.1f}  "
+                      f"(multi-view top1 {multi.get('top1', float('nan')):.1f}, "
+                      f"{multi.get('views_per_clip', '?')} views/clip)", markup=False)
 
 
 def _register_commands() -> None:

@@ -70,7 +70,7 @@ def render_shards(config: GenerationConfig) -> dict:
     manifest, todo, done = dataset.prepare(config)
     logger.info("%s: %d shards planned, %d up to date, %d to render", out,
                 len(todo) + len(done), len(done), len(todo))
-    threads = dataset.worker_threads(config.workers)
+    threads = config.render_threads or dataset.worker_threads(config.workers)
     runner_task = render_shard_task.with_options(
         retries=config.retries, retry_delay_seconds=exponential_backoff(backoff_factor=1),
         retry_jitter_factor=0)

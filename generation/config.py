@@ -67,6 +67,9 @@ class GenerationConfig(BaseModel):
     scenes_per_shard: int = Field(4, gt=0)
     seed: int = Field(0, ge=0)              # scene i uses seed (seed, i) -> see scene_seed()
     workers: int = Field(1, gt=0, le=256)   # shards rendered at once (one process each)
+    # Blender threads per render worker; None = this machine's cores / workers. Cycles'
+    # output does not depend on it (shards stay byte-identical).
+    render_threads: Optional[int] = Field(None, gt=0, le=1024)
     retries: int = Field(2, ge=0, le=20)    # re-runs of a crashed render worker
     task_runner: Literal["threads", "processes", "dask"] = "threads"
     dask_address: Optional[str] = None      # existing Dask scheduler; None = LocalCluster

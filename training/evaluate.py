@@ -1,0 +1,89 @@
+"""Top-1 / top-5 of a fine-tuned checkpoint, single view and multi-view.
+
+Single view: the centre clip, centre crop. Multi-view: ``temporal_clips`` clips spread
+evenly over the video x ``spatial_crops`` crops along its long side; the softmax scores
+of the views are averaged (the paper tests with 3 spatial crops). The model evaluated
+is the exported one: task heads dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from training.config import EvaluateConfig
+from training.convert import export_inference
+from training.loader_workers import loader_worker_kwargs
+from training.run_files import write_text_atomic
+from training.video_data import VideoClips, VideoRecord, collate_videos, read_records
+
+
+@torch.no_grad()
+def evaluate_model(model: torch.nn.Module, records: list[VideoRecord], *, num_frames: int,
+                   img_size: int, stride: int, sampling: str, temporal_clips: int = 1,
+                   spatial_crops: int = 1, batch_size: int = 8, num_workers: int = 0,
+                   device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Accuracy of ``model`` (clips ``[B, 3, T, H, W]`` -> logits) over ``records``."""
+    dataset = VideoClips(records, num_frames=num_frames, img_size=img_size, stride=stride,
+                         sampling=sampling, train=False, temporal_clips=temporal_clips,
+                         spatial_crops=spatial_crops)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=collate_videos, **loader_worker_kwargs(num_workers))
+    model.eval()
+    top1 = top5 = seen = 0
+    skipped: list[str] = []
+    for batch in loader:
+        skipped += batch["skipped"]
+        if "video" not in batch:
+            continue
+        views = batch["video"].to(device)  # [B, V, 3, T, H, W]
+        b, v = views.shape[:2]
+        scores = model(views.flatten(0, 1)).float().softmax(-1).view(b, v, -1).mean(1)
+        label = batch["label"].to(device)
+        ranked = scores.topk(min(5, scores.shape[-1]), dim=-1).indices
+        top1 += (ranked[:, 0] == label).sum().item()
+        top5 += (ranked == label[:, None]).any(-1).sum().item()
+        seen += b
+    return {"top1": 100.0 * top1 / max(seen, 1), "top5": 100.0 * top5 / max(seen, 1),
+            "clips": seen, "views_per_clip": temporal_clips * spatial_crops,
+            "skipped_videos": len(skipped), "skipped_paths": skipped}
+
+
+def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
+    """Evaluate ``cfg.checkpoint`` on ``cfg.split``; writes and returns the JSON result."""
+    if not cfg.checkpoint:
+        raise CheckpointError("checkpoint: none given")
+    state = load_checkpoint(cfg.checkpoint)
+    if state["model_kwargs"].get("num_classes", 0) <= 0:
+        raise CheckpointError(f"checkpoint: {cfg.checkpoint} has no classifier "
+                              "(a pretrain checkpoint? evaluate a finetune one)")
+    train_cfg = state["config"]
+    records, num_classes = read_records(cfg.data_format, cfg.data_root, cfg.split, cfg.videos_dir)
+    if num_classes > state["model_kwargs"]["num_classes"]:
+        raise CheckpointError(f"data_root: {num_classes} classes but the checkpoint has "
+                              f"{state['model_kwargs']['num_classes']}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = export_inference(model_from_checkpoint(state)).to(device)
+    clip = dict(num_frames=train_cfg["num_frames"], img_size=train_cfg["img_size"],
+                stride=train_cfg.get("frame_stride", 4), sampling=train_cfg.get("sampling", "stride"),
+                batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=device)
+    start = time.perf_counter()
+    single = evaluate_model(model, records, **clip)
+    multi = evaluate_model(model, records, temporal_clips=cfg.temporal_clips,
+                           spatial_crops=cfg.spatial_crops, **clip)
+    result = {
+        "checkpoint": str(cfg.checkpoint), "split": cfg.split, "data_format": cfg.data_format,
+        "data_root": str(cfg.data_root), "top1": single["top1"], "top5": single["top5"],
+        "single_view": single, "multi_view": multi, "wall_time_s": time.perf_counter() - start,
+    }
+    out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint).parent / f"eval_{cfg.split}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out, json.dumps(result, indent=2) + "\n")
+    result["out"] = str(out)
+    return result

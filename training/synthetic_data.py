@@ -1,0 +1,245 @@
+"""Synthetic training clips: a webdataset pipeline over the shard directory.
+
+Pipeline, per epoch pass (what flows between the stages):
+
+    shard urls --split_by_node--> this rank's shards --split_by_worker--> this worker's
+    shards --shardshuffle--> open, expand tar, group by key --> raw samples (bytes)
+    --shuffle(buffer)--> decode_sample (generation.shard_format) --> clip dicts
+    --SceneTransform--> tensors (video + scene targets)
+
+``SceneTransform`` picks ``num_frames`` consecutive frames, crops one random box and
+flips, and applies the *same* geometry to RGB and every label map (a flip also negates
+the normals' x and mirrors object poses). Its randomness is a pure function of
+(seed, epoch, pass, clip key), so a resumed run sees the very same clips.
+"""
+
+from __future__ import annotations
+
+import tarfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import webdataset as wds
+from webdataset import tariterators
+from torch.utils.data import DataLoader
+
+from generation.shard_format import CLASSES, decode_sample
+from training.loader_workers import loader_worker_kwargs
+
+# timm ViT (ImageNet) normalisation, so image-pretrained weights see familiar inputs
+RGB_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1, 1)
+RGB_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1, 1)
+NON_OBJECT_CLASSES = ("background", "floor")  # not pose targets
+
+
+def shard_urls(directory: str | Path) -> list[str]:
+    """The ``*.tar`` shards of a directory, sorted (order matters for node splitting)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"synthetic: no such shard directory {directory}")
+    urls = sorted(str(p) for p in directory.glob("*.tar"))
+    if not urls:
+        raise FileNotFoundError(f"synthetic: no .tar shards in {directory}")
+    return urls
+
+
+def count_clips(urls: list[str]) -> int:
+    """Clips in the shards, from tar headers only (no member is read)."""
+    keys = set()
+    for url in urls:
+        with tarfile.open(url, "r:") as tar:
+            for info in tar:
+                keys.add((url, info.name.rsplit("/", 1)[-1].split(".", 1)[0]))
+    return len(keys)
+
+
+def normalize_rgb(frames: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[T, H, W, 3]`` -> normalised float ``[3, T, H, W]``."""
+    x = frames.permute(3, 0, 1, 2).float().div_(255.0)
+    return (x - RGB_MEAN) / RGB_STD
+
+
+# --- rotations (numpy, wxyz) ----------------------------------------------------------
+def quat_to_matrix(q: np.ndarray) -> np.ndarray:
+    w, x, y, z = np.moveaxis(q / np.linalg.norm(q, axis=-1, keepdims=True), -1, 0)
+    return np.stack([
+        np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)], -1),
+        np.stack([2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)], -1),
+        np.stack([2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], -1),
+    ], -2)
+
+
+def matrix_to_quat(m: np.ndarray) -> np.ndarray:
+    """Rotation matrices ``[..., 3, 3]`` -> unit quaternions wxyz with w >= 0."""
+    w = np.sqrt(np.clip(1 + m[..., 0, 0] + m[..., 1, 1] + m[..., 2, 2], 0, None)) / 2
+    x = np.sqrt(np.clip(1 + m[..., 0, 0] - m[..., 1, 1] - m[..., 2, 2], 0, None)) / 2
+    y = np.sqrt(np.clip(1 - m[..., 0, 0] + m[..., 1, 1] - m[..., 2, 2], 0, None)) / 2
+    z = np.sqrt(np.clip(1 - m[..., 0, 0] - m[..., 1, 1] + m[..., 2, 2], 0, None)) / 2
+    # magnitudes from the diagonal, signs from the off-diagonal (relative to w)
+    x = np.copysign(x, m[..., 2, 1] - m[..., 1, 2])
+    y = np.copysign(y, m[..., 0, 2] - m[..., 2, 0])
+    z = np.copysign(z, m[..., 1, 0] - m[..., 0, 1])
+    q = np.stack([w, x, y, z], -1)
+    return q / np.linalg.norm(q, axis=-1, keepdims=True)
+
+
+def object_poses(clip: dict, frames: np.ndarray, slots: int) -> dict[str, np.ndarray]:
+    """Camera-frame position (metres), quaternion and presence of up to ``slots`` objects
+    (by instance id; background and floor excluded) at ``frames``: ``[T, K, ...]``."""
+    inst = clip["instances"]
+    classes = tuple(clip.get("meta", {}).get("classes", CLASSES))
+    skip = [classes.index(c) for c in NON_OBJECT_CLASSES if c in classes]
+    objects = [i for i in np.argsort(inst["id"], kind="stable") if inst["category"][i] not in skip]
+    objects = objects[:slots]
+    t = len(frames)
+    position = np.zeros((t, slots, 3), np.float32)
+    quaternion = np.zeros((t, slots, 4), np.float32)
+    quaternion[..., 0] = 1.0  # identity where no object
+    presence = np.zeros((t, slots), np.float32)
+    if objects:
+        w2c = clip["world_to_camera"][frames]  # [T, 4, 4]
+        rot, trans = w2c[:, None, :3, :3], w2c[:, None, :3, 3]
+        pos_w = inst["position"][objects][:, frames].transpose(1, 0, 2)  # [T, n, 3]
+        position[:, :len(objects)] = np.einsum("tnij,tnj->tni", rot, pos_w) + trans
+        rot_obj = quat_to_matrix(inst["quaternion"][objects][:, frames].transpose(1, 0, 2))
+        quaternion[:, :len(objects)] = matrix_to_quat(rot @ rot_obj)
+        presence[:, :len(objects)] = inst["visibility"][objects][:, frames].T > 0
+    return {"pose_position": position, "pose_quaternion": quaternion, "pose_presence": presence}
+
+
+def mirror_poses(poses: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A horizontal image flip is the reflection x -> -x of the camera frame: positions
+    negate x; a rotation R becomes F R F, i.e. quaternion (w, x, -y, -z)."""
+    position = poses["pose_position"] * np.array([-1, 1, 1], np.float32)
+    quaternion = poses["pose_quaternion"] * np.array([1, 1, -1, -1], np.float32)
+    return {**poses, "pose_position": position, "pose_quaternion": quaternion}
+
+
+def _resize(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
+    """``[T, C, h, w]`` -> ``[T, C, size, size]``."""
+    if mode == "nearest":
+        return F.interpolate(x, size=(size, size), mode="nearest-exact")
+    return F.interpolate(x, size=(size, size), mode=mode, align_corners=False, antialias=True)
+
+
+@dataclass
+class SceneTransform:
+    """Clip dict -> training sample. Picklable, so it runs in DataLoader workers."""
+
+    num_frames: int
+    img_size: int
+    label_size: int
+    depth_max_m: float
+    pose_slots: int
+    crop_scale: tuple[float, float] = (0.6, 1.0)
+    flip: bool = True
+    train: bool = True
+    seed: int = 0
+
+    def __call__(self, clip: dict) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, zlib.crc32(clip["key"].encode())])
+        total, height, width = clip["rgb"].shape[:3]
+        if total >= self.num_frames:
+            start = int(rng.integers(0, total - self.num_frames + 1)) if self.train else \
+                (total - self.num_frames) // 2
+            frames = np.arange(start, start + self.num_frames)
+        else:  # short clip: repeat frames evenly
+            frames = np.linspace(0, total - 1, self.num_frames).round().astype(int)
+
+        # one square crop box for RGB and every label map
+        side_max = min(height, width)
+        if self.train:
+            area = rng.uniform(*self.crop_scale) * side_max * side_max
+            side = int(np.clip(round(np.sqrt(area)), 1, side_max))
+            top = int(rng.integers(0, height - side + 1))
+            left = int(rng.integers(0, width - side + 1))
+            flip = self.flip and bool(rng.integers(0, 2))
+        else:
+            side, top, left, flip = side_max, (height - side_max) // 2, (width - side_max) // 2, False
+        box = (slice(top, top + side), slice(left, left + side))
+
+        def crop(name: str) -> torch.Tensor:
+            x = torch.from_numpy(np.ascontiguousarray(clip[name][frames][:, box[0], box[1]]))
+            return x.flip(2) if flip else x  # width is dim 2 of [T, H, W(, C)]
+
+        rgb = crop("rgb").permute(0, 3, 1, 2).float()  # [T, 3, h, w]
+        rgb = _resize(rgb, self.img_size, "bilinear").clamp_(0, 255)
+        video = normalize_rgb(rgb.permute(0, 2, 3, 1))
+
+        # background depth is +inf: clip to depth_max_m, then scale to [0, 1]
+        depth = crop("depth").clamp(0, self.depth_max_m) / self.depth_max_m
+        depth = _resize(depth[:, None], self.label_size, "nearest")[:, 0]
+        normals = crop("normal").permute(0, 3, 1, 2)  # [T, 3, h, w]
+        if flip:
+            normals = normals * torch.tensor([-1.0, 1.0, 1.0]).view(1, 3, 1, 1)
+        normals = _resize(normals, self.label_size, "nearest")
+        segmentation = _resize(crop("semantic_seg")[:, None].float(), self.label_size, "nearest")
+        poses = object_poses(clip, frames, self.pose_slots)
+        if flip:
+            poses = mirror_poses(poses)
+        return {
+            "video": video, "depth": depth.float(), "normals": normals.float(),
+            "segmentation": segmentation[:, 0].long(),
+            **{k: torch.from_numpy(v) for k, v in poses.items()},
+        }
+
+
+def _open_tar_samples(urls: Iterable[dict]) -> Iterator[dict]:
+    """``{"url"}`` dicts -> raw samples. webdataset's own grouping lower-cases member
+    suffixes (``K.npy`` would become ``k.npy``), so the stages are chained here with
+    ``lcase=False`` to hand ``decode_sample`` the names the writer wrote."""
+    files = tariterators.tar_file_expander(tariterators.url_opener(urls))
+    return tariterators.group_by_keys(files, lcase=False)
+
+
+def synthetic_dataset(urls: list[str], transform: SceneTransform, seed: int,
+                      shuffle_buffer: int, split_by_node: bool = True) -> wds.DataPipeline:
+    """One pass over the shards, shuffled by ``seed`` (see the module docstring)."""
+    return wds.DataPipeline(
+        wds.SimpleShardList(urls),  # {"url": path} per shard, in sorted order
+        *([wds.split_by_node] if split_by_node else []),  # this rank's shards
+        wds.split_by_worker,  # this DataLoader worker's shards
+        wds.shuffle(len(urls), initial=len(urls), seed=seed),  # shardshuffle: all shards
+        _open_tar_samples,  # raw samples: {"__key__", "rgb.npy": bytes, ...}
+        wds.shuffle(shuffle_buffer, initial=shuffle_buffer, seed=seed),  # bytes: cheap to hold
+        wds.map(decode_sample),  # clip dicts (generation.shard_format)
+        wds.map(transform),  # model-ready tensors
+    )
+
+
+def collate_synthetic(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    # wds.map re-attaches "__key__" to dict results; only tensors are batched
+    return {k: torch.stack([s[k] for s in samples]) for k in samples[0] if not k.startswith("__")}
+
+
+def synthetic_batches(urls: list[str], transform: SceneTransform, *, batch_size: int,
+                      seed: int, epoch: int, shuffle_buffer: int, num_workers: int,
+                      world_size: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless batches for one epoch: pass after pass over this rank's shards, each pass
+    reshuffled by (seed, epoch, pass). The caller takes as many as an epoch needs, so
+    every rank runs the same number of steps whatever its shards hold."""
+    if len(urls) < world_size:
+        raise ValueError(f"synthetic: {len(urls)} shards cannot feed {world_size} processes")
+    # every worker must own at least one shard, or its endless loop would yield nothing
+    workers = min(num_workers, len(urls) // world_size)
+    for pass_index in range(1 << 30):
+        pass_seed = int(np.random.default_rng([seed, epoch, pass_index]).integers(1 << 31))
+        per_pass = SceneTransform(**{**transform.__dict__, "seed": pass_seed})
+        dataset = synthetic_dataset(urls, per_pass, pass_seed, shuffle_buffer, world_size > 1)
+        loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                            collate_fn=collate_synthetic, drop_last=True,
+                            **loader_worker_kwargs(workers),
+                            # its own generator: starting a loader must not consume the
+                            # global RNG, or a resumed run's dropout would drift
+                            generator=torch.Generator().manual_seed(pass_seed))
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError(f"synthetic: fewer than {batch_size} clips per worker in the shards")
