@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from generation.config import GenerationConfig
 from training.config import EvaluateConfig, FinetuneConfig, PretrainConfig
@@ -35,6 +35,10 @@ class ToyActionsConfig(BaseModel):
     frames: int = Field(24, ge=4)
     seed: int = Field(0, ge=0)
 
+    def root(self, data_format: str) -> Path:
+        """Where the set's ``ssv2`` or ``list`` layout is written."""
+        return Path(self.out) / "set" / ("ssv2" if data_format == "ssv2" else "list")
+
 
 class ExperimentConfig(BaseModel):
     """All stages. ``generation`` has usable defaults; a training section that the file
@@ -47,6 +51,21 @@ class ExperimentConfig(BaseModel):
     pretrain: Optional[PretrainConfig] = None
     finetune: Optional[FinetuneConfig] = None
     evaluate: Optional[EvaluateConfig] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _downstream_from_toy_actions(cls, data: Any) -> Any:
+        """With a ``toy_actions`` section, fine-tuning and evaluation read that set
+        unless the file names another ``data_root``."""
+        if not isinstance(data, dict) or not isinstance(data.get("toy_actions"), dict):
+            return data
+        toy = ToyActionsConfig.model_validate(data["toy_actions"])
+        data = dict(data)
+        for section in ("finetune", "evaluate"):
+            if isinstance(data.get(section), dict) and not data[section].get("data_root"):
+                fmt = data[section].get("data_format", "list")
+                data[section] = {**data[section], "data_root": str(toy.root(fmt))}
+        return data
 
     def require(self, section: str):
         value = getattr(self, section)

@@ -38,12 +38,9 @@ def toy_actions_task(cfg: ToyActionsConfig, key: str) -> dict:
     return summary
 
 
-def toy_actions_root(cfg: ToyActionsConfig, data_format: str) -> str:
-    return str(Path(cfg.out) / "set" / ("ssv2" if data_format == "ssv2" else "list"))
-
-
 def wire(cfg: ExperimentConfig) -> ExperimentConfig:
-    """Point every stage at its upstream's outputs."""
+    """Point every stage at its upstream's outputs (the downstream data root comes from
+    ``toy_actions`` when the file names none, see ``ExperimentConfig``)."""
     cfg = cfg.model_copy(deep=True)
     shards = str(cfg.generation.out)
     if cfg.pretrain is not None:
@@ -52,14 +49,10 @@ def wire(cfg: ExperimentConfig) -> ExperimentConfig:
         update = {"synthetic": shards if cfg.finetune.synthetic_ratio > 0 else None}
         if cfg.pretrain is not None:
             update["init"] = str(Path(cfg.pretrain.out) / "checkpoints" / "final.pt")
-        if cfg.toy_actions is not None:
-            update["data_root"] = toy_actions_root(cfg.toy_actions, cfg.finetune.data_format)
         cfg.finetune = cfg.finetune.model_copy(update=update)
     if cfg.evaluate is not None and cfg.finetune is not None:
-        update = {"checkpoint": str(Path(cfg.finetune.out) / "checkpoints" / "final.pt")}
-        if cfg.toy_actions is not None:
-            update["data_root"] = toy_actions_root(cfg.toy_actions, cfg.evaluate.data_format)
-        cfg.evaluate = cfg.evaluate.model_copy(update=update)
+        cfg.evaluate = cfg.evaluate.model_copy(
+            update={"checkpoint": str(Path(cfg.finetune.out) / "checkpoints" / "final.pt")})
     return cfg
 
 
