@@ -62,7 +62,7 @@ def main() -> None:
         serial_cfg = cfg("serial", workers=1, scenes=min(8, first_cfg.scenes),
                          scenes_per_shard=2)
         t0 = time.perf_counter()
-        serial = generate_dataset(serial_cfg)
+        generate_dataset(serial_cfg)
         serial_s = time.perf_counter() - t0
         manifest = json.loads((serial_cfg.out / "manifest.json").read_text())
         worker_s = sum(s["worker_seconds"] for s in manifest["shards"])

@@ -135,12 +135,12 @@ def pipeline(
         if stage is not None:
             check_writable_dir(Path(stage.out), f"{section}.out")
 
-    import json
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     from flows.generate import shard_progress
-    from flows.pipeline import StageError, pipeline as pipeline_flow
+    from flows.pipeline import StageError
+    from flows.pipeline import pipeline as pipeline_flow
     from generation.dataset import plan
 
     total = sum(len(job.seeds) for job in plan(cfg.generation))

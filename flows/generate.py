@@ -79,7 +79,7 @@ def render_shards(config: GenerationConfig) -> dict:
         progress_id = create_progress_artifact(progress=0.0, key="generate-progress",
                                                description=f"shards rendered into {out}")
         futures = [runner_task.submit(dataset.job_to_dict(job), str(out), threads) for job in todo]
-        by_future = dict(zip(futures, todo))
+        by_future = dict(zip(futures, todo, strict=True))
         finished = 0
         for future in as_completed(futures):
             job = by_future[future]

@@ -23,8 +23,14 @@ import numpy as np
 
 from generation.assets import load_manifest
 from generation.config import GenerationConfig
-from generation.manifest import (MANIFEST_NAME, new_manifest, read_manifest, sha256_file,
-                                 upsert_shard, write_json_atomic)
+from generation.manifest import (
+    MANIFEST_NAME,
+    new_manifest,
+    read_manifest,
+    sha256_file,
+    upsert_shard,
+    write_json_atomic,
+)
 
 SHARD_PATTERN = "shard-{:06d}.tar"
 

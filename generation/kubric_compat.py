@@ -38,8 +38,12 @@ import numpy as np
 import OpenEXR
 from kubric import core
 from kubric.renderer import blender_utils
-from kubric.renderer.blender import (AttributeSetter, Blender, KeyframeSetter,
-                                     register_object3d_setters)
+from kubric.renderer.blender import (
+    AttributeSetter,
+    Blender,
+    KeyframeSetter,
+    register_object3d_setters,
+)
 from singledispatchmethod import singledispatchmethod
 
 logger = logging.getLogger(__name__)

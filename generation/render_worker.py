@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     crash_seed = os.environ.get("PVIT_CRASH_ON_SEED")
 
     clips, render_s = [], 0.0
-    for seed, key in zip(job["seeds"], job["keys"]):
+    for seed, key in zip(job["seeds"], job["keys"], strict=True):
         if crash_seed is not None and int(crash_seed) == seed:
             os._exit(3)
         clip, timings = render_clip(cfg, seed, key, labels_on=job.get("labels", True),

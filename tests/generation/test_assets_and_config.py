@@ -2,8 +2,8 @@ import json
 
 import pytest
 import yaml
-
 from conftest import pvit, write_config
+
 from generation.assets import DEFAULT_MANIFEST, build_asset_set
 
 

@@ -3,13 +3,12 @@
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import psutil
 import pytest
-
 from conftest import PVIT, REPO, pvit, write_config
+
 from generation.manifest import read_manifest
 from generation.shard_format import read_shard
 

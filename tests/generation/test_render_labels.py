@@ -74,7 +74,7 @@ def test_label_types_ranges_and_consistency(rendered_clip):
     assert np.array_equal(clip["semantic_seg"], cat[clip["instance_seg"]])
     assert clip["instances"]["category"][0] == CLASSES.index("floor")
     names = clip["meta"]["instance_names"]
-    for name, c in zip(names[1:], clip["instances"]["category"][1:]):
+    for name, c in zip(names[1:], clip["instances"]["category"][1:], strict=True):
         assert name.endswith(CLASSES[c])
     # objects move (physics) and the visible fractions add up to the covered area
     pos = clip["instances"]["position"][1:]

@@ -50,7 +50,7 @@ def test_round_trip_is_lossless(tmp_path):
     assert sf.write_shard(tmp_path / "s.tar", clips) == 3
     back = list(sf.read_shard(tmp_path / "s.tar"))
     assert len(back) == 3
-    for a, b in zip(clips, back):
+    for a, b in zip(clips, back, strict=True):
         assert_clips_equal(a, b)
     assert back[0]["instance_seg"][0, 0, 1] == 300
     assert np.isinf(back[0]["depth"][0, 0, 0])
@@ -79,7 +79,7 @@ def test_webdataset_pipeline_yields_clips(tmp_path):
     sf.write_shard(tmp_path / "b.tar", clips[2:])
     got = list(sf.webdataset_pipeline([tmp_path / "a.tar", tmp_path / "b.tar"]))
     assert [c["key"] for c in got] == [c["key"] for c in clips]
-    for a, b in zip(clips, got):
+    for a, b in zip(clips, got, strict=True):
         assert_clips_equal(a, b)
 
 
