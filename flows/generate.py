@@ -106,7 +106,22 @@ def render_shards(config: GenerationConfig) -> dict:
         "bytes": sum(s["bytes"] for s in shards),
     }
     _dataset_table(summary, shards)
+    if todo and shards:
+        _contact_sheet_artifact(out)
     return summary
+
+
+def _contact_sheet_artifact(out: Path) -> None:
+    """A sheet of the first clip next to the shards, linked from a markdown artifact
+    (RGB | depth | instance | semantic | normals) for a person to look at."""
+    from prefect.artifacts import create_markdown_artifact
+
+    from generation.contact_sheet import write_contact_sheet
+    sheet = write_contact_sheet(out, out / "contact_sheet.png")
+    create_markdown_artifact(key="synthetic-contact-sheet",
+                             markdown=f"![contact sheet]({sheet.resolve().as_uri()})\n\n"
+                                      f"`{sheet}` (RGB, depth, instance seg, semantic seg, "
+                                      "normals; a few frames of the first clip)")
 
 
 def _dataset_table(summary: dict, shards: list[dict]) -> None:

@@ -34,6 +34,7 @@ def test_generate_verify_show_and_incremental_reruns(tmp_path):
     assert not list(out.glob(".*partial"))
 
     assert pvit("verify", out).returncode == 0
+    assert (out / "contact_sheet.png").stat().st_size > 1000   # the flow's artifact image
     sheet = tmp_path / "sheet.png"
     shown = pvit("show", out, "--out", sheet, "--sample", clips[1]["key"])
     assert shown.returncode == 0, shown.stderr
