@@ -11,7 +11,7 @@
 Prints a table and, on its last line, one JSON object:
 ``sec_per_frame``, ``sec_per_frame_kubric``, ``ratio_vs_kubric``, ``label_overhead_ratio``.
 
-    .venv/bin/python benchmarks/render.py [--scenes 4 --frames 8 --resolution 128 --spp 16]
+    .venv/bin/python benchmarks/render.py [--scenes 8 --frames 8 --resolution 128 --spp 16]
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ LABEL_OVERHEAD = textwrap.dedent("""
         for mode in ("rgb", "labels"):
             _, t = render_clip(cfg, seed, "s", labels_on=(mode == "labels"))
             times[mode] += t["render_s"]
-    print(json.dumps(times))
+    print("RESULT " + json.dumps(times), flush=True)
 """)
 
 
@@ -70,7 +70,7 @@ def run(cmd: list[str], **kwargs) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scenes", type=int, default=4)
+    parser.add_argument("--scenes", type=int, default=8)
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--resolution", type=int, default=128)
     parser.add_argument("--spp", type=int, default=16)
@@ -100,7 +100,9 @@ def main() -> None:
 
         out = subprocess.run([sys.executable, "-c", LABEL_OVERHEAD, spec, json.dumps(seeds)],
                              cwd=REPO, check=True, capture_output=True, text=True).stdout
-        overhead = json.loads(out.strip().splitlines()[-1])
+        # Blender writes its own lines to stdout too; ours is marked.
+        overhead = json.loads(next(line[7:] for line in out.splitlines()
+                                   if line.startswith("RESULT ")))
 
     result = {
         "scenes": args.scenes, "frames_per_scene": args.frames, "resolution": args.resolution,
