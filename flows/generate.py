@@ -23,6 +23,7 @@ from generation.config import GenerationConfig
 
 @task(name="render-shard", task_run_name="render-{job[name]}")
 def render_shard_task(job: dict, out_dir: str, threads: int) -> dict:
+    """One shard in a fresh worker process, logged to Prefect."""
     logger = get_run_logger()
     shard = dataset.job_from_dict(job)
     record = dataset.render_shard(
@@ -31,6 +32,7 @@ def render_shard_task(job: dict, out_dir: str, threads: int) -> dict:
                                        e["seed"], e["build_s"] + e["render_s"]))
     logger.info("%s: %d scenes, %.1f MB", shard.name, record["samples"], record["bytes"] / 1e6)
     return record
+
 
 
 def make_task_runner(cfg: GenerationConfig):
@@ -91,8 +93,7 @@ def render_shards(config: GenerationConfig) -> dict:
             dataset.commit(out, manifest, record)
             finished += 1
             update_progress_artifact(progress_id, 100.0 * finished / len(todo))
-            for hook in _on_shard:
-                hook(record)
+            _notify_shard(record)
     if failures:
         raise dataset.RenderError("render failed for " + "; ".join(failures))
     shards = manifest["shards"]
@@ -133,6 +134,14 @@ def _dataset_table(summary: dict, shards: list[dict]) -> None:
                for s in shards],
         description=(f"{summary['shards']} shards, {summary['clips']} clips, "
                      f"{summary['frames']} frames in {summary['out']}"))
+
+
+def _notify_shard(record: dict) -> None:
+    # A module-level function, not an inline loop over ``_on_shard``: Dask pickles the
+    # running flow's function by value, with the globals it names, and the hooks hold
+    # the CLI's progress bar (locks), which cannot be pickled.
+    for hook in _on_shard:
+        hook(record)
 
 
 @contextmanager

@@ -71,12 +71,15 @@ def force_stage(cfg: ExperimentConfig, stage: str) -> None:
         shutil.rmtree(targets[stage], ignore_errors=True)
 
 
-def _stage(name: str, fn, *args):
+def _stage(name: str, fn, *args, logs: str = ""):
+    """Run one stage; a failure is re-raised naming the stage, the flow run and where
+    the stage's own logs are. Earlier stages' outputs stay as they are."""
     try:
         return fn(*args)
     except Exception as exc:  # noqa: BLE001 - re-raised with the stage named
-        logs = "the Prefect UI/logs of this flow run"
-        raise StageError(f"stage {name} failed: {exc} (task logs: {logs})") from exc
+        from prefect.runtime import flow_run
+        where = f"Prefect flow run '{flow_run.name}'" + (f", {logs}" if logs else "")
+        raise StageError(f"stage {name} failed: {exc} (logs: {where})") from exc
 
 
 @flow(name="pipeline")
@@ -86,7 +89,8 @@ def pipeline(config: ExperimentConfig, force: list[str] | None = None) -> dict:
     cfg = wire(config)
     for stage in force or []:
         force_stage(cfg, stage)
-    results: dict = {"generate": _stage("generate", generate_dataset, cfg.generation)}
+    results: dict = {"generate": _stage("generate", generate_dataset, cfg.generation,
+                                        logs=f"{Path(cfg.generation.out) / 'logs'}/")}
     logger.info("dataset %s: %s", cfg.generation.out, dataset_key(cfg.generation.out)[:12])
 
     if cfg.toy_actions is not None:
@@ -95,9 +99,11 @@ def pipeline(config: ExperimentConfig, force: list[str] | None = None) -> dict:
         results["toy_actions"] = (cached(cfg.toy_actions.out, key)
                                   or _stage("toy_actions", toy_actions_task, cfg.toy_actions, key))
     if cfg.pretrain is not None:
-        results["pretrain"] = _stage("pretrain", pretrain, cfg.pretrain)
+        results["pretrain"] = _stage("pretrain", pretrain, cfg.pretrain,
+                                     logs=f"{cfg.pretrain.out}/metrics.jsonl")
     if cfg.finetune is not None:
-        results["finetune"] = _stage("finetune", finetune, cfg.finetune)
+        results["finetune"] = _stage("finetune", finetune, cfg.finetune,
+                                     logs=f"{cfg.finetune.out}/metrics.jsonl")
     if cfg.evaluate is not None and cfg.finetune is not None:
         results["evaluate"] = _stage("evaluate", evaluate, cfg.evaluate)
     results["paths"] = {

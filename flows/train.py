@@ -8,7 +8,9 @@ clean directory, and a retried task resumes from its last checkpoint.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
@@ -19,12 +21,30 @@ from training.config import EvaluateConfig, FinetuneConfig, PretrainConfig
 TRAIN_RETRIES = 1
 
 
+# Called with (stage, logged record) while a training stage runs (the CLI's rich
+# progress bar); kept out of the flows' parameters, which Prefect serialises.
+_on_step: list[Callable[[str, dict], None]] = []
+
+
+@contextmanager
+def step_progress(hook: Callable[[str, dict], None] | None):
+    if hook is not None:
+        _on_step.append(hook)
+    try:
+        yield
+    finally:
+        if hook is not None:
+            _on_step.remove(hook)
+
+
 def _log_progress(stage: str):
     logger = get_run_logger()
 
     def hook(record: dict) -> None:
         shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in record.items()}
         logger.info("%s %s", stage, shown)
+        for listener in _on_step:
+            listener(stage, record)
     return hook
 
 
