@@ -95,7 +95,8 @@ def main(argv=None) -> dict:
     print(f"model {base['model']}, {base['num_frames']} x {base['img_size']} px, "
           f"{base['epochs']} epochs, batch {base['batch_size']} real "
           f"+ {round(base['batch_size'] * base['synthetic_ratio'])} synthetic, seed {args.seed}")
-    print(f"{'variant':<8} {'top-1':>6} {'top-5':>6} {'params train/test (M)':>22} {'step (ms)':>10}")
+    print(f"{'variant':<8} {'top-1':>6} {'top-5':>6} {'params train/test (M)':>22} "
+          f"{'step (ms)':>10}")
     for variant, r in results.items():
         print(f"{variant:<8} {r['top1']:6.1f} {r['top5']:6.1f} "
               f"{r['params_train_M']:10.3f} / {r['params_test_M']:.3f} {r['step_ms']:10.1f}")

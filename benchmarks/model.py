@@ -150,9 +150,11 @@ def main(argv=None) -> dict:
         for _ in range(args.loader_batches):
             next(batches)
         loader_cps = args.loader_batches * args.batch / (time.perf_counter() - start)
-        batches.close()
+        del batches  # stops the loader workers
 
-    count = lambda m: sum(p.numel() for p in m.parameters())
+    def count(m):
+        return sum(p.numel() for p in m.parameters())
+
     train_cps = args.batch / train["pvit"]
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else

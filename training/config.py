@@ -2,17 +2,17 @@
 
 Each is one section of the experiment YAML (``configs/demo.yaml``). Unknown keys are
 rejected, every default says where it comes from, and the checks that involve more than
-one field live in one validator per class. Only factories (``training.model``,
-``training.train``) read these objects; layers take plain arguments.
+one field live in one validator per class (their messages start with the field's
+name). ``flows.experiment.load_experiment`` reads the file and applies overrides; only
+factories (``training.model``, ``training.train``) read these objects; layers take
+plain arguments.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal, Optional
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Variant = Literal["vit", "mt", "pvit"]
 Task = Literal["depth", "normals", "segmentation", "pose"]
@@ -20,10 +20,6 @@ DataFormat = Literal["ssv2", "list"]
 Sampling = Literal["stride", "segments"]
 
 SYNTHETIC_TASKS: tuple[str, ...] = ("depth", "normals", "segmentation", "pose")
-
-
-class ConfigError(ValueError):
-    """A config that cannot be used; the message is one line naming the field."""
 
 
 class LossWeights(BaseModel):
@@ -58,9 +54,10 @@ class _TrainStage(BaseModel):
     depth_max_m: float = Field(20.0, gt=0)  # depth clipped here (background is +inf)
     dropout: float = Field(0.5, ge=0, lt=1)  # before the classifier, as the paper
     drop_path: float = Field(0.1, ge=0, lt=1)
+    head_dropout: float = Field(0.1, ge=0, lt=1)  # inside the task heads (paper: dropout)
     loss_weights: LossWeights = Field(default_factory=LossWeights)
     # --- data ---
-    synthetic: Optional[str] = "data/shards"  # shard directory written by `pvit generate`
+    synthetic: Optional[str] = "data/synthetic"  # shard directory written by `pvit generate`
     shuffle_buffer: int = Field(64, ge=1)  # clips held by the webdataset sample shuffle
     crop_scale: tuple[float, float] = (0.6, 1.0)  # random-resized-crop area range
     flip: bool = True  # random horizontal flip (normals' x and poses are mirrored too)
@@ -86,7 +83,8 @@ class _TrainStage(BaseModel):
             raise ValueError(f"model: unknown '{self.model}', choose from {list_models()}")
         if self.num_frames % self.tubelet_size:
             raise ValueError(
-                f"num_frames: {self.num_frames} is not a multiple of tubelet_size {self.tubelet_size}")
+                f"num_frames: {self.num_frames} is not a multiple of "
+                f"tubelet_size {self.tubelet_size}")
         if self.crop_scale[0] > self.crop_scale[1] or not 0 < self.crop_scale[0] <= 1:
             raise ValueError(f"crop_scale: {self.crop_scale} is not 0 < min <= max <= 1")
         if self.min_lr > self.lr:
@@ -105,7 +103,8 @@ class _TrainStage(BaseModel):
             tasks=list(self.tasks) if self.variant != "vit" else [],
             prompts_per_task=self.prompts_per_task, label_size=self.label_size,
             pose_slots=self.pose_slots, num_seg_classes=num_seg_classes,
-            drop_rate=self.dropout, drop_path_rate=self.drop_path)
+            drop_rate=self.dropout, drop_path_rate=self.drop_path,
+            head_drop_rate=self.head_dropout)
 
 
 class PretrainConfig(_TrainStage):
@@ -116,7 +115,8 @@ class PretrainConfig(_TrainStage):
     @model_validator(mode="after")
     def _check_pretrain(self) -> "PretrainConfig":
         if self.variant == "vit":
-            raise ValueError("variant: 'vit' has no synthetic heads, so there is nothing to pretrain")
+            raise ValueError(
+                "variant: 'vit' has no synthetic heads, so there is nothing to pretrain")
         if not self.synthetic:
             raise ValueError("synthetic: pretraining needs a shard directory")
         return self
@@ -176,41 +176,3 @@ class EvaluateConfig(BaseModel):
         if not self.data_root:
             raise ValueError("data_root: evaluation needs a downstream data set")
         return self
-
-
-STAGES: dict[str, type[BaseModel]] = {
-    "pretrain": PretrainConfig, "finetune": FinetuneConfig, "evaluate": EvaluateConfig}
-
-
-def _first_error(err: ValidationError, section: str) -> str:
-    first = err.errors()[0]
-    where = ".".join(str(p) for p in first["loc"])
-    msg = first["msg"].removeprefix("Value error, ")
-    # model validators report without a location; their message starts with the field
-    return f"{section}.{where}: {msg}" if where else f"{section}.{msg}"
-
-
-def build_stage_config(section: str, values: dict[str, Any] | None,
-                       overrides: dict[str, Any] | None = None) -> BaseModel:
-    """Validate one stage's section plus command-line overrides (None values ignored)."""
-    merged = dict(values or {})
-    merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    try:
-        return STAGES[section].model_validate(merged)
-    except ValidationError as err:
-        raise ConfigError(_first_error(err, section)) from None
-
-
-def load_stage_config(path: str | Path, section: str,
-                      overrides: dict[str, Any] | None = None) -> BaseModel:
-    """Read ``section`` of the experiment YAML at ``path`` and validate it."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config: no such file {path}")
-    try:
-        doc = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config: {path} is not valid YAML ({str(err).splitlines()[0]})") from None
-    if not isinstance(doc, dict):
-        raise ConfigError(f"config: {path} must hold a mapping of sections")
-    return build_stage_config(section, doc.get(section), overrides)

@@ -32,10 +32,14 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from ``.safetensors`` or a torch file (``weights_only=True``); the
     ``state_dict``/``model`` wrappers of timm and our checkpoints are unwrapped."""
     path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(path))
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - corrupt, truncated, or pickled objects
+        raise CheckpointMismatch(
+            f"{path}: not readable as weights ({type(exc).__name__})") from None
     for key in ("state_dict", "model", "state_dict_ema"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -104,18 +108,20 @@ def image_to_video(state_dict: dict[str, torch.Tensor], model: VideoViT) -> dict
     return out
 
 
-def pretrain_to_finetune(state_dict: dict[str, torch.Tensor], model: VideoViT) -> dict[str, torch.Tensor]:
+def pretrain_to_finetune(state_dict: dict[str, torch.Tensor],
+                         model: VideoViT) -> dict[str, torch.Tensor]:
     """Pretrain weights -> ``model`` (same size and variant; clip shape may differ)."""
     out = {k: v.clone() for k, v in model.state_dict().items()}
     src = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
     if "pos_embed_spatial" in src:
         src["pos_embed_spatial"] = _resample_spatial(src["pos_embed_spatial"], model.grid_size[1:])
     if "pos_embed_temporal" in src:
-        src["pos_embed_temporal"] = _resample_temporal(src["pos_embed_temporal"], model.grid_size[0])
-    pose_heads = [k for k in src if k.startswith("task_heads.pose.")]
-    if pose_heads and src[pose_heads[-1]].shape != out.get(pose_heads[-1], src[pose_heads[-1]]).shape:
+        src["pos_embed_temporal"] = _resample_temporal(src["pos_embed_temporal"],
+                                                       model.grid_size[0])
+    last_pose = "task_heads.pose.mlp.fc2.weight"
+    if last_pose in src and last_pose in out and src[last_pose].shape != out[last_pose].shape:
         # the pose head's output is per frame: a new clip length needs a new last layer
-        for k in ("task_heads.pose.mlp.fc2.weight", "task_heads.pose.mlp.fc2.bias"):
+        for k in (last_pose, "task_heads.pose.mlp.fc2.bias"):
             src.pop(k, None)
     out.update(src)
     _check_shapes(out, model, "pretrain checkpoint")

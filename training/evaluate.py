@@ -71,7 +71,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = export_inference(model_from_checkpoint(state)).to(device)
     clip = dict(num_frames=train_cfg["num_frames"], img_size=train_cfg["img_size"],
-                stride=train_cfg.get("frame_stride", 4), sampling=train_cfg.get("sampling", "stride"),
+                stride=train_cfg.get("frame_stride", 4),
+                sampling=train_cfg.get("sampling", "stride"),
                 batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=device)
     start = time.perf_counter()
     single = evaluate_model(model, records, **clip)

@@ -37,7 +37,7 @@ class PromptonomyViT(VideoViT):
 
     def __init__(self, variant: str = "pvit", tasks: tuple[str, ...] | list[str] = (),
                  prompts_per_task: int = 1, label_size: int = 56, pose_slots: int = 8,
-                 num_seg_classes: int = 2, **vit_kwargs: Any):
+                 num_seg_classes: int = 2, head_drop_rate: float = 0.1, **vit_kwargs: Any):
         if variant not in VARIANTS:
             raise ValueError(f"variant: unknown '{variant}', choose from {VARIANTS}")
         tasks = list(tasks) if variant != "vit" else []
@@ -50,11 +50,15 @@ class PromptonomyViT(VideoViT):
         heads: dict[str, nn.Module] = {}
         for task in tasks:
             if task == "pose":
-                heads[task] = PoseHead(self.embed_dim, num_frames, pose_slots)
+                heads[task] = PoseHead(self.embed_dim, num_frames, pose_slots, drop=head_drop_rate)
             else:
                 channels = num_seg_classes if task == "segmentation" else DENSE_CHANNELS[task]
-                heads[task] = DenseHead(self.embed_dim, self.grid_size, tubelet, channels, label_size)
+                heads[task] = DenseHead(self.embed_dim, self.grid_size, tubelet, channels,
+                                        label_size)
         self.task_heads = nn.ModuleDict(heads)
+        # one dropout on the tapped tokens, shared by the dense heads (the paper's
+        # "upsample, dropout, concatenate"; once instead of once per head)
+        self.tap_drop = nn.Dropout(head_drop_rate)
 
     def task_token(self, cls: torch.Tensor, prompts: torch.Tensor, task: str) -> torch.Tensor:
         if self.variant == "mt":
@@ -67,8 +71,8 @@ class PromptonomyViT(VideoViT):
         need_taps = tasks and any(t != "pose" for t in self.tasks)
         tokens, taps = self.forward_intermediates(x, self.tap_indices if need_taps else None)
         if need_taps:  # a repeated index (shallow nets) appears once in taps
-            by_index = dict(zip(sorted(set(self.tap_indices)), taps))
-            taps = [by_index[i] for i in self.tap_indices]
+            by_index = dict(zip(sorted(set(self.tap_indices)), taps, strict=True))
+            taps = self.tap_drop(torch.cat([by_index[i] for i in self.tap_indices], dim=-1))
         out = {"logits": self.forward_head(tokens)}
         if tasks and self.tasks:
             cls, _, prompts = self.split_tokens(tokens)

@@ -7,6 +7,9 @@ Pipeline, per epoch pass (what flows between the stages):
     --shuffle(buffer)--> decode_sample (generation.shard_format) --> clip dicts
     --SceneTransform--> tensors (video + scene targets)
 
+``EndlessPasses`` repeats this pass after pass (reshuffled each time) inside each
+DataLoader worker; ``synthetic_batches`` batches it for one epoch.
+
 ``SceneTransform`` picks ``num_frames`` consecutive frames, crops one random box and
 flips, and applies the *same* geometry to RGB and every label map (a flip also negates
 the normals' x and mirrors object poses). Its randomness is a pure function of
@@ -25,8 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import webdataset as wds
-from webdataset import tariterators
 from torch.utils.data import DataLoader
+from webdataset import tariterators
 
 from generation.shard_format import CLASSES, decode_sample
 from training.loader_workers import loader_worker_kwargs
@@ -160,7 +163,8 @@ class SceneTransform:
             left = int(rng.integers(0, width - side + 1))
             flip = self.flip and bool(rng.integers(0, 2))
         else:
-            side, top, left, flip = side_max, (height - side_max) // 2, (width - side_max) // 2, False
+            side, flip = side_max, False
+            top, left = (height - side_max) // 2, (width - side_max) // 2
         box = (slice(top, top + side), slice(left, left + side))
 
         def crop(name: str) -> torch.Tensor:
@@ -217,29 +221,44 @@ def collate_synthetic(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch
     return {k: torch.stack([s[k] for s in samples]) for k in samples[0] if not k.startswith("__")}
 
 
+class EndlessPasses(torch.utils.data.IterableDataset):
+    """Pass after pass over the shards, each reshuffled by (seed, epoch, pass). Picklable;
+    each DataLoader worker runs its own passes over its own shards, so workers start
+    once per epoch, not once per pass."""
+
+    def __init__(self, urls: list[str], transform: SceneTransform, *, seed: int, epoch: int,
+                 shuffle_buffer: int, split_by_node: bool):
+        self.urls, self.transform, self.seed, self.epoch = urls, transform, seed, epoch
+        self.shuffle_buffer, self.split_by_node = shuffle_buffer, split_by_node
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for pass_index in range(1 << 30):
+            rng = np.random.default_rng([self.seed, self.epoch, pass_index])
+            pass_seed = int(rng.integers(1 << 31))
+            transform = SceneTransform(**{**self.transform.__dict__, "seed": pass_seed})
+            empty = True
+            for sample in synthetic_dataset(self.urls, transform, pass_seed, self.shuffle_buffer,
+                                            self.split_by_node):
+                empty = False
+                yield sample
+            if empty:  # this worker owns no clip: stop rather than spin forever
+                raise ValueError("synthetic: a loader worker got no clips from its shards")
+
+
 def synthetic_batches(urls: list[str], transform: SceneTransform, *, batch_size: int,
                       seed: int, epoch: int, shuffle_buffer: int, num_workers: int,
                       world_size: int = 1) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless batches for one epoch: pass after pass over this rank's shards, each pass
-    reshuffled by (seed, epoch, pass). The caller takes as many as an epoch needs, so
+    """Endless batches for one epoch. The caller takes as many as an epoch needs, so
     every rank runs the same number of steps whatever its shards hold."""
     if len(urls) < world_size:
         raise ValueError(f"synthetic: {len(urls)} shards cannot feed {world_size} processes")
-    # every worker must own at least one shard, or its endless loop would yield nothing
+    # every worker must own at least one shard, or it would have nothing to yield
     workers = min(num_workers, len(urls) // world_size)
-    for pass_index in range(1 << 30):
-        pass_seed = int(np.random.default_rng([seed, epoch, pass_index]).integers(1 << 31))
-        per_pass = SceneTransform(**{**transform.__dict__, "seed": pass_seed})
-        dataset = synthetic_dataset(urls, per_pass, pass_seed, shuffle_buffer, world_size > 1)
-        loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                            collate_fn=collate_synthetic, drop_last=True,
-                            **loader_worker_kwargs(workers),
-                            # its own generator: starting a loader must not consume the
-                            # global RNG, or a resumed run's dropout would drift
-                            generator=torch.Generator().manual_seed(pass_seed))
-        empty = True
-        for batch in loader:
-            empty = False
-            yield batch
-        if empty:
-            raise ValueError(f"synthetic: fewer than {batch_size} clips per worker in the shards")
+    dataset = EndlessPasses(urls, transform, seed=seed, epoch=epoch,
+                            shuffle_buffer=shuffle_buffer, split_by_node=world_size > 1)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                        collate_fn=collate_synthetic, **loader_worker_kwargs(workers),
+                        # its own generator: starting a loader must not consume the
+                        # global RNG, or a resumed run's dropout would drift
+                        generator=torch.Generator().manual_seed(seed + epoch))
+    return iter(loader)

@@ -25,9 +25,15 @@ from torch.utils.data import DataLoader
 
 from generation.shard_format import CLASSES
 from training import distributed
-from training.checkpoint import (CheckpointError, capture_rng, check_compatible,
-                                 is_pvit_checkpoint, load_checkpoint, restore_rng,
-                                 save_checkpoint)
+from training.checkpoint import (
+    CheckpointError,
+    capture_rng,
+    check_compatible,
+    is_pvit_checkpoint,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
 from training.config import FinetuneConfig, PretrainConfig
 from training.convert import export_inference, image_to_video, pretrain_to_finetune, read_weights
 from training.evaluate import evaluate_model
@@ -35,8 +41,7 @@ from training.loader_workers import loader_worker_kwargs
 from training.losses import compute_losses
 from training.model import PromptonomyViT, create_model
 from training.run_files import MetricsLog, plot_loss_curve, write_config, write_summary
-from training.synthetic_data import (SceneTransform, count_clips, shard_urls,
-                                     synthetic_batches)
+from training.synthetic_data import SceneTransform, count_clips, shard_urls, synthetic_batches
 from training.video_data import VideoClips, collate_videos, epoch_batches, read_records
 
 SCENE_KEYS = ("depth", "normals", "segmentation", "pose_position", "pose_quaternion",
@@ -121,7 +126,8 @@ def preflight(stage: str, cfg: PretrainConfig | FinetuneConfig) -> None:
             records, num_classes = read_records(cfg.data_format, cfg.data_root,
                                                 cfg.train_split, cfg.videos_dir)
             if not records:
-                raise InputError(f"data_root: split '{cfg.train_split}' of {cfg.data_root} is empty")
+                raise InputError(
+                    f"data_root: split '{cfg.train_split}' of {cfg.data_root} is empty")
             if cfg.val_split:
                 read_records(cfg.data_format, cfg.data_root, cfg.val_split, cfg.videos_dir)
         if stage == "pretrain" or cfg.synthetic_batch_size:
@@ -212,7 +218,8 @@ def _run(stage: str, cfg: PretrainConfig | FinetuneConfig, progress: Progress,
                                   f"{resume['scheduler']}; use a new --out")
         start_epoch, start_in_epoch = resume["epoch"], resume["step_in_epoch"]
         skipped = set(resume["skipped"])
-        restore_rng(resume["rng"][dist.rank] if dist.rank < len(resume["rng"]) else resume["rng"][0])
+        rngs = resume["rng"]  # one per rank of the run that saved it
+        restore_rng(rngs[dist.rank] if dist.rank < len(rngs) else rngs[0])
     step = start_epoch * steps_per_epoch + start_in_epoch
 
     forward: nn.Module = TrainForward(model)
@@ -319,6 +326,10 @@ def _run(stage: str, cfg: PretrainConfig | FinetuneConfig, progress: Progress,
         save(last, epoch + 1, 0)
 
     train_time = time.perf_counter() - loop_start
+    if dist.world_size > 1:  # every rank skipped its own undecodable videos
+        gathered: list = [None] * dist.world_size
+        torch.distributed.all_gather_object(gathered, sorted(skipped))
+        skipped = set().union(*gathered)
     summary: dict[str, Any] = {
         "stage": stage, "stopped_early": stopped, "train_time_s": train_time,
         # this process's steps only (a resumed run times what it ran)
@@ -388,7 +399,9 @@ def _finish(stage, cfg, model, run_dir, ckpt_dir, last, epoch_losses, skipped, s
     tmp = run_dir / "inference.safetensors.tmp"
     save_file({k: v.contiguous() for k, v in inference.state_dict().items()}, str(tmp))
     tmp.replace(run_dir / "inference.safetensors")
-    count = lambda m: sum(p.numel() for p in m.parameters())
+    def count(m: nn.Module) -> int:
+        return sum(p.numel() for p in m.parameters())
+
     summary: dict[str, Any] = {
         "epochs": cfg.epochs, "steps": step, "losses": epoch_losses,
         "checkpoint": str(final), "inference_weights": str(run_dir / "inference.safetensors"),
@@ -403,5 +416,6 @@ def _finish(stage, cfg, model, run_dir, ckpt_dir, last, epoch_losses, skipped, s
                                 num_workers=cfg.num_workers, device=device)
         summary.update(top1=result["top1"], top5=result["top5"], val_clips=result["clips"])
         summary["skipped_videos"] += result["skipped_videos"]
-        summary["skipped_paths"] = sorted(set(summary["skipped_paths"]) | set(result["skipped_paths"]))
+        summary["skipped_paths"] = sorted(set(summary["skipped_paths"])
+                                          | set(result["skipped_paths"]))
     return summary

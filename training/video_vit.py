@@ -18,9 +18,9 @@ from functools import partial
 from typing import Callable, Optional, Sequence
 
 import torch
-from torch import nn
 from timm.layers import Mlp, trunc_normal_
 from timm.models.vision_transformer import Block
+from torch import nn
 
 
 class TubeletEmbed(nn.Module):
@@ -32,7 +32,8 @@ class TubeletEmbed(nn.Module):
         if img_size % patch_size or num_frames % tubelet_size:
             raise ValueError(f"img_size {img_size} / num_frames {num_frames} are not multiples "
                              f"of patch {patch_size} / tubelet {tubelet_size}")
-        self.grid_size = (num_frames // tubelet_size, img_size // patch_size, img_size // patch_size)
+        side = img_size // patch_size
+        self.grid_size = (num_frames // tubelet_size, side, side)
         self.num_patches = self.grid_size[0] * self.grid_size[1] * self.grid_size[2]
         kernel = (tubelet_size, patch_size, patch_size)
         self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=kernel, stride=kernel)
@@ -76,7 +77,8 @@ class VideoViT(nn.Module):
         self.pos_embed_spatial = nn.Parameter(torch.zeros(1, h * w, embed_dim))
         # zero at init: an inflated image model then sees each time step like an image
         self.pos_embed_temporal = nn.Parameter(torch.zeros(1, t, embed_dim))
-        self.prompt_tokens = nn.Parameter(torch.zeros(1, num_prompts, embed_dim)) if num_prompts else None
+        self.prompt_tokens = (nn.Parameter(torch.zeros(1, num_prompts, embed_dim))
+                              if num_prompts else None)
         dpr = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth decay rule
         self.blocks = nn.Sequential(*[
             block_fn(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,

@@ -3,8 +3,7 @@ import torch
 from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 
-from training.convert import (CheckpointMismatch, image_to_video, pretrain_to_finetune,
-                              read_weights)
+from training.convert import CheckpointMismatch, image_to_video, pretrain_to_finetune, read_weights
 from training.model import create_model
 
 
@@ -77,8 +76,8 @@ def test_pretrain_to_finetune_keeps_prompts_and_heads_and_adds_a_classifier():
     sd = pretrain_to_finetune(pre.state_dict(), fine)
     fine.load_state_dict(sd)
     torch.testing.assert_close(fine.prompt_tokens, pre.prompt_tokens)
-    torch.testing.assert_close(fine.task_heads["depth"].mlp[0].weight,
-                               pre.task_heads["depth"].mlp[0].weight)
+    torch.testing.assert_close(fine.task_heads["depth"].out.weight,
+                               pre.task_heads["depth"].out.weight)
     torch.testing.assert_close(fine.head.weight, head_before)  # new classifier, untouched
     assert fine.pos_embed_temporal.shape == (1, 4, 32)  # 2 steps resampled to 4
 

@@ -54,14 +54,17 @@ def test_prompts_attend_to_patches_and_steer_the_cls_token():
     x = torch.randn(1, 3, 4, 32, 32)
     before = model(x)
     with torch.no_grad():
-        model.prompt_tokens[:, 0].add_(torch.randn(32))  # a constant shift would vanish in LayerNorm
+        # random, not constant: a constant shift would vanish in LayerNorm
+        model.prompt_tokens[:, 0].add_(torch.randn(32))
     assert not torch.allclose(before, model(x))
 
 
 def test_export_drops_heads_and_keeps_outputs():
     model = tiny("pvit").eval()
     exported = export_inference(model)
-    count = lambda m: sum(p.numel() for p in m.parameters())
+    def count(m):
+        return sum(p.numel() for p in m.parameters())
+
     heads = count(model.task_heads)
     assert heads > 0
     assert count(exported) == count(model) - heads
@@ -71,3 +74,19 @@ def test_export_drops_heads_and_keeps_outputs():
     x = torch.randn(2, 3, 4, 32, 32)
     torch.testing.assert_close(exported(x), model(x))
     assert not any(k.startswith("task_heads") for k in exported.state_dict())
+
+
+def test_dense_head_upsampling_is_a_transposed_3d_convolution():
+    """The head computes its stride=kernel ConvTranspose3d as Linear + pixel shuffle."""
+    from training.heads import DenseHead
+
+    head = DenseHead(embed_dim=8, grid_size=(2, 3, 3), tubelet_size=2, out_channels=1,
+                     out_size=6, num_taps=1, hidden=4, upsample=2)
+    conv = torch.nn.ConvTranspose3d(8, 4, kernel_size=(2, 2, 2), stride=(2, 2, 2))
+    with torch.no_grad():  # Linear row (voxel, channel) <- conv weight [in, channel, voxel]
+        head.upsample.weight.copy_(conv.weight.flatten(2).permute(2, 1, 0).reshape(32, 8))
+        head.upsample.bias.copy_(conv.bias.repeat(8))
+    tokens = torch.randn(2, 18, 8)
+    want = conv(tokens.transpose(1, 2).reshape(2, 8, 2, 3, 3)).transpose(1, 2)  # [B, T, C, H, W]
+    got = head.shuffle(head.upsample(tokens).view(2, 18, 8, 4))
+    torch.testing.assert_close(got, want)

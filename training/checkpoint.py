@@ -1,0 +1,108 @@
+"""Checkpoints that rebuild their model, resume exactly, and load with ``weights_only``.
+
+A checkpoint is a dict of tensors and plain Python values only (no pickled objects):
+model name and arguments, state dicts, the loop position, RNG states and the resolved
+stage config. Files are written to a temporary name and renamed into place, so a
+killed run leaves either the old checkpoint or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from training.model import PromptonomyViT, create_model
+
+FORMAT = "pvit-checkpoint/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable, or made for another model."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"format": FORMAT, **state}, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint: no such file {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - unreadable for whatever reason
+        raise CheckpointError(f"checkpoint: cannot read {path} ({type(exc).__name__})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint: {path} is not a pvit checkpoint")
+    return state
+
+
+def is_pvit_checkpoint(path: str | Path) -> bool:
+    """Our checkpoints are torch files carrying the format marker (not a key guess)."""
+    if Path(path).suffix == ".safetensors":
+        return False
+    try:
+        load_checkpoint(path)
+        return True
+    except CheckpointError:
+        return False
+
+
+def check_compatible(state: dict[str, Any], model_name: str, model_kwargs: dict[str, Any],
+                     keys: tuple[str, ...], path: str | Path) -> None:
+    """Fail with a sentence, not a shape traceback, when ``state`` was made for another
+    size or variant (``keys``: which model arguments must agree)."""
+    if state["model_name"] != model_name:
+        raise CheckpointError(f"checkpoint: {path} is a {state['model_name']} model, "
+                              f"this run builds {model_name}")
+    for key in keys:
+        theirs, ours = state["model_kwargs"].get(key), model_kwargs.get(key)
+        if theirs != ours:
+            raise CheckpointError(
+                f"checkpoint: {path} has {key}={theirs!r}, this run wants {ours!r}")
+
+
+def model_from_checkpoint(state: dict[str, Any]) -> PromptonomyViT:
+    """The model a checkpoint describes, with its weights."""
+    model = create_model(state["model_name"], **state["model_kwargs"])
+    model.load_state_dict(state["model"])
+    return model
+
+
+def capture_rng() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    rng = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def restore_rng(rng: dict[str, Any]) -> None:
+    torch.set_rng_state(rng["torch"])
+    n = rng["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached"]))
+    version, internal, gauss = rng["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])

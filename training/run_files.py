@@ -1,0 +1,73 @@
+"""What a run leaves in its directory: ``config.yaml``, ``metrics.jsonl``,
+``summary.json`` and ``loss_curve.png``. Whole files are written to a temporary name
+and renamed into place; ``metrics.jsonl`` is appended line by line."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_config(run_dir: Path, stage: str, config: dict[str, Any]) -> None:
+    write_text_atomic(run_dir / "config.yaml", yaml.safe_dump({stage: config}, sort_keys=False))
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    text = json.dumps(summary, indent=2, sort_keys=True) + "\n"
+    write_text_atomic(run_dir / "summary.json", text)
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per logged step or epoch."""
+
+    def __init__(self, path: Path, resume_step: int = 0):
+        self.path = path
+        # a resumed run redoes the steps after its checkpoint: drop their old lines
+        kept = []
+        if resume_step and path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line and json.loads(line).get("step", 0) <= resume_step]
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def plot_loss_curve(metrics_path: Path, png_path: Path) -> None:
+    """Total and per-task training losses against the optimizer step."""
+    import matplotlib
+    matplotlib.use("Agg")  # no display on training machines
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in read_metrics(metrics_path) if r.get("kind") == "step"]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    names = sorted({k[len("loss/"):] for r in rows for k in r if k.startswith("loss/")})
+    for name in ["total", *[n for n in names if n != "total"]]:
+        pts = [(r["step"], r[f"loss/{name}"]) for r in rows if f"loss/{name}" in r]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), label=name, linewidth=2 if name == "total" else 1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = png_path.with_name(png_path.stem + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, png_path)

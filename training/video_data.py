@@ -1,0 +1,245 @@
+"""Real downstream video in the layouts people already have.
+
+- ``ssv2``: Something-Something-v2. ``<root>/labels/labels.json`` maps template ->
+  class index (a string), ``<root>/labels/<split>.json`` lists ``{"id", "template",
+  ...}``, videos are ``<root>/<videos_dir>/<id>.webm``. The label is the template with
+  its brackets removed ("Moving [something] up" -> "Moving something up").
+- ``list``: ``<root>/<split>.txt`` (or a path to a list file) of ``path label`` lines,
+  as Kinetics / VideoMAE / mmaction2 use; relative paths are under ``<root>``.
+
+Clips are ``num_frames`` frames ``stride`` apart (Kinetics style) or one frame per
+equal segment (SSv2 style). Evaluation views are ``temporal_clips`` evenly spaced
+clips x ``spatial_crops`` crops (left/centre/right along the long side). A video that
+cannot be decoded becomes a ``Skipped`` marker: the collate function drops it, the
+training loop counts it, and the epoch goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from training.synthetic_data import normalize_rgb
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class VideoRecord:
+    path: str
+    label: int
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """Marker for a video that could not be decoded."""
+
+    path: str
+    reason: str
+
+
+class VideoDecodeError(RuntimeError):
+    pass
+
+
+def ssv2_label(template: str) -> str:
+    return re.sub(r"[\[\]]", "", template)
+
+
+def read_ssv2(root: str | Path, split: str, videos_dir: str = "videos"
+              ) -> tuple[list[VideoRecord], list[str]]:
+    """Records of an SSv2 split and the class names by index."""
+    root = Path(root)
+    labels_path, split_path = root / "labels" / "labels.json", root / "labels" / f"{split}.json"
+    for path in (labels_path, split_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"data_root: no {path.relative_to(root)} under {root}")
+    label_index = {name: int(i) for name, i in json.loads(labels_path.read_text()).items()}
+    names = [""] * len(label_index)
+    for name, i in label_index.items():
+        names[i] = name
+    records = []
+    for entry in json.loads(split_path.read_text()):
+        label = ssv2_label(entry["template"])
+        if label not in label_index:
+            raise ValueError(f"{split_path}: id {entry['id']} has unknown label {label!r}")
+        path = root / videos_dir / f"{entry['id']}.webm"
+        records.append(VideoRecord(str(path), label_index[label]))
+    return records, names
+
+
+def read_list(root: str | Path, split: str) -> list[VideoRecord]:
+    """Records of a ``path label`` list: ``<root>/<split>.txt`` or ``split`` as a path."""
+    root = Path(root)
+    list_path = Path(split) if Path(split).suffix else root / f"{split}.txt"
+    if not list_path.is_file():
+        raise FileNotFoundError(f"data_root: no list file {list_path}")
+    records = []
+    for n, line in enumerate(list_path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            path, label = line.rsplit(maxsplit=1)  # paths may hold spaces, labels do not
+            records.append(VideoRecord(str(root / path), int(label)))
+        except ValueError:
+            raise ValueError(f"{list_path}:{n}: expected 'path label', got {line!r}") from None
+    return records
+
+
+def read_records(data_format: str, root: str | Path, split: str, videos_dir: str = "videos"
+                 ) -> tuple[list[VideoRecord], int]:
+    """Records and the number of classes of a split in either layout."""
+    if data_format == "ssv2":
+        records, names = read_ssv2(root, split, videos_dir)
+        return records, len(names)
+    records = read_list(root, split)
+    return records, (max(r.label for r in records) + 1) if records else 0
+
+
+def decode_video(path: str) -> np.ndarray:
+    """All frames of a video as uint8 RGB ``[N, H, W, 3]`` (short clips: fits in memory)."""
+    capture = cv2.VideoCapture(path)
+    frames = []
+    try:
+        while True:
+            ok, frame = capture.read()
+            if not ok:
+                break
+            frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+    finally:
+        capture.release()
+    if not frames:
+        raise VideoDecodeError("no decodable frames")
+    return np.stack(frames)
+
+
+def sample_indices(total: int, num_frames: int, *, stride: int, sampling: str,
+                   rng: np.random.Generator | None, clip_index: int = 0, num_clips: int = 1
+                   ) -> np.ndarray:
+    """Frame indices of one clip. ``rng`` None means evaluation: deterministic views,
+    clip ``clip_index`` of ``num_clips`` spread evenly over the video."""
+    if sampling == "segments":
+        edges = np.linspace(0, total, num_frames + 1)
+        length = edges[1:] - edges[:-1]
+        offset = rng.random(num_frames) if rng is not None else (clip_index + 0.5) / num_clips
+        return np.minimum((edges[:-1] + offset * length).astype(int), total - 1)
+    span = (num_frames - 1) * stride + 1
+    room = max(total - span, 0)
+    if rng is not None:
+        start = int(rng.integers(0, room + 1))
+    else:
+        start = room // 2 if num_clips == 1 else round(clip_index * room / (num_clips - 1))
+    # a video shorter than the span repeats its last frame
+    return np.minimum(start + np.arange(num_frames) * stride, total - 1)
+
+
+def _resize_short_side(frames: np.ndarray, short: int) -> np.ndarray:
+    h, w = frames.shape[1:3]
+    scale = short / min(h, w)
+    size = (max(short, round(w * scale)), max(short, round(h * scale)))  # cv2 wants (w, h)
+    if size == (w, h):
+        return frames
+    return np.stack([cv2.resize(f, size, interpolation=cv2.INTER_AREA if scale < 1
+                                else cv2.INTER_LINEAR) for f in frames])
+
+
+def spatial_crops(frames: np.ndarray, size: int, count: int) -> list[np.ndarray]:
+    """``count`` (1 or 3) square crops along the long side: centre, or start/centre/end."""
+    h, w = frames.shape[1:3]
+    if count == 1:
+        positions = [0.5]
+    else:
+        positions = np.linspace(0.0, 1.0, count).tolist()
+    crops = []
+    for p in positions:
+        top, left = round((h - size) * p), round((w - size) * p)
+        crops.append(frames[:, top:top + size, left:left + size])
+    return crops
+
+
+class VideoClips(Dataset):
+    """Clips of labelled videos. Training: one random clip, scale-jittered random crop
+    (short side in ``[256/224, 320/224] x img_size``, the paper's jitter), optional flip.
+    Evaluation: ``temporal_clips x spatial_crops`` views stacked as ``[V, 3, T, S, S]``."""
+
+    def __init__(self, records: list[VideoRecord], *, num_frames: int, img_size: int,
+                 stride: int = 4, sampling: str = "stride", train: bool = True,
+                 flip: bool = False, seed: int = 0, temporal_clips: int = 1,
+                 spatial_crops: int = 1):
+        self.records = records
+        self.num_frames, self.img_size = num_frames, img_size
+        self.stride, self.sampling = stride, sampling
+        self.train, self.flip, self.seed = train, flip, seed
+        self.temporal_clips, self.spatial_crops = temporal_clips, spatial_crops
+        self.epoch = 0  # set before each epoch; workers copy it when the loader starts
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict | Skipped:
+        record = self.records[index]
+        try:
+            frames = decode_video(record.path)
+        except Exception as exc:  # noqa: BLE001 - any decoder failure skips the video
+            log.warning("skipping undecodable video %s: %s", record.path, exc)
+            return Skipped(record.path, str(exc))
+        if self.train:
+            return self._train_clip(frames, record, index)
+        views = []
+        for clip in range(self.temporal_clips):
+            idx = sample_indices(len(frames), self.num_frames, stride=self.stride,
+                                 sampling=self.sampling, rng=None, clip_index=clip,
+                                 num_clips=self.temporal_clips)
+            resized = _resize_short_side(frames[idx], self.img_size)
+            views += [normalize_rgb(torch.from_numpy(np.ascontiguousarray(c)))
+                      for c in spatial_crops(resized, self.img_size, self.spatial_crops)]
+        return {"video": torch.stack(views), "label": record.label}
+
+    def _train_clip(self, frames: np.ndarray, record: VideoRecord, index: int) -> dict:
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        idx = sample_indices(len(frames), self.num_frames, stride=self.stride,
+                             sampling=self.sampling, rng=rng)
+        short = int(rng.integers(round(self.img_size * 256 / 224),
+                                 round(self.img_size * 320 / 224) + 1))
+        clip = _resize_short_side(frames[idx], short)
+        h, w = clip.shape[1:3]
+        top = int(rng.integers(0, h - self.img_size + 1))
+        left = int(rng.integers(0, w - self.img_size + 1))
+        clip = clip[:, top:top + self.img_size, left:left + self.img_size]
+        if self.flip and rng.integers(0, 2):
+            clip = clip[:, :, ::-1]
+        return {"video": normalize_rgb(torch.from_numpy(np.ascontiguousarray(clip))),
+                "label": record.label}
+
+
+def collate_videos(samples: list[dict | Skipped]) -> dict:
+    """Stack decodable clips; ``skipped`` lists the paths that were not."""
+    good = [s for s in samples if not isinstance(s, Skipped)]
+    batch: dict = {"skipped": [s.path for s in samples if isinstance(s, Skipped)]}
+    if good:
+        batch["video"] = torch.stack([s["video"] for s in good])
+        batch["label"] = torch.tensor([s["label"] for s in good], dtype=torch.long)
+    return batch
+
+
+def epoch_batches(n: int, batch_size: int, *, epoch: int, seed: int, shuffle: bool,
+                  rank: int = 0, world_size: int = 1, drop_last: bool = True) -> list[list[int]]:
+    """This rank's index batches for one epoch: a seeded permutation, padded by wrapping
+    so every rank gets the same number of batches (DDP steps stay in lockstep)."""
+    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    order = order.tolist()
+    per_rank = -(-n // world_size)
+    order = (order * (1 + (per_rank * world_size) // max(n, 1)))[:per_rank * world_size]
+    mine = order[rank::world_size]
+    # drop a ragged last batch, unless it is the only one (a tiny data set)
+    ragged = len(mine) % batch_size if drop_last and len(mine) >= batch_size else 0
+    stop = len(mine) - ragged
+    return [mine[i:i + batch_size] for i in range(0, stop, batch_size)]
