@@ -19,6 +19,7 @@ from prefect.tasks import exponential_backoff
 
 from generation import dataset
 from generation.config import GenerationConfig
+from generation.manifest import read_manifest
 
 
 @task(name="render-shard", task_run_name="render-{job[name]}")
@@ -60,56 +61,63 @@ def generate_dataset(config: GenerationConfig) -> dict:
     """Render the shards ``config`` asks for that are not already valid in ``config.out``.
 
     Returns a summary: shard and clip counts, how many were rendered or kept, render
-    seconds, bytes, and the manifest path. The shard tasks run in a subflow whose task
-    runner the config chooses, so deployments and ``pvit serve`` honour it too."""
-    return render_shards.with_options(task_runner=make_task_runner(config))(config)
-
-
-@flow(name="render_shards")
-def render_shards(config: GenerationConfig) -> dict:
+    seconds, bytes, and the manifest path. Shards to render go to a subflow whose task
+    runner the config chooses (so deployments and ``pvit serve`` honour it too); when
+    every shard is up to date no subflow or runner starts at all."""
     logger = get_run_logger()
     out = Path(config.out)
     manifest, todo, done = dataset.prepare(config)
     logger.info("%s: %d shards planned, %d up to date, %d to render", out,
                 len(todo) + len(done), len(done), len(todo))
-    threads = config.render_threads or dataset.worker_threads(config.workers)
-    runner_task = render_shard_task.with_options(
-        retries=config.retries, retry_delay_seconds=exponential_backoff(backoff_factor=1),
-        retry_jitter_factor=0)
-    failures = []
     if todo:
-        progress_id = create_progress_artifact(progress=0.0, key="generate-progress",
-                                               description=f"shards rendered into {out}")
-        futures = [runner_task.submit(dataset.job_to_dict(job), str(out), threads) for job in todo]
-        by_future = dict(zip(futures, todo, strict=True))
-        finished = 0
-        for future in as_completed(futures):
-            job = by_future[future]
-            try:
-                record = future.result()
-            except Exception as exc:  # noqa: BLE001 - collected, reported together below
-                failures.append(f"{job.label}: {exc}")
-                continue
-            dataset.commit(out, manifest, record)
-            finished += 1
-            update_progress_artifact(progress_id, 100.0 * finished / len(todo))
-            _notify_shard(record)
-    if failures:
-        raise dataset.RenderError("render failed for " + "; ".join(failures))
+        render = render_shards.with_options(task_runner=make_task_runner(config))
+        manifest = render(config, [dataset.job_to_dict(job) for job in todo])
     shards = manifest["shards"]
+    rendered = {job.name for job in todo}
     summary = {
         "out": str(out), "manifest": str(out / "manifest.json"),
         "shards": len(shards), "clips": sum(s["samples"] for s in shards),
         "frames": sum(s["samples"] for s in shards) * config.scene.frames,
         "rendered_shards": len(todo), "kept_shards": len(done),
         "render_seconds": round(sum(s.get("render_seconds", 0.0) for s in shards
-                                    if s["name"] in {j.name for j in todo}), 3),
+                                    if s["name"] in rendered), 3),
         "bytes": sum(s["bytes"] for s in shards),
     }
-    _dataset_table(summary, shards)
-    if todo and shards:
+    if todo:
+        _dataset_table(summary, shards)
         _contact_sheet_artifact(out)
     return summary
+
+
+@flow(name="render_shards")
+def render_shards(config: GenerationConfig, jobs: list[dict]) -> dict:
+    """Render ``jobs`` (one task each) and record every finished shard in the manifest
+    as its future resolves; returns the manifest."""
+    out = Path(config.out)
+    manifest = read_manifest(out)
+    threads = config.render_threads or dataset.worker_threads(config.workers)
+    runner_task = render_shard_task.with_options(
+        retries=config.retries, retry_delay_seconds=exponential_backoff(backoff_factor=1),
+        retry_jitter_factor=0)
+    progress_id = create_progress_artifact(progress=0.0, key="generate-progress",
+                                           description=f"shards rendered into {out}")
+    futures = [runner_task.submit(job, str(out), threads) for job in jobs]
+    by_future = dict(zip(futures, jobs, strict=True))
+    failures, finished = [], 0
+    for future in as_completed(futures):
+        job = dataset.job_from_dict(by_future[future])
+        try:
+            record = future.result()
+        except Exception as exc:  # noqa: BLE001 - collected, reported together below
+            failures.append(f"{job.label}: {exc}")
+            continue
+        dataset.commit(out, manifest, record)
+        finished += 1
+        update_progress_artifact(progress_id, 100.0 * finished / len(jobs))
+        _notify_shard(record)
+    if failures:
+        raise dataset.RenderError("render failed for " + "; ".join(failures))
+    return manifest
 
 
 def _contact_sheet_artifact(out: Path) -> None:

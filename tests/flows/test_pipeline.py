@@ -117,3 +117,32 @@ def test_failed_stage_names_itself_and_keeps_upstream_outputs(tmp_path):
     fixed = pipeline(experiment(tmp_path))
     assert fixed.returncode == 0, fixed.stderr[-3000:]
     assert (tmp_path / "pre" / ".stage.json").stat().st_mtime_ns == pre
+
+
+def test_killed_pipeline_resumes_without_redoing_finished_stages(tmp_path):
+    import os
+    import signal
+    import time
+
+    cfg = experiment(tmp_path, pretrain__epochs=3)
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "pipeline", str(cfg)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    record = tmp_path / "pre" / ".stage.json"
+    deadline = time.time() + 600
+    while time.time() < deadline and not (record.exists() and (tmp_path / "pre" /
+                                                               "metrics.jsonl").exists()):
+        time.sleep(0.2)
+    assert record.exists(), "pretraining never started"
+    os.killpg(proc.pid, signal.SIGKILL)        # mid-pretraining
+    proc.wait()
+    assert json.loads(record.read_text())["status"] == "running"
+    shards = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "shards").glob("*.tar")}
+    toy = (tmp_path / "toy" / ".stage.json").stat().st_mtime_ns
+
+    rerun = pipeline(cfg)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "shards").glob("*.tar")} == shards
+    assert (tmp_path / "toy" / ".stage.json").stat().st_mtime_ns == toy
+    assert json.loads(record.read_text())["status"] == "done"
+    assert (tmp_path / "fine" / "checkpoints" / "evaluate" / "eval_validation.json").is_file()
