@@ -52,10 +52,12 @@ class SceneConfig(BaseModel):
         return self
 
     def digest(self) -> str:
-        """Content hash of everything that determines a clip (the manifest's bytes
-        included, so editing the asset set renders again)."""
+        """Content hash of everything that determines a clip: this spec, the asset
+        manifest's bytes, and the renderer's versions and code (``renderer_fingerprint``)."""
+        from generation.manifest import renderer_fingerprint
         data = self.model_dump(mode="json")
         data["asset_manifest"] = hashlib.sha256(Path(self.asset_manifest).read_bytes()).hexdigest()
+        data["renderer"] = renderer_fingerprint()
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 

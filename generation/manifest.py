@@ -27,6 +27,25 @@ def versions() -> dict:
             "bpy": version("bpy"), "format": FORMAT_VERSION}
 
 
+# The modules whose code decides pixels and labels: editing one renders datasets again.
+RENDER_CODE = ("render_scene.py", "labels.py", "kubric_compat.py", "shard_format.py",
+               "recipes")
+
+
+def renderer_fingerprint() -> dict:
+    """Versions of the renderer and of the code that makes the clips (part of the
+    spec hash, so a new Blender/Kubric or a changed recipe renders again)."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for name in RENDER_CODE:
+        paths = sorted((root / name).rglob("*.py")) if (root / name).is_dir() else [root / name]
+        for path in paths:
+            digest.update(path.relative_to(root).as_posix().encode())
+            digest.update(path.read_bytes())
+    v = versions()
+    return {"bpy": v["bpy"], "kubric": v["kubric"], "code": digest.hexdigest()[:16]}
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -57,7 +76,8 @@ def read_manifest(directory: Path) -> dict | None:
 
 def new_manifest(spec: dict, spec_hash: str, classes: list[str], dataset: dict) -> dict:
     return {"format_version": FORMAT_VERSION, "spec": spec, "spec_hash": spec_hash,
-            "versions": versions(), "classes": classes, "dataset": dataset, "shards": []}
+            "versions": versions(), "renderer": renderer_fingerprint(), "classes": classes,
+            "dataset": dataset, "shards": []}
 
 
 def upsert_shard(manifest: dict, record: dict) -> None:
