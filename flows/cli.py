@@ -135,20 +135,31 @@ def pipeline(
         if stage is not None:
             check_writable_dir(Path(stage.out), f"{section}.out")
 
-
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     from flows.generate import shard_progress
     from flows.pipeline import StageError
     from flows.pipeline import pipeline as pipeline_flow
+    from flows.train import step_progress
     from generation.dataset import plan
 
     total = sum(len(job.seeds) for job in plan(cfg.generation))
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console) as progress:
         bar = progress.add_task("rendering (new shards)", total=total)
+        training_bars: dict[str, int] = {}
+
+        def on_step(stage: str, record: dict) -> None:
+            if "step" not in record or "total_steps" not in record:
+                return
+            if stage not in training_bars:
+                training_bars[stage] = progress.add_task(f"{stage} (steps)",
+                                                         total=record["total_steps"])
+            progress.update(training_bars[stage], completed=record["step"])
+
         try:
-            with shard_progress(lambda rec: progress.advance(bar, rec["samples"])):
+            with shard_progress(lambda rec: progress.advance(bar, rec["samples"])), \
+                    step_progress(on_step):
                 result = pipeline_flow(cfg, force=list(force))
         except StageError as exc:
             fail(str(exc), code=1)
