@@ -62,11 +62,44 @@ def _metrics_artifact(stage: str, summary: dict) -> None:
                                           f"`{curve}`")
 
 
+def processes_for(cfg) -> int:
+    if cfg.nproc_per_node:
+        return cfg.nproc_per_node
+    import torch
+    return max(1, torch.cuda.device_count())
+
+
+def _train(stage: str, cfg, run) -> dict:
+    """Train in this process, or -- with several processes per node -- launch torchrun
+    on this machine (DDP: NCCL on GPUs, gloo on CPUs) and read the run's summary."""
+    nproc = processes_for(cfg)
+    if nproc == 1:
+        return run(cfg, progress=_log_progress(stage))
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+    run_dir = Path(cfg.out)
+    config_path = run_dir / f".{stage}.torchrun.yaml"
+    config_path.write_text(yaml.safe_dump({stage: cfg.model_dump(mode="json")}))
+    log_path = run_dir / f"{stage}.torchrun.log"
+    logger = get_run_logger()
+    logger.info("%s: torchrun with %d processes (log: %s)", stage, nproc, log_path)
+    with open(log_path, "a") as log:
+        code = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                               f"--nproc-per-node={nproc}", "-m", "training.commands", stage,
+                               str(config_path)], stdout=log, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        raise RuntimeError(f"{stage}: torchrun exited with code {code} (log: {log_path})")
+    return json.loads((run_dir / "summary.json").read_text())
+
+
 @task(name="pretrain", retries=TRAIN_RETRIES, retry_delay_seconds=2)
 def pretrain_task(cfg: PretrainConfig, key: str) -> dict:
     from training.train import run_pretrain
     stage_cache.begin(Path(cfg.out), key)           # a retry finds "resumable": keeps last.pt
-    summary = run_pretrain(cfg, progress=_log_progress("pretrain"))
+    summary = _train("pretrain", cfg, run_pretrain)
     stage_cache.finish(Path(cfg.out), key, summary, ["checkpoints/final.pt", "summary.json"])
     _metrics_artifact("pretrain", {**summary, "run_dir": cfg.out})
     return summary
@@ -76,7 +109,7 @@ def pretrain_task(cfg: PretrainConfig, key: str) -> dict:
 def finetune_task(cfg: FinetuneConfig, key: str) -> dict:
     from training.train import run_finetune
     stage_cache.begin(Path(cfg.out), key)
-    summary = run_finetune(cfg, progress=_log_progress("finetune"))
+    summary = _train("finetune", cfg, run_finetune)
     stage_cache.finish(Path(cfg.out), key, summary, ["checkpoints/final.pt", "summary.json"])
     _metrics_artifact("finetune", {**summary, "run_dir": cfg.out})
     return summary

@@ -72,6 +72,10 @@ class _TrainStage(BaseModel):
     grad_clip: float = Field(1.0, ge=0)  # max global grad norm; 0 disables
     amp: bool = True  # bf16 autocast, CUDA only (ignored on CPU)
     compile: bool = False  # torch.compile the model
+    # processes the pipeline's training task starts with torchrun on its machine;
+    # None = one per visible GPU (1 without CUDA). Plain `pvit pretrain|finetune` runs
+    # one process unless started under torchrun itself.
+    nproc_per_node: Optional[int] = Field(None, ge=1, le=64)
     log_every: int = Field(10, ge=1)  # steps between metrics.jsonl lines
     checkpoint_every: int = Field(0, ge=0)  # steps between mid-epoch checkpoints; 0: epochs only
 
