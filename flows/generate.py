@@ -35,7 +35,6 @@ def render_shard_task(job: dict, out_dir: str, threads: int) -> dict:
     return record
 
 
-
 def make_task_runner(cfg: GenerationConfig):
     if cfg.task_runner == "dask":
         from prefect_dask import DaskTaskRunner
