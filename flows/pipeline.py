@@ -17,7 +17,7 @@ from prefect import flow, get_run_logger, task
 from flows import stage_cache
 from flows.experiment import ExperimentConfig, ToyActionsConfig
 from flows.generate import generate_dataset
-from flows.train import cached, dataset_key, evaluate, finetune, pretrain
+from flows.train import cached, dataset_key, evaluate, evaluation_dir, finetune, pretrain
 
 STAGES = ("generate", "toy_actions", "pretrain", "finetune", "evaluate")
 
@@ -65,7 +65,8 @@ def force_stage(cfg: ExperimentConfig, stage: str) -> None:
         "toy_actions": cfg.toy_actions and cfg.toy_actions.out,
         "pretrain": cfg.pretrain and cfg.pretrain.out,
         "finetune": cfg.finetune and cfg.finetune.out,
-        "evaluate": cfg.finetune and Path(cfg.finetune.out) / "checkpoints" / "evaluate",
+        "evaluate": cfg.evaluate and cfg.evaluate.checkpoint
+        and evaluation_dir(cfg.evaluate.checkpoint),
     }
     if targets.get(stage):
         shutil.rmtree(targets[stage], ignore_errors=True)
@@ -111,6 +112,6 @@ def pipeline(config: ExperimentConfig, force: list[str] | None = None) -> dict:
         "pretrain": cfg.pretrain and cfg.pretrain.out,
         "finetune": cfg.finetune and cfg.finetune.out,
         "metrics": cfg.evaluate and cfg.evaluate.checkpoint and str(
-            Path(cfg.evaluate.checkpoint).parent / "evaluate" / f"eval_{cfg.evaluate.split}.json"),
+            evaluation_dir(cfg.evaluate.checkpoint) / f"eval_{cfg.evaluate.split}.json"),
     }
     return results

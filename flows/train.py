@@ -148,11 +148,16 @@ def finetune(config: FinetuneConfig) -> dict:
 @flow(name="evaluate")
 def evaluate(config: EvaluateConfig) -> dict:
     """Top-1/top-5 (single and multi-view) of a fine-tuned checkpoint."""
-    out_dir = str(Path(config.checkpoint).parent / "evaluate")
+    out_dir = str(evaluation_dir(config.checkpoint))
     key = stage_cache.stage_key("evaluate", config.model_dump(mode="json"),
                                 {"checkpoint": file_key(config.checkpoint)},
                                 stage_cache.code_version("training"))
     return cached(out_dir, key) or evaluate_task(config, out_dir, key)
+
+
+def evaluation_dir(checkpoint) -> Path:
+    """Where the evaluate stage of ``checkpoint`` writes its JSON and stage record."""
+    return Path(checkpoint).parent / "evaluate"
 
 
 def cached(out_dir, key: str) -> dict | None:

@@ -207,11 +207,9 @@ def read_exr_layers(path: Path) -> dict[str, np.ndarray]:
     if crypto:
         # Each cryptomatte layer holds two (id hash, coverage) rank pairs in RG and BA;
         # the hash is a float32 whose bits are the uint32 murmur hash.
-        ids = stack_pairs(channels, crypto, "rb")
+        ids = np.concatenate([stack(layer, "rb") for layer in crypto], axis=-1)
         out["segmentation_indices"] = ids.astype(np.float32).view(np.uint32)
-        out["segmentation_alphas"] = stack_pairs(channels, crypto, "ga").astype(np.float32)
+        alphas = np.concatenate([stack(layer, "ga") for layer in crypto], axis=-1)
+        out["segmentation_alphas"] = alphas.astype(np.float32)
     return out
 
-
-def stack_pairs(channels: dict, layers: list[str], suffixes: str) -> np.ndarray:
-    return np.stack([channels[f"{layer}.{s}"] for layer in layers for s in suffixes], axis=-1)
