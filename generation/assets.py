@@ -1,9 +1,10 @@
 """The offline asset set: simple shapes built with trimesh, packed the way Kubric's
 ``AssetSource`` expects (one ``<id>.tar.gz`` per asset next to a JSON manifest).
 
-Nothing here downloads anything. ``build_asset_set(out_dir)`` is deterministic: the
-same code writes byte-identical archives (fixed tar metadata, gzip mtime 0), so the
-committed ``assets/shapes`` set can be checked against a rebuild in tests.
+Nothing here downloads anything. ``build_asset_set(out_dir)`` writes byte-identical
+archives on every machine (fixed tar metadata, gzip mtime 0, and canonical geometry:
+see ``canonical_hull``), so the committed ``assets/shapes`` set can be checked against
+a rebuild in tests.
 
 Each archive holds ``visual_geometry.obj`` (render mesh, Z up, centred on the centre
 of mass), ``collision_geometry.obj`` (its convex hull, what PyBullet collides with),
@@ -74,8 +75,57 @@ URDF = """<?xml version="1.0"?>
 
 
 def _fmt(x: float) -> str:
-    # Fixed formatting keeps archives byte-identical across platforms.
-    return f"{x:.8g}"
+    """Fixed formatting, so that archives are byte-identical across machines: a
+    last-bit difference in their floating point (numpy's SIMD sums, BLAS kernels) is
+    rounded away, and so is the sign of a residual such as ``0 - 1e-17`` left by
+    centring a symmetric mesh (``-1e-17`` on one machine, ``2e-17`` on another).
+    Rounding to a nanometre first, then 8 significant digits; ``+ 0.0`` turns -0 into 0."""
+    return f"{round(float(x), 9) + 0.0:.8g}"
+
+
+def _canonical_float(x: float) -> float:
+    """``x`` as ``_fmt`` writes it (what goes into JSON, like what goes into OBJ/URDF)."""
+    return float(_fmt(x))
+
+
+def _facet_loop(faces: np.ndarray) -> list[int]:
+    """Boundary of a planar convex polygon given as triangles with a consistent
+    winding, in that winding order (each directed edge whose reverse is not in the set
+    is a boundary edge; they chain into one loop)."""
+    edges = {(int(a), int(b)) for tri in faces for a, b in zip(tri, np.roll(tri, -1), strict=True)}
+    following = {a: b for a, b in edges if (b, a) not in edges}
+    loop = [min(following)]
+    while following[loop[-1]] != loop[0]:
+        loop.append(following[loop[-1]])
+    return loop
+
+
+def canonical_hull(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
+    """The convex hull of ``mesh`` in a form that does not depend on the machine.
+
+    Qhull's output order, and how it splits a planar face (a cylinder's cap, a cube's
+    side) into triangles, depend on the machine's floating point; so the hull is
+    rebuilt from what is unique about it: its vertices, sorted by their written
+    coordinates, and its planar facets, each fanned from its smallest vertex in its
+    outward winding, faces sorted."""
+    hull = mesh.convex_hull
+    coords = np.array([[_canonical_float(v) for v in row] for row in hull.vertices])
+    order = np.lexsort(coords.T[::-1])           # sort by x, then y, then z
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    faces = rank[hull.faces]
+    in_facet = np.zeros(len(faces), dtype=bool)
+    polygons = []
+    for facet in hull.facets:
+        in_facet[facet] = True
+        polygons.append(_facet_loop(faces[facet]))
+    polygons += [list(map(int, tri)) for tri in faces[~in_facet]]
+    triangles = []
+    for loop in polygons:
+        start = loop.index(min(loop))
+        loop = loop[start:] + loop[:start]
+        triangles += [(loop[0], loop[i], loop[i + 1]) for i in range(1, len(loop) - 1)]
+    return trimesh.Trimesh(vertices=coords[order], faces=sorted(triangles), process=False)
 
 
 def _obj_text(mesh: trimesh.Trimesh) -> str:
@@ -91,20 +141,21 @@ def shape_properties(name: str) -> tuple[trimesh.Trimesh, trimesh.Trimesh, dict]
     mesh = SHAPES[name]()
     mesh.fix_normals()
     mesh.apply_translation(-mesh.center_mass)
-    collision = mesh.convex_hull
+    collision = canonical_hull(mesh)
     mesh.density = DENSITY
     inertia = mesh.moment_inertia
     lo, hi = mesh.bounds
+    c = _canonical_float
     props = {
         "id": name,
         "category": name,
-        "mass": float(mesh.mass),
+        "mass": c(mesh.mass),
         "friction": FRICTION,
         "restitution": RESTITUTION,
-        "bounds": [[float(v) for v in lo], [float(v) for v in hi]],
-        "volume": float(mesh.volume),
+        "bounds": [[c(v) for v in lo], [c(v) for v in hi]],
+        "volume": c(mesh.volume),
         "is_convex": bool(mesh.is_convex),
-        "inertia": [[float(v) for v in row] for row in inertia],
+        "inertia": [[c(v) for v in row] for row in inertia],
     }
     return mesh, collision, props
 

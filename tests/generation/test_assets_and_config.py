@@ -1,10 +1,19 @@
 import json
 
+import numpy as np
 import pytest
+import trimesh
 import yaml
 from conftest import pvit, write_config
 
-from generation.assets import DEFAULT_MANIFEST, build_asset_set
+from generation.assets import (
+    DEFAULT_MANIFEST,
+    SHAPES,
+    _fmt,
+    _obj_text,
+    build_asset_set,
+    canonical_hull,
+)
 
 
 def test_committed_asset_set_is_what_the_builder_writes(tmp_path):
@@ -14,6 +23,33 @@ def test_committed_asset_set_is_what_the_builder_writes(tmp_path):
     assert names == sorted(p.name for p in tmp_path.iterdir())
     for name in names:
         assert (tmp_path / name).read_bytes() == (committed / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES))
+def test_collision_hull_bytes_do_not_depend_on_floating_point_or_order(name):
+    """What differs between machines, made to differ here: the order Qhull sees the
+    points in (which decides its face order and how it splits planar faces) and the
+    last bits of every coordinate. The written hull must not change."""
+    mesh = SHAPES[name]()
+    reference = _obj_text(canonical_hull(mesh))
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        perm = rng.permutation(len(mesh.vertices))
+        inverse = np.argsort(perm)
+        vertices = mesh.vertices[perm]
+        vertices = vertices + rng.choice([-1, 0, 1], size=vertices.shape) * np.spacing(vertices)
+        faces = inverse[mesh.faces][rng.permutation(len(mesh.faces))]
+        other = trimesh.Trimesh(vertices=vertices, faces=faces, process=False)
+        assert _obj_text(canonical_hull(other)) == reference
+    hull = trimesh.load(trimesh.util.wrap_as_stream(reference), file_type="obj", process=False)
+    assert hull.is_watertight and hull.is_convex
+    assert hull.volume == pytest.approx(mesh.convex_hull.volume, rel=1e-6)
+
+
+def test_written_numbers_hide_last_bit_and_sign_of_zero_residuals():
+    assert _fmt(1e-17) == _fmt(-2e-17) == _fmt(0.0) == _fmt(-0.0) == "0"
+    assert _fmt(1.0) == _fmt(np.nextafter(1.0, 0)) == "1"
+    assert _fmt(0.1234567891) == "0.12345679"
 
 
 @pytest.mark.blender
