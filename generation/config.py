@@ -10,11 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from generation.assets import DEFAULT_MANIFEST, load_manifest
+from generation.locations import dataset_path
 
 
 class SceneConfig(BaseModel):
@@ -76,3 +77,9 @@ class GenerationConfig(BaseModel):
     task_runner: Literal["threads", "processes", "dask"] = "threads"
     dask_address: Optional[str] = None      # existing Dask scheduler; None = LocalCluster
     scene: SceneConfig = Field(default_factory=SceneConfig)
+
+    @field_validator("out", mode="before")
+    @classmethod
+    def _check_out(cls, value: Any) -> Path:
+        # a run parameter: refuse schemes (pipe:...) before anything opens the directory
+        return dataset_path(value)

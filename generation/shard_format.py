@@ -40,6 +40,8 @@ from typing import Iterable, Iterator
 import numpy as np
 import webdataset as wds
 
+from generation.locations import shard_url
+
 # The fixed semantic class list of the built-in asset set. A dataset built from another
 # asset manifest appends its extra categories (sorted); meta["classes"] is authoritative.
 CLASSES = ("background", "floor", "cube", "sphere", "cylinder", "cone", "torus", "capsule",
@@ -165,7 +167,10 @@ def write_shard(path: Path, clips: Iterable[dict]) -> int:
     """Write clips to ``path`` (a .tar) deterministically; returns the number written.
     The caller renames a temporary path into place (see ``generation.dataset``)."""
     count = 0
-    with wds.TarWriter(str(path), encoder=False, mtime=0, mode=0o444, user="", group="") as sink:
+    # An open file, not a string: TarWriter would hand a string to webdataset's gopen,
+    # which runs a path starting with "pipe:" as a shell command.
+    with open(path, "wb") as f, wds.TarWriter(f, encoder=False, mtime=0, mode=0o444,
+                                               user="", group="") as sink:
         for clip in clips:
             sink.write(encode_clip(clip))
             count += 1
@@ -196,7 +201,15 @@ def read_shard(path: Path) -> Iterator[dict]:
         yield decode_sample(sample)
 
 
-def webdataset_pipeline(urls, *, shardshuffle=False, seed: int = 0, **kwargs) -> wds.WebDataset:
-    """A ``wds.WebDataset`` over shard paths that yields clip dicts."""
-    return wds.WebDataset([str(u) for u in urls], shardshuffle=shardshuffle, seed=seed,
-                          **kwargs).map(decode_sample)
+def webdataset_pipeline(paths, *, shardshuffle: int = 0, seed: int = 0) -> wds.DataPipeline:
+    """A webdataset pipeline over local shard paths that yields clip dicts; like
+    ``wds.WebDataset``, each DataLoader worker reads its own shards."""
+    return wds.DataPipeline(
+        # file: URLs built here: gopen runs a string starting with "pipe:" as a shell
+        # command. They are read by gopen (tarfile_to_samples), which decodes them, not by
+        # wds.WebDataset's opener, which does not (a ";", "#" or "%" in a name breaks it).
+        wds.SimpleShardList([shard_url(p) for p in paths]),
+        wds.split_by_worker,
+        *([wds.shuffle(shardshuffle, seed=seed)] if shardshuffle else []),
+        wds.tarfile_to_samples(),
+        wds.map(decode_sample))

@@ -3,16 +3,21 @@
 Checks per shard: the file exists, its sha256 and sample count match the manifest,
 every sample decodes, shapes match the spec (frames, resolution), and labels are in
 range (finite positive depth or +inf sky, ids known, classes in the list, unit
-normals, a proper camera). Returns the problems found, one line each.
+normals, a proper camera). Per dataset: every planned shard (``dataset`` in the
+manifest) is there, and no ``*.tar`` is unlisted. Returns the problems found, one
+line each; a damaged shard never stops the others from being checked.
 """
 
 from __future__ import annotations
 
+import tarfile
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
-from generation.manifest import read_manifest, sha256_file
+from generation.dataset import SHARD_PATTERN
+from generation.manifest import MANIFEST_NAME, read_manifest, sha256_file
 from generation.shard_format import FormatError, read_shard
 
 
@@ -20,7 +25,7 @@ def check_clip(clip: dict, spec: dict, classes: list[str]) -> list[str]:
     """Range and shape problems of one decoded clip (empty when it is fine)."""
     problems = []
     t, h, w, _ = clip["rgb"].shape
-    if (t, h, w) != (spec["frames"], spec["resolution"], spec["resolution"]):
+    if (t, h, w) != (spec.get("frames"), spec.get("resolution"), spec.get("resolution")):
         problems.append(f"{clip['key']}: frames/size {(t, h, w)} do not match the spec")
     depth = clip["depth"]
     if np.isnan(depth).any() or (depth <= 0).any():
@@ -29,7 +34,9 @@ def check_clip(clip: dict, spec: dict, classes: list[str]) -> list[str]:
     unknown = set(np.unique(clip["instance_seg"]).tolist()) - {0} - set(ids.tolist())
     if unknown:
         problems.append(f"{clip['key']}: instance_seg has ids {sorted(unknown)} with no instance")
-    if clip["semantic_seg"].max() >= len(classes) or clip["instances"]["category"].max() >= len(classes):
+    # initial=0: a clip without instances is a label problem, not a crash
+    if (clip["semantic_seg"].max(initial=0) >= len(classes)
+            or clip["instances"]["category"].max(initial=0) >= len(classes)):
         problems.append(f"{clip['key']}: semantic class out of range (have {len(classes)})")
     norm = np.linalg.norm(clip["normal"], axis=-1)
     fg = clip["instance_seg"] > 0
@@ -49,34 +56,91 @@ def check_clip(clip: dict, spec: dict, classes: list[str]) -> list[str]:
     return problems
 
 
+class NotADataset(ValueError):
+    """The path is not a shard directory at all: bad input (exit 2), not bad data."""
+
+
 def verify_dataset(directory: Path) -> dict[str, list[str]]:
-    """Problems per shard name (``"manifest"`` for dataset-level ones); empty when valid."""
+    """Problems per shard name (``"manifest"`` and ``"dataset"`` for dataset-level
+    ones); empty when valid. Every shard is checked whatever the others hold."""
     directory = Path(directory)
+    if not directory.is_dir():
+        raise NotADataset(f"{directory}: " + ("not a directory" if directory.exists()
+                                              else "no such directory"))
+    if not (directory / MANIFEST_NAME).is_file():
+        raise NotADataset(f"{directory}: no {MANIFEST_NAME}, so not a shard directory")
+    problems: dict[str, list[str]] = defaultdict(list)
     manifest = read_manifest(directory)
-    if manifest is None:
-        return {"manifest": [f"no readable manifest.json in {directory}"]}
-    problems: dict[str, list[str]] = {}
-    spec, classes = manifest["spec"], manifest["classes"]
-    listed = {s["name"] for s in manifest["shards"]}
-    for extra in sorted(p.name for p in directory.glob("shard-*.tar") if p.name not in listed):
-        problems.setdefault(extra, []).append("shard file is not listed in the manifest")
-    if not manifest["shards"]:
-        problems.setdefault("manifest", []).append("manifest lists no shards")
-    for record in manifest["shards"]:
-        name, path = record["name"], directory / record["name"]
-        found = problems.setdefault(name, [])
-        if not path.is_file():
-            found.append("missing")
+    if manifest is None or not isinstance(manifest["shards"], list):
+        return {"manifest": [f"{MANIFEST_NAME} is not readable JSON with a list of shards"]}
+    spec, classes = manifest.get("spec"), manifest.get("classes")
+    if not isinstance(spec, dict) or not isinstance(classes, list):
+        problems["manifest"].append("no `spec` or `classes`: clip labels not checked")
+        spec = classes = None
+    listed: dict[str, int] = {}   # shard name -> clips in it that passed every check
+    for index, record in enumerate(manifest["shards"]):
+        name = record.get("name") if isinstance(record, dict) else None
+        if not isinstance(name, str):
+            problems["manifest"].append(f"shard record {index} has no name")
             continue
-        if sha256_file(path) != record["sha256"]:
-            found.append("sha256 does not match the manifest")
-        keys = []
-        try:
-            for clip in read_shard(path):
-                keys.append(clip["key"])
-                found.extend(check_clip(clip, spec, classes))
-        except (FormatError, OSError, ValueError) as exc:
-            found.append(f"does not decode: {exc}")
-        if len(keys) != record["samples"] or keys != record.get("keys", keys):
-            found.append(f"{len(keys)} samples decoded, manifest says {record['samples']}")
+        found, clips = check_shard(directory / name, record, spec, classes)
+        problems[name].extend(found)
+        listed[name] = 0 if found else clips
+    if not listed:
+        problems["manifest"].append("manifest lists no shards")
+    check_planned(manifest.get("dataset"), listed, problems)
+    # training reads every *.tar of the directory, so an unlisted one would be trained on
+    for extra in sorted(p.name for p in directory.glob("*.tar") if p.name not in listed):
+        problems[extra].append("shard file is not listed in the manifest")
     return {name: p for name, p in problems.items() if p}
+
+
+def check_shard(path: Path, record: dict, spec: dict | None, classes: list | None
+                ) -> tuple[list[str], int]:
+    """(problems of one shard, clips decoded). Never raises on bad data: a damaged
+    shard is one more line, and the caller goes on with the next shard."""
+    found = [f"manifest record has no {field}" for field in ("sha256", "samples")
+             if field not in record]
+    if not path.is_file():
+        return found + ["missing"], 0
+    if "sha256" in record and sha256_file(path) != record["sha256"]:
+        found.append("sha256 does not match the manifest")
+    keys = []
+    try:
+        for clip in read_shard(path):
+            keys.append(clip["key"])
+            if spec is not None and classes is not None:
+                found.extend(check_clip(clip, spec, classes))
+    except (FormatError, OSError, ValueError, tarfile.TarError) as exc:
+        # truncated, empty or with a broken tar header: tarfile.ReadError
+        found.append(f"does not decode after {len(keys)} samples: {exc}")
+    if "samples" in record and len(keys) != record["samples"]:
+        found.append(f"{len(keys)} samples decoded, manifest says {record['samples']}")
+    elif keys != record.get("keys", keys):
+        found.append("sample keys differ from the manifest")
+    return found, len(keys)
+
+
+def check_planned(dataset, listed: dict[str, int], problems: dict[str, list[str]]) -> None:
+    """Compare the shards present with what the run planned (``dataset.scenes`` clips in
+    shards of ``scenes_per_shard``), so a killed run or a full disk is not "ok"."""
+    try:
+        scenes, per_shard = int(dataset["scenes"]), int(dataset["scenes_per_shard"])
+        if scenes <= 0 or per_shard <= 0:
+            raise ValueError
+    except (TypeError, KeyError, ValueError):
+        problems["manifest"].append("no valid `dataset` record (scenes, scenes_per_shard): "
+                                    "completeness not checked")
+        return
+    planned = {SHARD_PATTERN.format(i): min(per_shard, scenes - start)
+               for i, start in enumerate(range(0, scenes, per_shard))}
+    for name, clips in planned.items():
+        if name not in listed:
+            count = f"{clips} clip" + ("s" if clips != 1 else "")
+            problems[name].append(f"planned ({count}) but not in the manifest")
+    for name in sorted(listed.keys() - planned.keys()):
+        problems[name].append(f"not one of the {len(planned)} planned shards")
+    intact = sum(clips for name, clips in listed.items() if name in planned)
+    if intact < scenes:
+        problems["dataset"].append(f"{scenes - intact} of {scenes} planned clips are missing "
+                                   "or in damaged shards")

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from generation.locations import dataset_path
 
 Variant = Literal["vit", "mt", "pvit"]
 Task = Literal["depth", "normals", "segmentation", "pose"]
@@ -78,6 +80,12 @@ class _TrainStage(BaseModel):
     nproc_per_node: Optional[int] = Field(None, ge=1, le=64)
     log_every: int = Field(10, ge=1)  # steps between metrics.jsonl lines
     checkpoint_every: int = Field(0, ge=0)  # steps between mid-epoch checkpoints; 0: epochs only
+
+    @field_validator("synthetic", mode="before")
+    @classmethod
+    def _check_synthetic(cls, value: Any) -> Any:
+        # a run parameter: refuse schemes (pipe:...) before anything opens the shards
+        return str(dataset_path(value)) if value else value
 
     @model_validator(mode="after")
     def _check_shared(self) -> "_TrainStage":

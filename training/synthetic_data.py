@@ -31,6 +31,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader
 from webdataset import tariterators
 
+from generation.locations import shard_url
 from generation.shard_format import CLASSES, decode_sample
 from training.loader_workers import loader_worker_kwargs
 
@@ -205,7 +206,9 @@ def synthetic_dataset(urls: list[str], transform: SceneTransform, seed: int,
                       shuffle_buffer: int, split_by_node: bool = True) -> wds.DataPipeline:
     """One pass over the shards, shuffled by ``seed`` (see the module docstring)."""
     return wds.DataPipeline(
-        wds.SimpleShardList(urls),  # {"url": path} per shard, in sorted order
+        # {"url": file URL} per shard, in sorted order. URLs built here from the paths:
+        # webdataset's gopen runs a path starting with "pipe:" as a shell command.
+        wds.SimpleShardList([shard_url(u) for u in urls]),
         *([wds.split_by_node] if split_by_node else []),  # this rank's shards
         wds.split_by_worker,  # this DataLoader worker's shards
         wds.shuffle(len(urls), initial=len(urls), seed=seed),  # shardshuffle: all shards

@@ -20,8 +20,8 @@ def write_config(path: Path, out: Path, **generation) -> Path:
     return path
 
 
-def pvit(*args, env=None, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run([*PVIT, *map(str, args)], cwd=REPO, capture_output=True, text=True,
+def pvit(*args, env=None, timeout=600, cwd=REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([*PVIT, *map(str, args)], cwd=cwd, capture_output=True, text=True,
                           env=env, timeout=timeout)
 
 
