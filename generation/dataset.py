@@ -6,15 +6,24 @@ Shard ``i`` holds scenes ``i*M .. min((i+1)*M, N) - 1``; scene ``j``'s seed is d
 from ``(seed, j)`` so adding scenes never changes existing ones. A shard is kept on a
 rerun when the manifest lists it with the same spec hash and seeds and the file's
 sha256 still matches; anything else renders again.
+
+Everything a run writes besides shards and the manifest carries a name of its own
+(``.shard-NNNNNN.tar.PID.NS.partial``, ``.shard-NNNNNN.tar.PID.NS.job.json``, the
+worker's Blender scratch directory ``.shard-NNNNNN.tar.PID.NS.scratch/``,
+``.manifest.json.PID.tmp``, ``logs/shard-NNNNNN.attempt-K.log``), so a later run removes
+exactly what a killed one left and nothing a user put in the directory.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import logging
 import os
+import re
+import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +42,17 @@ from generation.manifest import (
 )
 
 SHARD_PATTERN = "shard-{:06d}.tar"
+SHARD_RE = re.compile(r"shard-\d{6}\.tar")
+# Temporary files of a run (see the module docstring); a killed run leaves them behind.
+LEFTOVER_RE = re.compile(r"\.shard-\d{6}\.tar\.\d+\.\d+\.(partial|job\.json|scratch)"
+                         r"|\." + re.escape(MANIFEST_NAME) + r"\.\d+\.tmp")
+# Fields of a shard record that prepare, the flow's summary and verify read.
+RECORD_FIELDS = {"name": str, "sha256": str, "samples": int, "seeds": list, "keys": list,
+                 "bytes": int}
+
+# Plain logging (this module has no Prefect); in a flow run it reaches the console
+# through Prefect's root handler, as "WARNING | generation.dataset - ...".
+log = logging.getLogger(__name__)
 
 
 class RenderError(RuntimeError):
@@ -78,35 +98,112 @@ def classes_for(cfg: GenerationConfig) -> list[str]:
 
 def prepare(cfg: GenerationConfig) -> tuple[dict, list[ShardJob], list[ShardJob]]:
     """Open (or start) the manifest of ``cfg.out``; returns (manifest, jobs to render,
-    jobs already done). Drops records and files of shards the config no longer asks for,
-    and writes the manifest so that it only lists shards that are valid for this spec."""
+    jobs already done), and writes the manifest so that it only lists shards that are
+    valid for this spec.
+
+    Shard files the config no longer asks for (fewer scenes) are removed only once
+    every planned shard is in the manifest: here when nothing is left to render, else
+    by the ``commit`` of the last one, so a failed run never costs the old shards. Both
+    that and shards about to be rendered over are logged as warnings naming them."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     jobs = plan(cfg)
     old = read_manifest(out)
     dataset = {"scenes": cfg.scenes, "scenes_per_shard": cfg.scenes_per_shard, "seed": cfg.seed}
     manifest = new_manifest(jobs[0].scene, jobs[0].spec_hash, classes_for(cfg), dataset)
+    same_spec = old is not None and old.get("spec_hash") == manifest["spec_hash"]
+    old_records = _records_by_name(old) if same_spec else {}
     done, todo = [], []
-    old_records = {}
-    if old is not None and old.get("spec_hash") == manifest["spec_hash"]:
-        old_records = {s["name"]: s for s in old["shards"]}
+    replaced: dict[str, list[str]] = {}   # reason -> existing shard files to render over
     for job in jobs:
-        record = old_records.get(job.name)
         path = out / job.name
-        if (record is not None and record["seeds"] == job.seeds and path.is_file()
-                and sha256_file(path) == record["sha256"]):
-            upsert_shard(manifest, record)
+        reason = _why_not_done(old_records.get(job.name), job, path)
+        if reason is None:
+            upsert_shard(manifest, old_records[job.name])
             done.append(job)
-        else:
-            todo.append(job)
-    wanted = {job.name for job in jobs}
-    for partial in out.glob(".shard-*.partial"):
-        partial.unlink()  # left by a killed run; never under a final name
-    for stale in out.glob("shard-*.tar"):
-        if stale.name not in wanted:
-            stale.unlink()
+            continue
+        todo.append(job)
+        if path.is_file():
+            if old is None:
+                reason = "no readable manifest"
+            elif not same_spec:
+                reason = "the scene spec or renderer changed"
+            replaced.setdefault(reason, []).append(job.name)
+    _remove_leftovers(out, todo)
+    for reason, names in replaced.items():
+        log.warning("%s: %s will be rendered again and replaced (%s)", out,
+                    _name_list(names), reason)
     write_json_atomic(out / MANIFEST_NAME, manifest)
+    stale = _stale_shards(out, {job.name for job in jobs})
+    if stale and todo:
+        log.warning("%s: %s beyond the %d planned will be removed once those are rendered",
+                    out, _name_list(stale), len(jobs))
+    elif stale:
+        _remove_stale(out, stale, len(jobs))
     return manifest, todo, done
+
+
+def _records_by_name(manifest: dict | None) -> dict[str, dict]:
+    shards = manifest.get("shards") if manifest else None
+    if not isinstance(shards, list):
+        return {}
+    return {s["name"]: s for s in shards if isinstance(s, dict) and isinstance(s.get("name"), str)}
+
+
+def _why_not_done(record: dict | None, job: ShardJob, path: Path) -> str | None:
+    """None when ``record`` proves ``path`` is ``job``'s shard; else why it renders again.
+    A record missing a field (hand-edited, or written by other code) counts as not done:
+    rendering it again repairs the dataset instead of crashing every run on it."""
+    if record is None:
+        return "not in the manifest"
+    if any(not isinstance(record.get(k), t) for k, t in RECORD_FIELDS.items()):
+        return "its manifest record is incomplete"
+    if record["seeds"] != job.seeds or record["keys"] != job.keys:
+        return "its scenes changed (seed or scenes_per_shard)"
+    if not path.is_file():
+        return "missing"
+    if sha256_file(path) != record["sha256"]:
+        return "its sha256 does not match the manifest"
+    return None
+
+
+def _remove_leftovers(out: Path, todo: list[ShardJob]) -> None:
+    """Remove what killed runs left: temporary shards, job files and manifests (never
+    under a final name, see LEFTOVER_RE), and the logs of the shards about to render,
+    whose attempts this run numbers from 1 again (as the old single log was rewritten)."""
+    for path in out.iterdir():
+        if not LEFTOVER_RE.fullmatch(path.name) or path.is_symlink():
+            continue
+        if path.name.endswith(".scratch") and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)   # made by render_shard, see there
+        elif path.is_file():
+            path.unlink(missing_ok=True)
+    logs = out / "logs"
+    if not logs.is_dir():
+        return
+    stems = {Path(job.name).stem for job in todo}
+    for path in logs.iterdir():
+        match = re.fullmatch(r"(shard-\d{6})(?:\.attempt-\d+|\.tar)\.log", path.name)
+        if match and match.group(1) in stems and path.is_file():
+            path.unlink(missing_ok=True)
+
+
+def _stale_shards(out: Path, wanted: set[str]) -> list[str]:
+    """Shard files (our exact naming; ``shard-old.tar`` is a user's) not in ``wanted``."""
+    return sorted(p.name for p in out.iterdir()
+                  if SHARD_RE.fullmatch(p.name) and p.name not in wanted and p.is_file())
+
+
+def _remove_stale(out: Path, names: list[str], planned: int) -> None:
+    for name in names:
+        (out / name).unlink(missing_ok=True)
+    log.warning("%s: removed %s beyond the %d planned", out, _name_list(names), planned)
+
+
+def _name_list(names: list[str], limit: int = 6) -> str:
+    shown = ", ".join(names[:limit])
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return f"{len(names)} shard{'s' if len(names) != 1 else ''} ({shown}{more})"
 
 
 def worker_threads(workers: int) -> int:
@@ -121,18 +218,25 @@ def render_shard(job: ShardJob, out_dir: Path, *, threads: int = 0,
     worker dies or fails; no partial shard is ever left under the final name."""
     out_dir = Path(out_dir)
     final = out_dir / job.name
-    tmp = out_dir / f".{job.name}.{os.getpid()}.{time.monotonic_ns()}.partial"
+    stamp = f".{job.name}.{os.getpid()}.{time.monotonic_ns()}"
+    tmp = out_dir / f"{stamp}.partial"
+    # Next to the partial, not in the system temp dir: a killed run's job file is then
+    # found and removed by the next run's prepare (LEFTOVER_RE).
+    job_path = out_dir / f"{stamp}.job.json"
+    # Blender's scratch files too (kubric's .blend and assets; render_clip removes its
+    # own subdirectory, but not when the worker is killed).
+    scratch = out_dir / f"{stamp}.scratch"
     log_dir = Path(log_dir) if log_dir else out_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / f"{job.name}.log"
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump({"scene": job.scene, "seeds": job.seeds, "keys": job.keys, "out": str(tmp),
-                   "threads": threads}, f)
-        job_path = f.name
     t0 = time.perf_counter()
     done_event = None
     try:
-        with open(log_path, "w") as log:
+        scratch.mkdir()
+        job_path.write_text(json.dumps({"scene": job.scene, "seeds": job.seeds,
+                                        "keys": job.keys, "out": str(tmp), "threads": threads,
+                                        "scratch": str(scratch)}))
+        log_path, log = _open_attempt_log(log_dir, Path(job.name).stem)
+        with log:
             proc = subprocess.Popen([sys.executable, "-m", "generation.render_worker", job_path],
                                     stdout=subprocess.PIPE, stderr=log, text=True,
                                     env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
@@ -147,25 +251,71 @@ def render_shard(job: ShardJob, out_dir: Path, *, threads: int = 0,
                     done_event = event
             code = proc.wait()
         if code != 0 or done_event is None or not tmp.is_file():
-            tail = log_path.read_text()[-400:].strip().splitlines()[-1:] if log_path.exists() else []
+            cause = error_line(log_path.read_text(errors="replace"))
             raise RenderError(f"render worker for {job.label} exited with code {code}"
-                              + (f": {tail[0]}" if tail else "") + f" (log: {log_path})")
+                              + (f": {cause}" if cause else "") + f" (log: {log_path})")
         digest = sha256_file(tmp)
         size = tmp.stat().st_size
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
-        os.unlink(job_path)
+        job_path.unlink(missing_ok=True)
+        shutil.rmtree(scratch, ignore_errors=True)   # this attempt's own, named by stamp
     return {"name": job.name, "sha256": digest, "samples": len(job.seeds), "seeds": job.seeds,
             "keys": job.keys, "bytes": size,
             "worker_seconds": round(time.perf_counter() - t0, 3),
             "render_seconds": round(done_event["scenes_s"], 3)}
 
 
+def _open_attempt_log(log_dir: Path, stem: str):
+    """``LOG_DIR/STEM.attempt-K.log`` for the first free K, created exclusively, so a
+    retry (same process or another) never writes over the log of the attempt that failed."""
+    for attempt in itertools.count(1):
+        path = log_dir / f"{stem}.attempt-{attempt}.log"
+        try:
+            return path, open(path, "x")
+        except FileExistsError:
+            continue
+
+
+_EXCEPTION_LINE = re.compile(r"(?:[A-Za-z_][\w.]*)?(?:Error|Exception)\b.*"
+                             r"|Fatal Python error\b.*|Segmentation fault\b.*")
+
+
+def error_line(log_text: str) -> str | None:
+    """The line of a worker's log that says why it failed: the exception line that ends
+    its last Python traceback, else the last line that looks like an error, else the
+    last non-empty line. Quoting the plain last line would often quote start-up noise
+    (a TensorFlow banner) or shutdown chatter rather than the cause."""
+    lines = [line.rstrip() for line in log_text.splitlines() if line.strip()]
+    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent")]
+    if starts:
+        # The exception line is the first one after the traceback that is not indented
+        # (frames and source lines are).
+        for line in lines[starts[-1] + 1:]:
+            if not line[0].isspace():
+                return line.strip()
+    for line in reversed(lines):
+        if _EXCEPTION_LINE.match(line.strip()):
+            return line.strip()
+    return lines[-1].strip() if lines else None
+
+
 def commit(out_dir: Path, manifest: dict, record: dict) -> None:
-    """Record a finished shard in the manifest (atomic replace)."""
+    """Record a finished shard in the manifest (atomic replace). Once the manifest
+    holds every planned shard, shard files beyond the plan (a lowered scene count) are
+    removed, with a warning naming them; see ``prepare``."""
+    out_dir = Path(out_dir)
     upsert_shard(manifest, record)
-    write_json_atomic(Path(out_dir) / MANIFEST_NAME, manifest)
+    write_json_atomic(out_dir / MANIFEST_NAME, manifest)
+    dataset = manifest.get("dataset") or {}
+    if "scenes" in dataset and "scenes_per_shard" in dataset:
+        planned = -(-dataset["scenes"] // dataset["scenes_per_shard"])
+        wanted = {SHARD_PATTERN.format(i) for i in range(planned)}
+        if wanted <= {s["name"] for s in manifest["shards"]}:
+            stale = _stale_shards(out_dir, wanted)
+            if stale:
+                _remove_stale(out_dir, stale, planned)
 
 
 def job_from_dict(data: dict) -> ShardJob:

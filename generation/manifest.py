@@ -54,11 +54,38 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+class WriteError(OSError):
+    """A file could not be written (full disk, quota, read-only): ``str()`` is one line
+    naming the file and the cause, e.g. ``cannot write D/manifest.json: No space left on
+    device``. An ``OSError``, so callers that catch those still do."""
+
+    def __str__(self) -> str:
+        return f"cannot write {self.filename}: {self.strerror}"
+
+
 def write_json_atomic(path: Path, data: dict) -> None:
+    """Replace ``path`` with ``data`` as JSON: written and fsynced under a temporary name,
+    then renamed, so readers (and a crash) see the old file or the new one, never part
+    of one. On failure the temporary file is removed and ``WriteError`` raised."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())   # a rename that outlives the data would leave 0 bytes
+        os.replace(tmp, path)
+    except BaseException as exc:
+        # A full disk fails the write (or the flush at close): never leave the empty or
+        # truncated temporary behind.
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        if isinstance(exc, OSError) and not isinstance(exc, WriteError):
+            raise WriteError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        raise
 
 
 def read_manifest(directory: Path) -> dict | None:

@@ -9,7 +9,9 @@ Progress goes to stdout as JSON lines: ``{"event": "scene", ...}`` per scene and
 final ``{"event": "done", ...}``.
 
 Fault injection for tests: if ``PVIT_CRASH_ON_SEED`` names a seed of this shard, the
-process dies (``os._exit(3)``) before writing, as a crashed Blender would.
+process dies (``os._exit(3)``) before writing, as a crashed Blender would; if
+``PVIT_RAISE_ON_SEED`` does, it raises ``RuntimeError("injected failure on seed N")``
+instead, as a bug in the scene code would (the parent quotes that line of the log).
 """
 
 from __future__ import annotations
@@ -36,15 +38,21 @@ def main(argv: list[str] | None = None) -> int:
     cfg = SceneConfig.model_validate(job["scene"])
     import bpy  # noqa: F401  (import cost is part of the worker's start-up)
     threads = int(job.get("threads", 0))
+    # The parent's per-shard scratch directory (removed by the next run if this one is
+    # killed); None = the system temp dir.
+    scratch = Path(job["scratch"]) if job.get("scratch") else None
     t_ready = time.perf_counter()
     crash_seed = os.environ.get("PVIT_CRASH_ON_SEED")
+    raise_seed = os.environ.get("PVIT_RAISE_ON_SEED")
 
     clips, render_s = [], 0.0
     for seed, key in zip(job["seeds"], job["keys"], strict=True):
         if crash_seed is not None and int(crash_seed) == seed:
             os._exit(3)
+        if raise_seed is not None and int(raise_seed) == seed:
+            raise RuntimeError(f"injected failure on seed {seed}")
         clip, timings = render_clip(cfg, seed, key, labels_on=job.get("labels", True),
-                                    threads=threads)
+                                    threads=threads, scratch_root=scratch)
         render_s += timings["build_s"] + timings["render_s"]
         clips.append(clip)
         print(json.dumps({"event": "scene", "seed": seed, "key": key, **timings}), flush=True)
