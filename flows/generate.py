@@ -15,14 +15,16 @@ from typing import Callable, Optional
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
+from prefect.states import Completed, State
 from prefect.tasks import exponential_backoff
 
 from generation import dataset
 from generation.config import GenerationConfig
-from generation.manifest import read_manifest
 
 
-@task(name="render-shard", task_run_name="render-{job[name]}")
+# Not persisted (the flow's summary is): the shard record goes into the manifest, and a
+# copy in each render machine's result storage would only pile up there.
+@task(name="render-shard", task_run_name="render-{job[name]}", persist_result=False)
 def render_shard_task(job: dict, out_dir: str, threads: int) -> dict:
     """One shard in a fresh worker process, logged to Prefect."""
     logger = get_run_logger()
@@ -55,22 +57,23 @@ ProgressHook = Optional[Callable[[dict], None]]
 _on_shard: list[Callable[[dict], None]] = []
 
 
-@flow(name="generate_dataset")
-def generate_dataset(config: GenerationConfig) -> dict:
+@flow(name="generate_dataset", persist_result=True, result_serializer="json")
+def generate_dataset(config: GenerationConfig) -> State[dict]:
     """Render the shards ``config`` asks for that are not already valid in ``config.out``.
 
     Returns a summary: shard and clip counts, how many were rendered or kept, render
-    seconds, bytes, and the manifest path. Shards to render go to a subflow whose task
-    runner the config chooses (so deployments and ``pvit serve`` honour it too); when
-    every shard is up to date no subflow or runner starts at all."""
+    seconds, bytes, and the manifest path; the run's final state carries it (persisted,
+    as JSON) with a one-line message, so the UI shows what a run did, cached or not.
+    Render tasks run in this flow run, on a task runner the config chooses at run time
+    (so deployments and ``pvit serve`` honour it too); when every shard is up to date no
+    runner starts at all."""
     logger = get_run_logger()
     out = Path(config.out)
     manifest, todo, done = dataset.prepare(config)
     logger.info("%s: %d shards planned, %d up to date, %d to render", out,
                 len(todo) + len(done), len(done), len(todo))
     if todo:
-        render = render_shards.with_options(task_runner=make_task_runner(config))
-        manifest = render(config, [dataset.job_to_dict(job) for job in todo])
+        manifest = _render(config, manifest, [dataset.job_to_dict(job) for job in todo])
     shards = manifest["shards"]
     rendered = {job.name for job in todo}
     summary = {
@@ -82,65 +85,95 @@ def generate_dataset(config: GenerationConfig) -> dict:
                                     if s["name"] in rendered), 3),
         "bytes": sum(s["bytes"] for s in shards),
     }
+    message = (f"{len(done)} shards kept, {len(todo)} rendered: {summary['shards']} shards, "
+               f"{summary['clips']} clips in {out}")
+    # Every run, cached ones included, gets the table: a rerun that reused everything says
+    # so on its own page instead of looking like a run that did nothing.
+    _dataset_table(summary, shards, message)
     if todo:
-        _dataset_table(summary, shards)
         _contact_sheet_artifact(out)
-    return summary
+    return Completed(message=message, data=summary)
 
 
-@flow(name="render_shards")
-def render_shards(config: GenerationConfig, jobs: list[dict]) -> dict:
-    """Render ``jobs`` (one task each) and record every finished shard in the manifest
-    as its future resolves; returns the manifest."""
+def _render(config: GenerationConfig, manifest: dict, jobs: list[dict]) -> dict:
+    """Render ``jobs`` (one task each, in the calling flow run) and record every finished
+    shard in the manifest as its future resolves; returns the manifest.
+
+    The runner is entered here rather than given to ``@flow``: its kind and size come
+    from the config, which only exists once the run has started. ``TaskRunner.submit``
+    attaches each task run to the current flow run, so the run a user started shows
+    the renders and every artifact."""
     out = Path(config.out)
-    manifest = read_manifest(out)
     threads = config.render_threads or dataset.worker_threads(config.workers)
     runner_task = render_shard_task.with_options(
         retries=config.retries, retry_delay_seconds=exponential_backoff(backoff_factor=1),
         retry_jitter_factor=0)
     progress_id = create_progress_artifact(progress=0.0, key="generate-progress",
                                            description=f"shards rendered into {out}")
-    futures = [runner_task.submit(job, str(out), threads) for job in jobs]
-    by_future = dict(zip(futures, jobs, strict=True))
     failures, finished = [], 0
-    for future in as_completed(futures):
-        job = dataset.job_from_dict(by_future[future])
-        try:
-            record = future.result()
-        except Exception as exc:  # noqa: BLE001 - collected, reported together below
-            failures.append(f"{job.label}: {exc}")
-            continue
-        dataset.commit(out, manifest, record)
-        finished += 1
-        update_progress_artifact(progress_id, 100.0 * finished / len(jobs))
-        _notify_shard(record)
+    with make_task_runner(config) as runner:
+        futures = [runner.submit(runner_task, {"job": job, "out_dir": str(out),
+                                               "threads": threads}) for job in jobs]
+        by_future = dict(zip(futures, jobs, strict=True))
+        for future in as_completed(futures):
+            job = dataset.job_from_dict(by_future[future])
+            try:
+                record = future.result()
+            except Exception as exc:  # noqa: BLE001 - collected, reported together below
+                failures.append(f"{job.label}: {exc}")
+                continue
+            dataset.commit(out, manifest, record)
+            finished += 1
+            update_progress_artifact(progress_id, 100.0 * finished / len(jobs))
+            _notify_shard(record)
     if failures:
         raise dataset.RenderError("render failed for " + "; ".join(failures))
     return manifest
 
 
+# The image is embedded in the artifact (a file:// link neither loads in a browser nor
+# exists on a remote worker's UI), so it is kept small.
+SHEET_ARTIFACT_BYTES = 150_000
+
+
 def _contact_sheet_artifact(out: Path) -> None:
-    """A sheet of the first clip next to the shards, linked from a markdown artifact
-    (RGB | depth | instance | semantic | normals) for a person to look at."""
+    """A sheet of the first clip (RGB | depth | instance | semantic | normals), written
+    next to the shards and embedded in a markdown artifact for a person to look at.
+    Cosmetic: any failure (a full disk, say) is a warning, never a failed run after
+    every shard was committed."""
+    import base64
+
     from prefect.artifacts import create_markdown_artifact
 
-    from generation.contact_sheet import write_contact_sheet
-    sheet = write_contact_sheet(out, out / "contact_sheet.png")
-    create_markdown_artifact(key="synthetic-contact-sheet",
-                             markdown=f"![contact sheet]({sheet.resolve().as_uri()})\n\n"
-                                      f"`{sheet}` (RGB, depth, instance seg, semantic seg, "
-                                      "normals; a few frames of the first clip)")
+    from generation.contact_sheet import contact_sheet, find_clip, save_sheet, sheet_png
+    logger = get_run_logger()
+    path = out / "contact_sheet.png"
+    try:
+        sheet = contact_sheet(find_clip(out, None))
+        png = sheet_png(sheet, SHEET_ARTIFACT_BYTES)
+        try:
+            save_sheet(sheet, path)
+            where = f"`{path}`"
+        except ValueError as exc:
+            logger.warning("contact sheet not written (the shards are fine): %s", exc)
+            where = f"(not written to `{path}`: see the run's log)"
+        create_markdown_artifact(
+            key="synthetic-contact-sheet",
+            markdown=f"![contact sheet](data:image/png;base64,{base64.b64encode(png).decode()})"
+                     f"\n\n{where} (RGB, depth, instance seg, semantic seg, normals; a few "
+                     "frames of the first clip)")
+    except Exception as exc:  # noqa: BLE001 - cosmetic, see the docstring
+        logger.warning("contact sheet artifact skipped (the shards are fine): %s", exc)
 
 
-def _dataset_table(summary: dict, shards: list[dict]) -> None:
+def _dataset_table(summary: dict, shards: list[dict], message: str) -> None:
     from prefect.artifacts import create_table_artifact
     create_table_artifact(
         key="synthetic-dataset",
         table=[{"shard": s["name"], "clips": s["samples"], "bytes": s["bytes"],
                 "render_seconds": s.get("render_seconds"), "sha256": s["sha256"][:12]}
                for s in shards],
-        description=(f"{summary['shards']} shards, {summary['clips']} clips, "
-                     f"{summary['frames']} frames in {summary['out']}"))
+        description=f"{message} ({summary['frames']} frames)")
 
 
 def _notify_shard(record: dict) -> None:

@@ -9,15 +9,23 @@ trains nothing, and a changed fine-tuning rate reruns fine-tuning and evaluation
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
+from prefect.states import Completed, State
 
 from flows import stage_cache
 from flows.experiment import ExperimentConfig, ToyActionsConfig
 from flows.generate import generate_dataset
-from flows.train import cached, dataset_key, evaluate, evaluation_dir, finetune, pretrain
+from flows.train import (
+    cached,
+    dataset_key,
+    evaluate,
+    evaluation_dir,
+    finetune,
+    pretrain,
+    reuse_message,
+)
 
 STAGES = ("generate", "toy_actions", "pretrain", "finetune", "evaluate")
 
@@ -26,7 +34,7 @@ class StageError(RuntimeError):
     """A stage failed; the message names the stage and where its log is."""
 
 
-@task(name="toy-actions")
+@task(name="toy-actions", result_serializer="json")
 def toy_actions_task(cfg: ToyActionsConfig, key: str) -> dict:
     from training.toy_actions import write_toy_actions
     out = Path(cfg.out)
@@ -57,9 +65,15 @@ def wire(cfg: ExperimentConfig) -> ExperimentConfig:
 
 
 def force_stage(cfg: ExperimentConfig, stage: str) -> None:
-    """Drop one stage's cached output so that it is computed again."""
+    """Make one stage's cached output stale so that it is computed again. Nothing is
+    deleted here: the stage clears its own directory when it starts, and only if that
+    directory carries its stage record (``stage_cache.begin``)."""
     if stage == "generate":
-        (Path(cfg.generation.out) / "manifest.json").unlink(missing_ok=True)
+        from generation.manifest import read_manifest
+        # Without its manifest every shard renders again; only a manifest of ours (one
+        # that lists shards) is removed.
+        if read_manifest(Path(cfg.generation.out)) is not None:
+            (Path(cfg.generation.out) / "manifest.json").unlink()
         return
     targets = {
         "toy_actions": cfg.toy_actions and cfg.toy_actions.out,
@@ -69,44 +83,58 @@ def force_stage(cfg: ExperimentConfig, stage: str) -> None:
         and evaluation_dir(cfg.evaluate.checkpoint),
     }
     if targets.get(stage):
-        shutil.rmtree(targets[stage], ignore_errors=True)
+        stage_cache.invalidate(Path(targets[stage]))
 
 
-def _stage(name: str, fn, *args, logs: str = ""):
-    """Run one stage; a failure is re-raised naming the stage, the flow run and where
-    the stage's own logs are. Earlier stages' outputs stay as they are."""
+def _stage(name: str, fn, *args, logs: str = "", messages: dict | None = None):
+    """Run one stage and return its result, recording its final state's message (reused
+    or computed) in ``messages``; a failure is re-raised naming the stage, the flow run
+    and where the stage's own logs are. Earlier stages' outputs stay as they are."""
     try:
-        return fn(*args)
+        state = fn(*args, return_state=True)
+        result = state.result()
     except Exception as exc:  # noqa: BLE001 - re-raised with the stage named
         from prefect.runtime import flow_run
         where = f"Prefect flow run '{flow_run.name}'" + (f", {logs}" if logs else "")
         raise StageError(f"stage {name} failed: {exc} (logs: {where})") from exc
+    if messages is not None:
+        messages[name] = state.message or "computed"
+    return result
 
 
-@flow(name="pipeline")
-def pipeline(config: ExperimentConfig, force: list[str] | None = None) -> dict:
+# The result is persisted and the final state's message names what each stage did, so
+# the run's page in the UI says it (a fully cached rerun included).
+@flow(name="pipeline", persist_result=True, result_serializer="json")
+def pipeline(config: ExperimentConfig, force: list[str] | None = None) -> State[dict]:
     """The whole DAG. ``force`` names stages to recompute (``--force STAGE``)."""
     logger = get_run_logger()
     cfg = wire(config)
     for stage in force or []:
         force_stage(cfg, stage)
+    messages: dict[str, str] = {}
     results: dict = {"generate": _stage("generate", generate_dataset, cfg.generation,
-                                        logs=f"{Path(cfg.generation.out) / 'logs'}/")}
+                                        logs=f"{Path(cfg.generation.out) / 'logs'}/",
+                                        messages=messages)}
     logger.info("dataset %s: %s", cfg.generation.out, dataset_key(cfg.generation.out)[:12])
 
     if cfg.toy_actions is not None:
         key = stage_cache.stage_key("toy_actions", cfg.toy_actions.model_dump(mode="json"), {},
                                     stage_cache.code_version("training"))
-        results["toy_actions"] = (cached(cfg.toy_actions.out, key)
-                                  or _stage("toy_actions", toy_actions_task, cfg.toy_actions, key))
+        reused = cached("toy_actions", cfg.toy_actions.out, key)
+        if reused is not None:
+            messages["toy_actions"] = reuse_message(cfg.toy_actions.out)
+            results["toy_actions"] = reused
+        else:
+            results["toy_actions"] = _stage("toy_actions", toy_actions_task, cfg.toy_actions,
+                                            key, messages=messages)
     if cfg.pretrain is not None:
         results["pretrain"] = _stage("pretrain", pretrain, cfg.pretrain,
-                                     logs=f"{cfg.pretrain.out}/metrics.jsonl")
+                                     logs=f"{cfg.pretrain.out}/metrics.jsonl", messages=messages)
     if cfg.finetune is not None:
         results["finetune"] = _stage("finetune", finetune, cfg.finetune,
-                                     logs=f"{cfg.finetune.out}/metrics.jsonl")
+                                     logs=f"{cfg.finetune.out}/metrics.jsonl", messages=messages)
     if cfg.evaluate is not None and cfg.finetune is not None:
-        results["evaluate"] = _stage("evaluate", evaluate, cfg.evaluate)
+        results["evaluate"] = _stage("evaluate", evaluate, cfg.evaluate, messages=messages)
     results["paths"] = {
         "dataset": str(cfg.generation.out),
         "pretrain": cfg.pretrain and cfg.pretrain.out,
@@ -114,4 +142,5 @@ def pipeline(config: ExperimentConfig, force: list[str] | None = None) -> dict:
         "metrics": cfg.evaluate and cfg.evaluate.checkpoint and str(
             evaluation_dir(cfg.evaluate.checkpoint) / f"eval_{cfg.evaluate.split}.json"),
     }
-    return results
+    return Completed(message="; ".join(f"{name}: {text}" for name, text in messages.items()),
+                     data=results)

@@ -10,7 +10,8 @@ States of an output directory for a key:
 - ``resumable``: started with this key but not finished (a killed or failed run;
   training resumes from its last checkpoint);
 - ``stale``: made with another key (or never): cleared before the stage runs, so a
-  changed config never resumes an old run.
+  changed config never resumes an old run. Only a directory carrying a record is
+  cleared; a non-empty one without it is someone else's and is refused.
 """
 
 from __future__ import annotations
@@ -65,15 +66,55 @@ def state(out_dir: Path, key: str) -> str:
     return "resumable"
 
 
+class ForeignDirectory(ValueError):
+    """A stage's ``out`` holds files this project did not write: never cleared."""
+
+
+def is_stage_dir(out_dir: Path) -> bool:
+    """Whether ``out_dir`` carries this project's stage record (and so may be cleared)."""
+    record = read_record(out_dir)
+    return isinstance(record, dict) and "key" in record
+
+
+def foreign(out_dir: Path) -> str | None:
+    """Why ``out_dir`` must not be used as a stage's output, or None: a missing or empty
+    directory, or one with a stage record, is fine; anything else belongs to someone
+    else, and clearing it for a stale stage would delete their files."""
+    out_dir = Path(out_dir)
+    if not out_dir.exists():
+        return None
+    if not out_dir.is_dir():
+        return f"{out_dir} is not a directory"
+    if is_stage_dir(out_dir) or not any(out_dir.iterdir()):
+        return None
+    return (f"{out_dir} already holds files that are not a pvit stage output (no {RECORD}); "
+            "choose a new or empty directory")
+
+
 def begin(out_dir: Path, key: str, clear_files: bool = True) -> None:
     """Mark ``out_dir`` as being computed for ``key``; a stale directory is cleared
     first (``clear_files=False`` keeps its files, for stages that reuse them, such as
-    the shard directory whose own manifest decides what to keep)."""
+    the shard directory whose own manifest decides what to keep). Only a directory with
+    a stage record is ever cleared: any other non-empty one raises ``ForeignDirectory``
+    (the CLI refuses it before any work; this is the check for every other caller)."""
     out_dir = Path(out_dir)
+    if clear_files and (problem := foreign(out_dir)):
+        raise ForeignDirectory(problem)
     if state(out_dir, key) == "stale" and clear_files and out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / RECORD, {"key": key, "status": "running"})
+
+
+def invalidate(out_dir: Path) -> bool:
+    """Make a stage's output stale (``--force``) without deleting anything here: its own
+    ``begin`` clears the directory, with the same check as any stale one. Returns
+    whether there was a stage record to invalidate."""
+    out_dir = Path(out_dir)
+    if not is_stage_dir(out_dir):
+        return False
+    write_json_atomic(out_dir / RECORD, {"key": None, "status": "forced"})
+    return True
 
 
 def finish(out_dir: Path, key: str, summary: dict, outputs: list[str]) -> None:

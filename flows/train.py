@@ -14,6 +14,7 @@ from typing import Callable
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
+from prefect.states import Completed, State
 
 from flows import stage_cache
 from training.config import EvaluateConfig, FinetuneConfig, PretrainConfig
@@ -54,12 +55,20 @@ def _metrics_artifact(stage: str, summary: dict) -> None:
     losses = summary.get("losses") or summary.get("final_losses") or {}
     rows += [{"metric": f"loss/{k}", "value": v} for k, v in losses.items()]
     create_table_artifact(key=f"{stage}-metrics", table=rows, description=f"{stage} summary")
+    import cv2
     curve = Path(summary.get("run_dir", "")) / "loss_curve.png"
-    if curve.is_file():
+    image = cv2.imread(str(curve)) if curve.is_file() else None
+    if image is not None:
+        # Embedded, as the contact sheet is: a file:// link does not load in the UI.
+        import base64
+
         from prefect.artifacts import create_markdown_artifact
+
+        from generation.contact_sheet import sheet_png
+        png = base64.b64encode(sheet_png(image[..., ::-1], 150_000)).decode()
         create_markdown_artifact(key=f"{stage}-loss-curve",
-                                 markdown=f"![{stage} loss curve]({curve.resolve().as_uri()})\n\n"
-                                          f"`{curve}`")
+                                 markdown=f"![{stage} loss curve](data:image/png;base64,{png})"
+                                          f"\n\n`{curve}`")
 
 
 def processes_for(cfg) -> int:
@@ -95,7 +104,7 @@ def _train(stage: str, cfg, run) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
 
-@task(name="pretrain", retries=TRAIN_RETRIES, retry_delay_seconds=2)
+@task(name="pretrain", retries=TRAIN_RETRIES, retry_delay_seconds=2, result_serializer="json")
 def pretrain_task(cfg: PretrainConfig, key: str) -> dict:
     from training.train import run_pretrain
     stage_cache.begin(Path(cfg.out), key)           # a retry finds "resumable": keeps last.pt
@@ -105,7 +114,7 @@ def pretrain_task(cfg: PretrainConfig, key: str) -> dict:
     return summary
 
 
-@task(name="finetune", retries=TRAIN_RETRIES, retry_delay_seconds=2)
+@task(name="finetune", retries=TRAIN_RETRIES, retry_delay_seconds=2, result_serializer="json")
 def finetune_task(cfg: FinetuneConfig, key: str) -> dict:
     from training.train import run_finetune
     stage_cache.begin(Path(cfg.out), key)
@@ -115,7 +124,7 @@ def finetune_task(cfg: FinetuneConfig, key: str) -> dict:
     return summary
 
 
-@task(name="evaluate")
+@task(name="evaluate", result_serializer="json")
 def evaluate_task(cfg: EvaluateConfig, out_dir: str, key: str) -> dict:
     from training.evaluate import run_evaluate
     out = Path(out_dir)
@@ -127,32 +136,32 @@ def evaluate_task(cfg: EvaluateConfig, out_dir: str, key: str) -> dict:
     return result
 
 
-@flow(name="pretrain")
-def pretrain(config: PretrainConfig) -> dict:
+@flow(name="pretrain", result_serializer="json")
+def pretrain(config: PretrainConfig) -> State[dict]:
     """Prompt pretraining on synthetic shards (cached on its config and the shards)."""
     key = stage_cache.stage_key("pretrain", config.model_dump(mode="json"),
                                 {"synthetic": dataset_key(config.synthetic)},
                                 stage_cache.code_version("training"))
-    return cached(config.out, key) or pretrain_task(config, key)
+    return _cached_or_run("pretrain", config.out, key, lambda: pretrain_task(config, key))
 
 
-@flow(name="finetune")
-def finetune(config: FinetuneConfig) -> dict:
+@flow(name="finetune", result_serializer="json")
+def finetune(config: FinetuneConfig) -> State[dict]:
     """Downstream fine-tuning with synthetic batches mixed in."""
     upstream = {"synthetic": dataset_key(config.synthetic), "init": file_key(config.init)}
     key = stage_cache.stage_key("finetune", config.model_dump(mode="json"), upstream,
                                 stage_cache.code_version("training"))
-    return cached(config.out, key) or finetune_task(config, key)
+    return _cached_or_run("finetune", config.out, key, lambda: finetune_task(config, key))
 
 
-@flow(name="evaluate")
-def evaluate(config: EvaluateConfig) -> dict:
+@flow(name="evaluate", result_serializer="json")
+def evaluate(config: EvaluateConfig) -> State[dict]:
     """Top-1/top-5 (single and multi-view) of a fine-tuned checkpoint."""
     out_dir = str(evaluation_dir(config.checkpoint))
     key = stage_cache.stage_key("evaluate", config.model_dump(mode="json"),
                                 {"checkpoint": file_key(config.checkpoint)},
                                 stage_cache.code_version("training"))
-    return cached(out_dir, key) or evaluate_task(config, out_dir, key)
+    return _cached_or_run("evaluate", out_dir, key, lambda: evaluate_task(config, out_dir, key))
 
 
 def evaluation_dir(checkpoint) -> Path:
@@ -160,12 +169,32 @@ def evaluation_dir(checkpoint) -> Path:
     return Path(checkpoint).parent / "evaluate"
 
 
-def cached(out_dir, key: str) -> dict | None:
-    """The stored summary when ``out_dir`` is done for ``key``."""
-    if stage_cache.state(Path(out_dir), key) == "done":
-        get_run_logger().info("%s is up to date (key %s): skipped", out_dir, key[:12])
-        return stage_cache.read_record(Path(out_dir))["summary"]
-    return None
+def cached(stage: str, out_dir, key: str) -> dict | None:
+    """The stored summary when ``out_dir`` is done for ``key``. The reuse is put on the
+    current run (an artifact), so a cached run does not look like one that did nothing."""
+    if stage_cache.state(Path(out_dir), key) != "done":
+        return None
+    get_run_logger().info("%s is up to date (key %s): skipped", out_dir, key[:12])
+    from prefect.artifacts import create_markdown_artifact
+    create_markdown_artifact(
+        key=f"{stage.replace('_', '-')}-reused",
+        markdown=f"**{stage}: reused**, nothing recomputed: `{out_dir}` is up to date "
+                 f"(stage key `{key[:12]}`, record `{Path(out_dir) / stage_cache.RECORD}`).",
+        description=f"{stage} reused its cached output")
+    return stage_cache.read_record(Path(out_dir))["summary"]
+
+
+def reuse_message(out_dir) -> str:
+    return f"reused {out_dir} (up to date), nothing recomputed"
+
+
+def _cached_or_run(stage: str, out_dir, key: str, run: Callable[[], dict]) -> State[dict]:
+    """The stage's summary as the run's final state, whose message says whether it was
+    reused or computed (shown next to the state in the UI and in the pipeline's)."""
+    summary = cached(stage, out_dir, key)
+    if summary is not None:
+        return Completed(message=reuse_message(out_dir), data=summary)
+    return Completed(message=f"computed into {out_dir}", data=run())
 
 
 def dataset_key(directory) -> str:

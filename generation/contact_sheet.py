@@ -7,6 +7,7 @@ stay crisp.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -70,12 +71,45 @@ def find_clip(directory: Path, key: str | None) -> dict:
     raise ValueError(f"sample {key!r} not found in {directory}")
 
 
-def write_contact_sheet(directory: Path, out: Path, key: str | None = None) -> Path:
-    sheet = contact_sheet(find_clip(Path(directory), key))
+def _check_target(out: Path) -> None:
+    if out.is_dir():
+        raise ValueError(f"{out} is a directory: give the path of the PNG to write")
+
+
+def save_sheet(sheet: np.ndarray, out: Path) -> Path:
+    """Write ``sheet`` to ``out`` through a temporary file renamed into place; any
+    failure (full disk, unwritable or odd target) is a ``ValueError`` and leaves no
+    temporary file behind."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    _check_target(out)
     tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp.png")
-    if not cv2.imwrite(str(tmp), sheet[..., ::-1]):
-        raise ValueError(f"could not write {out}")
-    os.replace(tmp, out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if not cv2.imwrite(str(tmp), sheet[..., ::-1]):
+            raise ValueError(f"could not write {out}")
+        os.replace(tmp, out)
+    except (OSError, cv2.error) as exc:
+        raise ValueError(f"could not write {out}: {getattr(exc, 'strerror', None) or exc}"
+                         ) from exc
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)      # only there after a failure
     return out
+
+
+def sheet_png(sheet: np.ndarray, max_bytes: int) -> bytes:
+    """PNG bytes of ``sheet``, halved in size until they fit ``max_bytes`` (an image
+    embedded in a Prefect artifact is stored in the database and sent to every UI)."""
+    image = np.ascontiguousarray(sheet[..., ::-1])
+    while True:
+        ok, buf = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, 9])
+        if not ok:
+            raise ValueError("could not encode the contact sheet as PNG")
+        if buf.nbytes <= max_bytes or min(image.shape[:2]) <= 32:
+            return buf.tobytes()
+        image = cv2.resize(image, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA)
+
+
+def write_contact_sheet(directory: Path, out: Path, key: str | None = None) -> Path:
+    _check_target(Path(out))                  # before reading any shard
+    return save_sheet(contact_sheet(find_clip(Path(directory), key)), out)

@@ -86,16 +86,50 @@ def write_video(path: Path, frames: np.ndarray, fps: float = 12.0) -> None:
         writer.release()
 
 
+# Written first into every set (and its temporary directory): only a directory that
+# carries it, or the layout of a set written before it existed, is ever replaced.
+MARKER = ".toy_actions"
+
+
+def _is_toy_set(path: Path) -> bool:
+    if (path / MARKER).is_file():
+        return True
+    return ({p.name for p in path.iterdir()} <= {"ssv2", "list"}
+            and (path / "ssv2" / "labels" / "labels.json").is_file())
+
+
+def _check_replaceable(path: Path) -> None:
+    """Raise unless ``path`` is missing, an empty directory, or a set written here: an
+    ``out`` pointing at someone's directory must never delete it."""
+    if not path.exists() and not path.is_symlink():
+        return
+    if not path.is_dir() or path.is_symlink():
+        raise ValueError(f"{path} exists and is not a toy-actions set: not replacing it")
+    if any(path.iterdir()) and not _is_toy_set(path):
+        raise ValueError(f"{path} holds files that are not a toy-actions set: not replacing it")
+
+
+def _remove_set(path: Path) -> None:
+    """Remove a set (or a killed run's temporary one) written here; refuse anything else."""
+    _check_replaceable(path)
+    if path.exists():
+        shutil.rmtree(path)
+
+
 def write_toy_actions(out: str | Path, *, clips_per_class: int = 8, val_per_class: int = 2,
                       seed: int = 0, size: int = 64, frames: int = 24) -> dict:
-    """Write the set under ``out`` (replacing it) and return a summary: the two data
-    roots, class names and clip counts. ``val_per_class`` of each class's clips form
-    the ``validation`` split; the rest are ``train``."""
+    """Write the set under ``out`` (replacing a set written here earlier, never other
+    files: ``ValueError``) and return a summary: the two data roots, class names and clip
+    counts. ``val_per_class`` of each class's clips form the ``validation`` split; the
+    rest are ``train``."""
     out = Path(out)
     if not 0 < val_per_class < clips_per_class:
         raise ValueError("val_per_class must be between 0 and clips_per_class (exclusive)")
     tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    _check_replaceable(out)                   # refuse before drawing anything
+    _remove_set(tmp)
+    tmp.mkdir(parents=True)
+    (tmp / MARKER).write_text("written by training.toy_actions.write_toy_actions\n")
     ssv2, lists = tmp / "ssv2", tmp / "list"
     for d in (ssv2 / "labels", ssv2 / "videos", lists / "videos"):
         d.mkdir(parents=True)
@@ -120,7 +154,7 @@ def write_toy_actions(out: str | Path, *, clips_per_class: int = 8, val_per_clas
     for split, entries in splits.items():
         (ssv2 / "labels" / f"{split}.json").write_text(json.dumps(entries, indent=1))
         (lists / f"{split}.txt").write_text("\n".join(lines[split]) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
+    _remove_set(out)
     tmp.rename(out)
     return {"ssv2_root": str(out / "ssv2"), "list_root": str(out / "list"),
             "classes": list(labels), "train_clips": len(splits["train"]),

@@ -146,3 +146,23 @@ def test_killed_pipeline_resumes_without_redoing_finished_stages(tmp_path):
     assert (tmp_path / "toy" / ".stage.json").stat().st_mtime_ns == toy
     assert json.loads(record.read_text())["status"] == "done"
     assert (tmp_path / "fine" / "checkpoints" / "evaluate" / "eval_validation.json").is_file()
+
+
+def test_out_holding_other_files_is_refused_before_any_work(tmp_path):
+    mine = tmp_path / "mine"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "important.txt").write_text("keep me")
+    (mine / "sub" / "thesis.tex").write_text("\\begin{document}")
+    result = pipeline(experiment(tmp_path, pretrain__out=str(mine)))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: pretrain.out:"), result.stderr
+    assert (mine / "important.txt").read_text() == "keep me"
+    assert (mine / "sub" / "thesis.tex").read_text() == "\\begin{document}"
+    assert not (tmp_path / "shards").exists()          # refused before rendering
+
+    # a stage directory around another stage's output would be cleared with it
+    nested = pipeline(experiment(tmp_path, pretrain__out=str(tmp_path / "runs" / "pre"),
+                                 finetune__out=str(tmp_path / "runs")))
+    assert nested.returncode == 2 and "overlap" in nested.stderr
+    assert len(nested.stderr.strip().splitlines()) == 1

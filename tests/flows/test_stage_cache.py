@@ -33,3 +33,71 @@ def test_states_resume_and_clear(tmp_path):
     stage_cache.begin(out, "k2")                      # another key: a clean directory
     assert not (out / "checkpoints").exists()
     assert stage_cache.state(out, "k2") == "resumable"
+
+
+def someones_directory(path):
+    (path / "sub").mkdir(parents=True)
+    (path / "important.txt").write_text("keep me")
+    (path / "sub" / "thesis.tex").write_text("\\begin{document}")
+    return path
+
+
+def intact(path):
+    return ((path / "important.txt").read_text() == "keep me"
+            and (path / "sub" / "thesis.tex").read_text() == "\\begin{document}")
+
+
+def test_begin_never_clears_a_directory_without_a_stage_record(tmp_path):
+    import pytest
+    out = someones_directory(tmp_path / "mine")
+    assert stage_cache.foreign(out)
+    with pytest.raises(stage_cache.ForeignDirectory, match="not a pvit stage output"):
+        stage_cache.begin(out, "k1")
+    assert intact(out) and not (out / stage_cache.RECORD).exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert stage_cache.foreign(empty) is None       # an empty directory is fine
+    stage_cache.begin(empty, "k1")
+    assert stage_cache.state(empty, "k1") == "resumable"
+
+
+def test_force_invalidates_only_stage_outputs(tmp_path):
+    from flows.experiment import ExperimentConfig, ToyActionsConfig
+    from flows.pipeline import force_stage
+
+    foreign = someones_directory(tmp_path / "toy")
+    cfg = ExperimentConfig(toy_actions=ToyActionsConfig(out=foreign),
+                           generation={"out": str(someones_directory(tmp_path / "shards"))})
+    (tmp_path / "shards" / "manifest.json").write_text('{"not": "a pvit manifest"}')
+    force_stage(cfg, "toy_actions")
+    force_stage(cfg, "generate")
+    assert intact(foreign) and intact(tmp_path / "shards")
+    assert (tmp_path / "shards" / "manifest.json").is_file()
+
+    ours = tmp_path / "ours"
+    stage_cache.begin(ours, "k1")
+    (ours / "set").mkdir()
+    stage_cache.finish(ours, "k1", {}, ["set"])
+    force_stage(ExperimentConfig(toy_actions=ToyActionsConfig(out=ours)), "toy_actions")
+    assert stage_cache.state(ours, "k1") == "stale" and (ours / "set").is_dir()
+    stage_cache.begin(ours, "k1")                    # the stage itself clears it
+    assert not (ours / "set").exists()
+
+
+def test_toy_actions_never_replace_someone_elses_directory(tmp_path):
+    import pytest
+
+    from training.toy_actions import write_toy_actions
+    small = dict(clips_per_class=2, val_per_class=1, size=16, frames=4)
+    out = someones_directory(tmp_path / "set")
+    with pytest.raises(ValueError, match="not a toy-actions set"):
+        write_toy_actions(out, **small)
+    assert intact(out) and not (tmp_path / "set.tmp").exists()
+    tmp = someones_directory(tmp_path / "other.tmp")  # a directory that merely has the name
+    with pytest.raises(ValueError, match="not a toy-actions set"):
+        write_toy_actions(tmp_path / "other", **small)
+    assert intact(tmp)
+    fresh = tmp_path / "fresh"
+    write_toy_actions(fresh, **small)
+    write_toy_actions(fresh, **{**small, "seed": 1})  # its own set is replaced
+    assert (fresh / "ssv2" / "labels" / "labels.json").is_file()
