@@ -19,6 +19,8 @@ import torch
 from training.model import PromptonomyViT, create_model
 
 FORMAT = "pvit-checkpoint/1"
+# what every checkpoint of both stages holds, so that readers may index it freely
+FIELDS = {"model_name": str, "model_kwargs": dict, "model": dict, "config": dict}
 
 
 class CheckpointError(ValueError):
@@ -39,8 +41,7 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
+def _load_marked(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint: no such file {path}")
     try:
@@ -52,12 +53,24 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A pvit checkpoint with all of ``FIELDS`` (an edited or truncated one is named)."""
+    state = _load_marked(Path(path))
+    for key, kind in FIELDS.items():
+        if not isinstance(state.get(key), kind):
+            got = "missing" if key not in state else f"a {type(state[key]).__name__}"
+            raise CheckpointError(f"checkpoint: {path} is damaged: '{key}' is {got}, "
+                                  f"not a {kind.__name__}")
+    return state
+
+
 def is_pvit_checkpoint(path: str | Path) -> bool:
-    """Our checkpoints are torch files carrying the format marker (not a key guess)."""
+    """Our checkpoints are torch files carrying the format marker (not a key guess); a
+    damaged one still is one, so ``load_checkpoint`` names what is wrong with it."""
     if Path(path).suffix == ".safetensors":
         return False
     try:
-        load_checkpoint(path)
+        _load_marked(Path(path))
         return True
     except CheckpointError:
         return False
@@ -77,10 +90,27 @@ def check_compatible(state: dict[str, Any], model_name: str, model_kwargs: dict[
                 f"checkpoint: {path} has {key}={theirs!r}, this run wants {ours!r}")
 
 
-def model_from_checkpoint(state: dict[str, Any]) -> PromptonomyViT:
-    """The model a checkpoint describes, with its weights."""
-    model = create_model(state["model_name"], **state["model_kwargs"])
-    model.load_state_dict(state["model"])
+def model_from_checkpoint(state: dict[str, Any], path: str | Path) -> PromptonomyViT:
+    """The model a checkpoint describes, with its weights. A checkpoint whose fields
+    disagree (edited by hand, or written by other code) fails with one line naming it."""
+    name, weights = state["model_name"], state["model"]
+    try:
+        model = create_model(name, **state["model_kwargs"])
+    except Exception as exc:  # noqa: BLE001 - unknown name, argument or value
+        raise CheckpointError(f"checkpoint: {path}: cannot build its model {name!r} from its "
+                              f"model_kwargs ({type(exc).__name__}: {exc})") from None
+    # summed up here: load_state_dict's error lists every key, hundreds of them
+    wanted = model.state_dict()
+    problems = {
+        "missing": [k for k in wanted if k not in weights],
+        "unexpected": [k for k in weights if k not in wanted],
+        "of another shape": [k for k in wanted if k in weights and getattr(
+            weights[k], "shape", None) != wanted[k].shape]}
+    found = [f"{len(keys)} {what}, e.g. {keys[0]!r}" for what, keys in problems.items() if keys]
+    if found:
+        raise CheckpointError(f"checkpoint: {path}: its weights do not fit its own "
+                              f"model_name/model_kwargs ({'; '.join(found)})")
+    model.load_state_dict(weights)
     return model
 
 

@@ -20,8 +20,14 @@ from training.checkpoint import CheckpointError, load_checkpoint, model_from_che
 from training.config import EvaluateConfig
 from training.convert import export_inference
 from training.loader_workers import loader_worker_kwargs
-from training.run_files import write_text_atomic
-from training.video_data import VideoClips, VideoRecord, collate_videos, read_records
+from training.run_files import check_writable_dir, write_text_atomic
+from training.video_data import (
+    VideoClips,
+    VideoRecord,
+    collate_videos,
+    read_records,
+    require_decodable,
+)
 
 
 @torch.no_grad()
@@ -50,6 +56,9 @@ def evaluate_model(model: torch.nn.Module, records: list[VideoRecord], *, num_fr
         top1 += (ranked[:, 0] == label).sum().item()
         top5 += (ranked == label[:, None]).any(-1).sum().item()
         seen += b
+    if not seen:  # a score over no clips is no score (run_evaluate checks this up front)
+        raise ValueError(f"data_root: no clip to score: all {len(skipped)} videos were "
+                         "skipped as undecodable")
     return {"top1": 100.0 * top1 / max(seen, 1), "top5": 100.0 * top5 / max(seen, 1),
             "clips": seen, "views_per_clip": temporal_clips * spatial_crops,
             "skipped_videos": len(skipped), "skipped_paths": skipped}
@@ -60,16 +69,18 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     if not cfg.checkpoint:
         raise CheckpointError("checkpoint: none given")
     state = load_checkpoint(cfg.checkpoint)
-    if state["model_kwargs"].get("num_classes", 0) <= 0:
+    model = model_from_checkpoint(state, cfg.checkpoint)  # checks its fields agree
+    if model.num_classes <= 0:
         raise CheckpointError(f"checkpoint: {cfg.checkpoint} has no classifier "
                               "(a pretrain checkpoint? evaluate a finetune one)")
+    out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint).parent / f"eval_{cfg.split}.json"
+    check_writable_dir(out.parent, "out")  # before the evaluation, not after it
     train_cfg = state["config"]
-    records, num_classes = read_records(cfg.data_format, cfg.data_root, cfg.split, cfg.videos_dir)
-    if num_classes > state["model_kwargs"]["num_classes"]:
-        raise CheckpointError(f"data_root: {num_classes} classes but the checkpoint has "
-                              f"{state['model_kwargs']['num_classes']}")
+    records, _ = read_records(cfg.data_format, cfg.data_root, cfg.split, cfg.videos_dir,
+                              num_classes=model.num_classes)
+    require_decodable(records, f"split '{cfg.split}' of {cfg.data_root}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = export_inference(model_from_checkpoint(state)).to(device)
+    model = export_inference(model).to(device)
     clip = dict(num_frames=train_cfg["num_frames"], img_size=train_cfg["img_size"],
                 stride=train_cfg.get("frame_stride", 4),
                 sampling=train_cfg.get("sampling", "stride"),
@@ -83,7 +94,6 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         "data_root": str(cfg.data_root), "top1": single["top1"], "top5": single["top5"],
         "single_view": single, "multi_view": multi, "wall_time_s": time.perf_counter() - start,
     }
-    out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint).parent / f"eval_{cfg.split}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out, json.dumps(result, indent=2) + "\n")
     result["out"] = str(out)

@@ -35,14 +35,33 @@ from training.checkpoint import (
     save_checkpoint,
 )
 from training.config import FinetuneConfig, PretrainConfig
-from training.convert import export_inference, image_to_video, pretrain_to_finetune, read_weights
+from training.convert import (
+    CheckpointMismatch,
+    export_inference,
+    image_to_video,
+    pretrain_to_finetune,
+    read_weights,
+)
 from training.evaluate import evaluate_model
 from training.loader_workers import loader_worker_kwargs
 from training.losses import compute_losses
 from training.model import PromptonomyViT, create_model
-from training.run_files import MetricsLog, plot_loss_curve, write_config, write_summary
+from training.run_files import (
+    MetricsLog,
+    check_writable_dir,
+    plot_loss_curve,
+    write_config,
+    write_summary,
+)
 from training.synthetic_data import SceneTransform, count_clips, shard_urls, synthetic_batches
-from training.video_data import VideoClips, collate_videos, epoch_batches, read_records
+from training.video_data import (
+    VideoClips,
+    VideoRecord,
+    collate_videos,
+    epoch_batches,
+    read_records,
+    require_decodable,
+)
 
 SCENE_KEYS = ("depth", "normals", "segmentation", "pose_position", "pose_quaternion",
               "pose_presence")
@@ -121,15 +140,12 @@ def preflight(stage: str, cfg: PretrainConfig | FinetuneConfig) -> None:
     """Check every input the run will read, before any training; raises ``InputError``
     naming the field. The commands call it so bad input exits 2 with one line."""
     try:
+        check_writable_dir(cfg.out, "out")
         num_classes = 0
         if stage == "finetune":
-            records, num_classes = read_records(cfg.data_format, cfg.data_root,
-                                                cfg.train_split, cfg.videos_dir)
-            if not records:
-                raise InputError(
-                    f"data_root: split '{cfg.train_split}' of {cfg.data_root} is empty")
-            if cfg.val_split:
-                read_records(cfg.data_format, cfg.data_root, cfg.val_split, cfg.videos_dir)
+            # bad labels, or a split none of whose videos decode, are bad input like a
+            # missing split: found here, before training, so exit 2 like the rest
+            _, num_classes = _real_records(cfg)
         if stage == "pretrain" or cfg.synthetic_batch_size:
             shard_urls(cfg.synthetic)
         kwargs = cfg.model_kwargs(num_classes=num_classes, num_seg_classes=len(CLASSES))
@@ -144,6 +160,20 @@ def preflight(stage: str, cfg: PretrainConfig | FinetuneConfig) -> None:
         raise InputError(str(exc).splitlines()[0]) from None
 
 
+def _real_records(cfg: FinetuneConfig) -> tuple[list[VideoRecord], int]:
+    """The train split's records and its number of classes, once both splits' labels are
+    class ids and some of each split's videos decode (else the run would train or score
+    nothing, and report it as a result)."""
+    records, num_classes = read_records(cfg.data_format, cfg.data_root, cfg.train_split,
+                                        cfg.videos_dir)
+    require_decodable(records, f"split '{cfg.train_split}' of {cfg.data_root}")
+    if cfg.val_split:  # its labels must be classes of the model trained here
+        val, _ = read_records(cfg.data_format, cfg.data_root, cfg.val_split, cfg.videos_dir,
+                              num_classes=num_classes)
+        require_decodable(val, f"split '{cfg.val_split}' of {cfg.data_root}")
+    return records, num_classes
+
+
 def _initial_weights(cfg: PretrainConfig | FinetuneConfig, model: PromptonomyViT,
                      model_kwargs: dict[str, Any]) -> Optional[dict[str, torch.Tensor]]:
     """Weights named by ``cfg.init``: a pvit checkpoint (pretrain -> finetune) or image
@@ -156,7 +186,15 @@ def _initial_weights(cfg: PretrainConfig | FinetuneConfig, model: PromptonomyViT
         state = load_checkpoint(cfg.init)
         check_compatible(state, cfg.model, model_kwargs, SAME_ARCH, cfg.init)
         return pretrain_to_finetune(state["model"], model)
-    return image_to_video(read_weights(cfg.init), model)
+    try:
+        weights = read_weights(cfg.init)
+    except CheckpointMismatch:  # its own message says only "KeyError" or the like
+        raise CheckpointError(f"init: {cfg.init} is not a checkpoint or weights file "
+                              "(a pvit .pt, a torch state dict or .safetensors)") from None
+    try:
+        return image_to_video(weights, model)
+    except CheckpointMismatch as exc:  # weights of another architecture: name the file
+        raise CheckpointError(f"init: {cfg.init}: {exc}") from None
 
 
 def _run(stage: str, cfg: PretrainConfig | FinetuneConfig, progress: Progress,
@@ -174,10 +212,8 @@ def _run(stage: str, cfg: PretrainConfig | FinetuneConfig, progress: Progress,
     finetune = stage == "finetune"
     num_classes, real_records = 0, []
     if finetune:
-        real_records, num_classes = read_records(cfg.data_format, cfg.data_root,
-                                                 cfg.train_split, cfg.videos_dir)
-        if not real_records:
-            raise ValueError(f"data_root: split '{cfg.train_split}' of {cfg.data_root} is empty")
+        # checked again here: Prefect tasks call run_finetune without the preflight
+        real_records, num_classes = _real_records(cfg)
     synthetic_bs = cfg.synthetic_batch_size if finetune else cfg.batch_size
     urls = shard_urls(cfg.synthetic) if synthetic_bs else []
     if finetune:
@@ -409,7 +445,8 @@ def _finish(stage, cfg, model, run_dir, ckpt_dir, last, epoch_losses, skipped, s
         "skipped_videos": len(skipped), "skipped_paths": sorted(skipped),
     }
     if stage == "finetune" and cfg.val_split:
-        records, _ = read_records(cfg.data_format, cfg.data_root, cfg.val_split, cfg.videos_dir)
+        records, _ = read_records(cfg.data_format, cfg.data_root, cfg.val_split, cfg.videos_dir,
+                                  num_classes=model.num_classes)
         result = evaluate_model(inference.to(device), records, num_frames=cfg.num_frames,
                                 img_size=cfg.img_size, stride=cfg.frame_stride,
                                 sampling=cfg.sampling, batch_size=cfg.batch_size,

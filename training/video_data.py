@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,10 @@ from torch.utils.data import Dataset
 from training.synthetic_data import normalize_rgb
 
 log = logging.getLogger(__name__)
+# FFmpeg prints its own line ("moov atom not found") to fd 2 for each broken video;
+# the skip is logged here with its reason, and errors stay one line. OpenCV reads this
+# at its first capture; set it yourself to see FFmpeg's messages (16: errors).
+os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,10 @@ def read_ssv2(root: str | Path, split: str, videos_dir: str = "videos"
         if not path.is_file():
             raise FileNotFoundError(f"data_root: no {path.relative_to(root)} under {root}")
     label_index = {name: int(i) for name, i in json.loads(labels_path.read_text()).items()}
+    # the classifier has one output per class: its ids must be exactly 0..K-1
+    if sorted(label_index.values()) != list(range(len(label_index))):
+        raise ValueError(f"data_root: {labels_path} must number its {len(label_index)} "
+                         f"classes 0..{len(label_index) - 1}, each once")
     names = [""] * len(label_index)
     for name, i in label_index.items():
         names[i] = name
@@ -76,36 +85,74 @@ def read_ssv2(root: str | Path, split: str, videos_dir: str = "videos"
     return records, names
 
 
-def read_list(root: str | Path, split: str) -> list[VideoRecord]:
-    """Records of a ``path label`` list: ``<root>/<split>.txt`` or ``split`` as a path."""
+def read_list(root: str | Path, split: str, num_classes: int | None = None
+              ) -> tuple[list[VideoRecord], int]:
+    """Records of a ``path label`` list (``<root>/<split>.txt`` or ``split`` as a path)
+    and its number of classes K. Labels must be class ids 0..K-1, K being
+    ``num_classes`` when given, else the number of distinct labels in the list: a stray
+    ``99`` or ``-1`` would otherwise silently widen the classifier or drop out of the
+    loss."""
     root = Path(root)
     list_path = Path(split) if Path(split).suffix else root / f"{split}.txt"
     if not list_path.is_file():
         raise FileNotFoundError(f"data_root: no list file {list_path}")
-    records = []
+    records, line_of = [], []
     for n, line in enumerate(list_path.read_text().splitlines(), 1):
         if not line.strip():
             continue
         try:
             path, label = line.rsplit(maxsplit=1)  # paths may hold spaces, labels do not
             records.append(VideoRecord(str(root / path), int(label)))
+            line_of.append(n)
         except ValueError:
-            raise ValueError(f"{list_path}:{n}: expected 'path label', got {line!r}") from None
-    return records
+            raise ValueError(f"data_root: {list_path}:{n}: expected 'path label', "
+                             f"got {line!r}") from None
+    k = len({r.label for r in records}) if num_classes is None else num_classes
+    why = (f"the model has {k} classes" if num_classes is not None else
+           f"the list has {k} distinct labels, so ids must be 0..{k - 1} with none missing")
+    for n, record in zip(line_of, records, strict=True):
+        if not 0 <= record.label < k:
+            raise ValueError(f"data_root: {list_path}:{n}: label {record.label} is not a "
+                             f"class id ({why})")
+    return records, k
 
 
-def read_records(data_format: str, root: str | Path, split: str, videos_dir: str = "videos"
-                 ) -> tuple[list[VideoRecord], int]:
-    """Records and the number of classes of a split in either layout."""
+def read_records(data_format: str, root: str | Path, split: str, videos_dir: str = "videos",
+                 num_classes: int | None = None) -> tuple[list[VideoRecord], int]:
+    """Records and the number of classes of a split in either layout. ``num_classes``
+    (a validation split, a trained model) bounds its labels: it may lack some classes."""
     if data_format == "ssv2":
         records, names = read_ssv2(root, split, videos_dir)
+        if num_classes is not None and len(names) > num_classes:
+            raise ValueError(f"data_root: {len(names)} classes in labels.json, "
+                             f"the model has {num_classes}")
         return records, len(names)
-    records = read_list(root, split)
-    return records, (max(r.label for r in records) + 1) if records else 0
+    return read_list(root, split, num_classes)
+
+
+def require_decodable(records: list[VideoRecord], what: str) -> None:
+    """Raise ``ValueError`` unless some video of ``records`` decodes. Undecodable videos
+    are skipped one by one, so a split where all fail would train or score nothing and
+    still report (top-1 0.0 over 0 clips). Stops at the first good video: one decode for
+    a healthy split."""
+    if not records:
+        raise ValueError(f"data_root: {what} is empty")
+    reasons: dict[str, int] = {}
+    for record in records:
+        try:
+            decode_video(record.path)
+            return
+        except Exception as exc:  # noqa: BLE001 - as VideoClips: any failure skips it
+            reasons[str(exc)] = reasons.get(str(exc), 0) + 1
+    counts = ", ".join(f"{n} {reason}" for reason, n in reasons.items())
+    raise ValueError(f"data_root: {what}: all {len(records)} videos would be skipped as "
+                     f"undecodable ({counts}; first: {records[0].path})")
 
 
 def decode_video(path: str) -> np.ndarray:
     """All frames of a video as uint8 RGB ``[N, H, W, 3]`` (short clips: fits in memory)."""
+    if not Path(path).is_file():
+        raise VideoDecodeError("no such file")  # OpenCV would only say "no frames"
     capture = cv2.VideoCapture(path)
     frames = []
     try:
