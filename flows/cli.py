@@ -30,6 +30,15 @@ def load_or_exit(config: Optional[Path], overrides: dict) -> ExperimentConfig:
         fail(str(exc))
 
 
+def dataset_or_exit(location: Path) -> Path:
+    """The local shard directory named by a DIR argument; a scheme (pipe:...) exits 2."""
+    from generation.locations import LocationError, dataset_path
+    try:
+        return dataset_path(str(location))
+    except LocationError as exc:
+        fail(f"DIR: {exc}")
+
+
 def check_writable_dir(path: Path, what: str) -> None:
     """Fail (exit 2) before any work if ``path`` cannot become a writable directory."""
     path = Path(path)
@@ -68,18 +77,30 @@ def generate(
     gen = cfg.generation
     check_writable_dir(gen.out, "generation.out")
 
+    import logging
+
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     from flows.generate import run_generate
     from generation.dataset import RenderError, plan
+    from generation.manifest import WriteError
 
+    def no_traceback(record: logging.LogRecord) -> bool:
+        # Prefect logs each failed run with a traceback; for these errors the one line
+        # they carry (printed below as `error: ...`) says it all, so keep only that.
+        if record.exc_info and isinstance(record.exc_info[1], (RenderError, WriteError)):
+            record.exc_info = record.exc_text = None
+        return True
+
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(no_traceback)
     total = sum(len(job.seeds) for job in plan(gen))
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=False) as progress:
         bar = progress.add_task(f"rendering into {gen.out}", total=total)
         try:
             summary = run_generate(gen, on_shard=lambda rec: progress.advance(bar, rec["samples"]))
-        except RenderError as exc:
+        except (RenderError, WriteError) as exc:
             fail(str(exc), code=1)
         progress.update(bar, completed=total)
     console.print(f"{summary['shards']} shards, {summary['clips']} clips "
@@ -89,16 +110,22 @@ def generate(
 
 @app.command()
 def verify(directory: Path = typer.Argument(..., help="shard directory")) -> None:
-    """Check every shard against the manifest; exits 1 naming each bad shard."""
-    from generation.verify import verify_dataset
+    """Check every shard against the manifest and the planned dataset; exits 1 naming
+    each bad or missing shard, 2 when DIR is not a shard directory."""
+    from generation.verify import NotADataset, verify_dataset
 
-    problems = verify_dataset(directory)
+    try:
+        problems = verify_dataset(dataset_or_exit(directory))
+    except NotADataset as exc:
+        fail(str(exc))
     if not problems:
-        console.print(f"ok: every shard in {directory} matches its manifest")
+        console.print(f"ok: {directory} holds every planned shard and each matches its "
+                      "manifest", markup=False, highlight=False, soft_wrap=True)
         return
     for name, found in problems.items():
         for line in found:
-            console.print(f"bad: {name}: {line}", markup=False, highlight=False)
+            # soft_wrap: one problem stays one line whatever the terminal width
+            console.print(f"bad: {name}: {line}", markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(1)
 
 
@@ -111,10 +138,41 @@ def show(directory: Path = typer.Argument(..., help="shard directory"),
     from generation.contact_sheet import write_contact_sheet
 
     try:
-        path = write_contact_sheet(directory, out, sample)
+        path = write_contact_sheet(dataset_or_exit(directory), out, sample)
     except ValueError as exc:
         fail(str(exc))
     console.print(f"wrote {path}")
+
+
+def check_stage_outputs(cfg: ExperimentConfig) -> None:
+    """Fail (exit 2) before any work on a stage ``out`` a stale stage would clear but
+    that is not the project's: a directory holding other files, or one that contains
+    (or sits inside) another stage's output, whose files clearing it would delete."""
+    from flows import stage_cache
+    from flows.pipeline import wire
+    from flows.train import evaluation_dir
+
+    wired = wire(cfg)
+    outs = {"generation.out": Path(wired.generation.out)}
+    for section in ("toy_actions", "pretrain", "finetune"):
+        stage = getattr(wired, section)
+        if stage is not None:
+            outs[f"{section}.out"] = Path(stage.out)
+    for what, path in outs.items():
+        check_writable_dir(path, what)
+        if what != "generation.out" and (problem := stage_cache.foreign(path)):
+            fail(f"{what}: {problem}")
+    resolved = {what: path.resolve() for what, path in outs.items()}
+    for a, pa in resolved.items():
+        for b, pb in resolved.items():
+            if a < b and (pa == pb or pa in pb.parents or pb in pa.parents):
+                fail(f"{a} ({outs[a]}) and {b} ({outs[b]}) overlap: each stage needs a "
+                     "directory of its own")
+    if wired.evaluate is not None and wired.finetune is not None:
+        # inside finetune.out, so only a foreign directory already there can be in the way
+        target = evaluation_dir(wired.evaluate.checkpoint)
+        if problem := stage_cache.foreign(target):
+            fail(f"evaluate: {problem}")
 
 
 @app.command()
@@ -130,10 +188,7 @@ def pipeline(
         fail(f"--force: unknown stage(s) {unknown} (stages: {', '.join(STAGES)})")
     cfg = load_or_exit(config, {})
     check_writable_dir(cfg.generation.out, "generation.out")
-    for section in ("pretrain", "finetune"):
-        stage = getattr(cfg, section)
-        if stage is not None:
-            check_writable_dir(Path(stage.out), f"{section}.out")
+    check_stage_outputs(cfg)
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
@@ -191,6 +246,14 @@ def main() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     # No network here (and none needed): do not try to send telemetry.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Prefect gives its temporary server 20 s to answer; on a busy 2-core laptop (or a
+    # render node whose cores Blender holds) starting it took longer and the command
+    # failed before doing anything.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    # Prefect's temporary server (no PREFECT_API_URL) stops only from atexit: after a
+    # kill -9 it stayed up. Tie it to this process; a no-op until Prefect needs one.
+    from flows.prefect_server import install as bind_temporary_server
+    bind_temporary_server()
     sys.exit(app())
 
 

@@ -14,6 +14,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # database, not ~/.prefect: runs stay isolated from the user's and from other suites.
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="pvit-tests-prefect-"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# As `pvit` itself does (flows/cli.py): in-process flows on a loaded 2-core machine
+# need more than Prefect's 20 s for the temporary server to start.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 import torch  # noqa: E402,F401
 import torch._dynamo  # noqa: E402,F401

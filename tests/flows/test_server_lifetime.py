@@ -1,0 +1,251 @@
+"""Prefect's temporary API server lives exactly as long as the ``pvit`` that started it.
+
+With ``PREFECT_API_URL`` unset Prefect starts ``python -m uvicorn ... create_app`` as a
+child and stops it only from ``atexit``; a ``kill -9`` of ``pvit`` used to leave it
+running and listening (issue 12). ``flows.prefect_server`` gives it a watchdog.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+# `python -m flows.cli` runs flows.cli.main(), like the installed `pvit` script.
+PVIT = [sys.executable, "-m", "flows.cli"]
+SERVER_APP = "prefect.server.api.server:create_app"
+WATCHDOG = "prefect_server.py"
+
+
+def env_without_api_url():
+    # The temporary server only exists when no real server is configured. Its default 20 s
+    # startup timeout is too short on a loaded 2-core runner.
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    return {**env, "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
+
+
+def write_config(path, out, scenes=1):
+    path.write_text(yaml.safe_dump({"generation": {
+        "out": str(out), "scenes": scenes, "scenes_per_shard": 1, "workers": 1, "retries": 0,
+        "scene": {"resolution": 32, "frames": 2, "spp": 4, "min_objects": 3, "max_objects": 4}}}))
+    return path
+
+
+def cmdline(process):
+    try:
+        return " ".join(process.cmdline())
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+        return ""
+
+
+def descendants(pid):
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def server_port(process):
+    args = process.cmdline()
+    return int(args[args.index("--port") + 1])
+
+
+def wait_for_server(proc, timeout=300, log=None):
+    """The temporary server among ``proc``'s descendants, once it answers /health."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            tail = log.read_text()[-2000:] if log else ""
+            raise AssertionError(f"pvit exited early ({proc.returncode}): {tail}")
+        for child in descendants(proc.pid):
+            if SERVER_APP in cmdline(child):
+                port = server_port(child)
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).is_success:
+                        return child, port
+                except httpx.HTTPError:
+                    pass
+        time.sleep(0.2)
+    raise AssertionError("the temporary Prefect server never came up")
+
+
+def gone(process):
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def wait_gone(processes, timeout):
+    deadline = time.time() + timeout
+    while time.time() < deadline and not all(gone(p) for p in processes):
+        time.sleep(0.1)
+    return [p for p in processes if not gone(p)]
+
+
+def refuses_connections(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except OSError:
+        return True
+    return False
+
+
+def kill_all(processes):
+    for p in processes:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+@pytest.mark.slow
+@pytest.mark.blender
+def test_temporary_server_dies_when_pvit_generate_is_killed(tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", tmp_path / "ds", scenes=2)
+    log = tmp_path / "pvit.log"
+    with log.open("w") as sink:
+        proc = subprocess.Popen([*PVIT, "generate", str(cfg)], cwd=REPO,
+                                env=env_without_api_url(), stdout=sink, stderr=sink)
+    tree = []
+    try:
+        server, port = wait_for_server(proc, log=log)
+        tree = descendants(proc.pid)
+        watchdogs = [p for p in tree if WATCHDOG in cmdline(p)]
+        proc.kill()                                  # kill -9 the pvit process only
+        proc.wait()
+        # No atexit ran: the watchdog stops it (SIGTERM, SIGKILL after 5 s).
+        assert not wait_gone([server], timeout=10), "temporary server outlived pvit"
+        assert refuses_connections(port)
+        assert watchdogs and not wait_gone(watchdogs, timeout=5), "the watchdog stayed behind"
+    finally:
+        proc.kill()
+        kill_all(tree)                               # e.g. a render worker still running
+
+
+@pytest.mark.slow
+@pytest.mark.blender
+@pytest.mark.parametrize("runner", ["processes", "dask"])
+def test_task_runner_children_share_the_server_and_a_clean_exit_stops_it(tmp_path, runner):
+    out = tmp_path / "ds"
+    cfg = write_config(tmp_path / "c.yaml", out)
+    log = tmp_path / "pvit.log"                      # a file: an unread pipe could fill up
+    with log.open("w") as sink:
+        proc = subprocess.Popen([*PVIT, "generate", str(cfg), "--task-runner", runner],
+                                cwd=REPO, env=env_without_api_url(), stdout=sink, stderr=sink)
+    seen = {}                                        # pid -> (process, cmdline, PREFECT_API_URL)
+    try:
+        server, port = wait_for_server(proc, log=log)
+        while proc.poll() is None:
+            for child in descendants(proc.pid):
+                if child.pid not in seen and cmdline(child):
+                    try:
+                        url = child.environ().get("PREFECT_API_URL")
+                    except (psutil.NoSuchProcess, psutil.AccessDenied):
+                        continue
+                    seen[child.pid] = (child, cmdline(child), url)
+            time.sleep(0.2)
+        err = log.read_text()
+    finally:
+        proc.kill()
+        kill_all(entry[0] for entry in seen.values())
+    assert proc.returncode == 0, err[-2000:]
+    servers = [entry for entry in seen.values() if SERVER_APP in entry[1]]
+    # Without the shared PREFECT_API_URL, every pool / Dask worker process started a
+    # temporary server of its own, which nothing stopped after a kill -9 of pvit.
+    assert [entry[0].pid for entry in servers] == [server.pid], [e[1][:200] for e in servers]
+    workers = [entry for entry in seen.values() if "multiprocessing" in entry[1]
+               or "distributed" in entry[1]]
+    assert workers and all(url == f"http://127.0.0.1:{port}/api" for _, _, url in workers)
+    # The normal path still stops the server (Prefect's atexit) and the watchdog leaves.
+    assert "Stopping temporary server" in err
+    watchdogs = [entry[0] for entry in seen.values() if WATCHDOG in entry[1]]
+    assert watchdogs and not wait_gone([server, *watchdogs], timeout=5)
+    assert refuses_connections(port)
+    assert len(list(out.glob("shard-*.tar"))) == 1
+
+
+def test_installing_costs_no_prefect_import():
+    # `pvit verify` / `pvit show` never start a server: installing must import nothing
+    # of Prefect (its server module alone takes seconds).
+    code = ("import sys; from flows.prefect_server import install; install(); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'prefect'))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env_without_api_url(),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+WATCHED_PARENT = """
+import subprocess, sys, time
+from flows.prefect_server import _start_watchdog
+server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+pipe = _start_watchdog(server.pid)
+print(server.pid, flush=True)
+if sys.argv[1] == "clean":
+    import os
+    os.write(pipe, b"s")                 # what ParentBoundServer.stop() sends first
+    time.sleep(1.0)                      # the watchdog has left by now
+    print("leaving", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("how", ["killed", "clean"])
+def test_watchdog_stops_the_server_only_when_its_parent_dies(how):
+    # The watchdog alone, on a stand-in server: fast, and covers the clean-stop message
+    # (after it, the watchdog must never signal: the pid may be reused by then).
+    parent = subprocess.Popen([sys.executable, "-c", WATCHED_PARENT, how], cwd=REPO,
+                              stdout=subprocess.PIPE, text=True, env=env_without_api_url())
+    server = None
+    try:
+        server = psutil.Process(int(parent.stdout.readline()))
+        watchdog = next(p for p in psutil.Process(parent.pid).children()
+                        if WATCHDOG in cmdline(p))
+        if how == "clean":
+            assert parent.stdout.readline().strip() == "leaving"
+            assert not wait_gone([watchdog], timeout=5)
+        parent.kill()
+        parent.wait()
+        if how == "killed":
+            assert not wait_gone([server, watchdog], timeout=5)
+        else:
+            time.sleep(1.0)
+            assert not gone(server)          # a clean stop leaves the server to its owner
+    finally:
+        parent.kill()
+        if server is not None:
+            kill_all([server])
+
+
+WATCHDOG_WITHOUT_PIDFD = """
+import os, runpy, sys
+del os.pidfd_open                    # as on macOS / Linux < 5.3: the watchdog polls instead
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_watchdog_without_pidfd_polls_and_still_stops_the_server():
+    server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    read_end, write_end = os.pipe()
+    watchdog = subprocess.Popen(
+        [sys.executable, "-I", "-S", "-c", WATCHDOG_WITHOUT_PIDFD,
+         str(REPO / "flows" / "prefect_server.py"), str(server.pid)], stdin=read_end)
+    os.close(read_end)
+    try:
+        time.sleep(1.0)
+        assert watchdog.poll() is None and server.poll() is None
+        os.close(write_end)                  # what the kernel does when the parent dies
+        assert server.wait(timeout=5) == -15    # SIGTERM, as SubprocessASGIServer.stop()
+        assert watchdog.wait(timeout=5) == 0
+    finally:
+        server.kill()
+        watchdog.kill()
