@@ -14,6 +14,7 @@ absolute paths (``file:///data/shards``). A relative path that starts like a sch
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
 from urllib.request import url2pathname
@@ -53,3 +54,24 @@ def shard_url(path: str | os.PathLike) -> str:
     path and percent-encoded, so gopen opens the file itself whatever its name holds
     (``pipe:``, ``#``, ``?``), never a shell."""
     return Path(path).resolve().as_uri()
+
+
+def check_writable_dir(path: str | Path, what: str) -> None:
+    """Raise ``LocationError`` ("<what>: ...") unless ``path`` is, or can be made, a directory
+    this process can write in. It creates and removes a file in the nearest existing
+    ancestor: permission bits say nothing for root, nor for read-only mounts or /proc."""
+    path = Path(path)
+    probe = path
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        if probe == path:
+            raise LocationError(f"{what}: {path} is a file, not a directory")
+        raise LocationError(f"{what}: {path} cannot be created: {probe} is a file")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".write-probe-", dir=probe)
+    except OSError as exc:
+        raise LocationError(f"{what}: {path} is not writable (creating a file in {probe}: "
+                            f"{exc.strerror})") from None
+    os.close(fd)
+    os.unlink(name)

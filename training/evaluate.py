@@ -16,11 +16,12 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from generation.locations import check_writable_dir
 from training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from training.config import EvaluateConfig
 from training.convert import export_inference
 from training.loader_workers import loader_worker_kwargs
-from training.run_files import check_writable_dir, write_text_atomic
+from training.run_files import write_text_atomic
 from training.video_data import (
     VideoClips,
     VideoRecord,

@@ -6,32 +6,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
-
-
-def check_writable_dir(path: str | Path, what: str) -> None:
-    """Raise ``ValueError`` ("<what>: ...") unless ``path`` is, or can be made, a directory
-    this process can write in. It creates and removes a file in the nearest existing
-    ancestor: permission bits say nothing for root, nor for read-only mounts or /proc."""
-    path = Path(path)
-    probe = path
-    while not probe.exists() and probe.parent != probe:
-        probe = probe.parent
-    if not probe.is_dir():
-        if probe == path:
-            raise ValueError(f"{what}: {path} is a file, not a directory")
-        raise ValueError(f"{what}: {path} cannot be created: {probe} is a file")
-    try:
-        fd, name = tempfile.mkstemp(prefix=".write-probe-", dir=probe)
-    except OSError as exc:
-        raise ValueError(f"{what}: {path} is not writable (creating a file in {probe}: "
-                         f"{exc.strerror})") from None
-    os.close(fd)
-    os.unlink(name)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

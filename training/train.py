@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader
 
+from generation.locations import check_writable_dir
 from generation.shard_format import CLASSES
 from training import distributed
 from training.checkpoint import (
@@ -46,13 +47,7 @@ from training.evaluate import evaluate_model
 from training.loader_workers import loader_worker_kwargs
 from training.losses import compute_losses
 from training.model import PromptonomyViT, create_model
-from training.run_files import (
-    MetricsLog,
-    check_writable_dir,
-    plot_loss_curve,
-    write_config,
-    write_summary,
-)
+from training.run_files import MetricsLog, plot_loss_curve, write_config, write_summary
 from training.synthetic_data import SceneTransform, count_clips, shard_urls, synthetic_batches
 from training.video_data import (
     VideoClips,
