@@ -3,6 +3,15 @@
 It records the full scene spec and its hash, the versions that made the pixels
 (project, kubric, bpy), and per shard its name, sha256, sample count, keys and
 scene seeds. It is always replaced atomically (temporary name, then rename).
+
+During a run, each committed shard is one line appended (and fsynced) to
+``DIR/manifest.journal.jsonl`` instead of a rewrite of the whole manifest, so a
+commit costs O(1) whatever the dataset's size; ``prepare`` and the end of a run fold
+the journal into ``manifest.json`` (atomic replace, then the journal is removed).
+``read_manifest`` folds a journal it finds (a killed run's, or a running one's), so a
+reader never sees less than what was committed. A journal line names the manifest's
+``spec_hash``: lines of another spec (a journal left by a compaction that was killed
+before removing it) are ignored, as is a torn last line of a killed run.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ from importlib import metadata
 from pathlib import Path
 
 MANIFEST_NAME = "manifest.json"
+JOURNAL_NAME = "manifest.journal.jsonl"
 FORMAT_VERSION = 1
 
 
@@ -98,7 +108,100 @@ def read_manifest(directory: Path) -> dict | None:
         manifest = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    return manifest if isinstance(manifest, dict) and "shards" in manifest else None
+    if not isinstance(manifest, dict) or "shards" not in manifest:
+        return None
+    if isinstance(manifest["shards"], list):
+        records = read_journal(directory, manifest.get("spec_hash"))
+        if records:
+            fold_journal(manifest, records)
+    return manifest
+
+
+def append_journal(directory: Path, spec_hash: str | None, record: dict) -> int:
+    """Append one shard record to ``DIR/manifest.journal.jsonl`` as one line, fsynced
+    before returning: O(1) whatever the manifest holds. Returns the bytes written. On
+    failure (a full disk) the journal is cut back to what it held, so no torn line is
+    left by this process, and ``WriteError`` is raised naming the journal."""
+    path = Path(directory) / JOURNAL_NAME
+    line = (json.dumps({"spec_hash": spec_hash, "shard": record}, sort_keys=True,
+                       separators=(",", ":")) + "\n").encode()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise WriteError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            view = memoryview(line)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except BaseException as exc:
+            try:
+                os.ftruncate(fd, size)
+                if size == 0:
+                    path.unlink(missing_ok=True)
+            except OSError:
+                pass
+            if isinstance(exc, OSError):
+                raise WriteError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+            raise
+    finally:
+        os.close(fd)
+    return len(line)
+
+
+def read_journal(directory: Path, spec_hash: str | None) -> list[dict]:
+    """The shard records journaled for the manifest with ``spec_hash``, in commit
+    order. Lines that do not decode (a killed run's torn last line) or that belong to
+    another spec are skipped: such a shard is then just not known, and renders again."""
+    path = Path(directory) / JOURNAL_NAME
+    try:
+        data = path.read_bytes()
+    except OSError:   # none (the usual case), or unreadable: nothing journaled is known
+        return []
+    records = []
+    for line in data.splitlines():
+        try:
+            entry = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        shard = entry.get("shard") if isinstance(entry, dict) else None
+        if (isinstance(shard, dict) and entry.get("spec_hash") == spec_hash
+                and isinstance(shard.get("name"), str)):
+            records.append(shard)
+    return records
+
+
+def fold_journal(manifest: dict, records: list[dict]) -> dict:
+    """``manifest`` with ``records`` upserted (a later record of a name wins), shards
+    sorted by name: O(n log n), done once per compaction, never per commit. Records
+    without a name (a hand-edited manifest) are kept, first, for verify to name."""
+    by_name = {}
+    for record in [*manifest["shards"], *records]:
+        name = record.get("name") if isinstance(record, dict) else None
+        by_name[name if isinstance(name, str) else f"\0{len(by_name)}"] = record
+    manifest["shards"] = [by_name[name] for name in sorted(by_name)]
+    return manifest
+
+
+def journal_exists(directory: Path) -> bool:
+    return (Path(directory) / JOURNAL_NAME).exists()
+
+
+def remove_journal(directory: Path) -> None:
+    (Path(directory) / JOURNAL_NAME).unlink(missing_ok=True)
+
+
+def compact(directory: Path, manifest: dict) -> dict:
+    """Fold the journal into ``manifest`` and write it as ``manifest.json`` (atomic
+    replace), then remove the journal; returns the manifest. A crash between the two
+    leaves a journal whose records are already in the manifest: folding them again is
+    a no-op."""
+    fold_journal(manifest, read_journal(directory, manifest.get("spec_hash")))
+    write_json_atomic(Path(directory) / MANIFEST_NAME, manifest)
+    remove_journal(directory)
+    return manifest
 
 
 def new_manifest(spec: dict, spec_hash: str, classes: list[str], dataset: dict) -> dict:
