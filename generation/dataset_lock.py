@@ -1,0 +1,223 @@
+"""One writer per dataset: ``DIR/.pvit.lock``.
+
+A run that writes a dataset (``pvit generate``, the pipeline's generate stage, a
+deployment's ``generate_dataset`` run) holds the lock for as long as it writes. The
+lock file is JSON (``owner``, ``host``, ``pid``, ``started``), written in full under a
+temporary name and then hard-linked to ``.pvit.lock``: the link is the atomic
+create-if-absent (as ``O_CREAT|O_EXCL``, and also on NFS), so nobody ever reads a lock
+without its content. The holder also keeps an ``fcntl.flock`` on the file's inode,
+which the kernel drops when the process dies (``kill -9`` included): a later run on the
+same host that can take that flock knows the holder is gone, removes the stale lock
+with a warning and proceeds. Where flock is unavailable the holder's pid is checked
+instead. A lock from another host cannot be checked from here: the run refuses, naming
+the holder, and ``--break-lock`` removes it.
+
+Within one process the lock is re-entrant (the CLI takes it before Prefect starts, so a
+second writer fails fast with one line; the flow then takes it again for deployments
+and ``pvit serve``, which do not pass through the CLI).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Optional
+
+LOCK_NAME = ".pvit.lock"
+
+log = logging.getLogger(__name__)
+
+_held: dict[str, list] = {}          # resolved lock path -> [count, fd]
+_held_guard = threading.Lock()
+
+
+class LockError(RuntimeError):
+    """Another run writes this dataset; ``str()`` is one line naming it."""
+
+
+def _describe(info: dict) -> str:
+    return (f"{info.get('owner', '?')} (pid {info.get('pid', '?')} on host "
+            f"{info.get('host', '?')}, started {info.get('started', '?')})")
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _pid_alive(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return True            # unknown: assume alive, never remove on a guess
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _try_flock(fd: int) -> Optional[bool]:
+    """True when the flock was taken, False when someone holds it, None when this
+    filesystem does not support it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return False
+        return None
+
+
+def _create(path: Path, info: dict) -> Optional[int]:
+    """Create the lock with ``info`` in it; returns its fd (flocked), or None when a
+    lock already exists."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        _try_flock(fd)          # ours alone: nobody else knows the name yet
+        os.write(fd, (json.dumps(info) + "\n").encode())
+        os.fsync(fd)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            os.close(fd)
+            return None
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+                raise
+            # No hard links here (some FUSE and SMB mounts): plain O_EXCL instead.
+            os.close(fd)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return None
+            _try_flock(fd)
+            os.write(fd, (json.dumps(info) + "\n").encode())
+            os.fsync(fd)
+        return fd
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _remove_if_stale(path: Path, info: dict, host: str) -> Optional[str]:
+    """Remove a lock of a dead process on this host; returns why it was stale, or None
+    (the lock is live, or not checkable from here)."""
+    if info.get("host") != host:
+        return None
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return "gone"
+    try:
+        taken = _try_flock(fd)
+        if taken is False:
+            return None
+        if taken is None and _pid_alive(info.get("pid")):
+            return None
+        # Still the same file (not replaced by a new holder meanwhile)?
+        try:
+            if os.stat(path).st_ino != os.fstat(fd).st_ino:
+                return "gone"
+        except FileNotFoundError:
+            return "gone"
+        path.unlink()
+        return "dead"
+    finally:
+        os.close(fd)
+
+
+def acquire(out: Path, *, owner: str = "pvit generate", break_lock: bool = False,
+            warn: Callable[[str], None] | None = None) -> None:
+    """Take the lock of dataset directory ``out`` (creating the directory), or raise
+    ``LockError`` naming the holder. See the module docstring."""
+    warn = warn or log.warning
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK_NAME
+    key = str(path.resolve())
+    with _held_guard:
+        if key in _held:
+            _held[key][0] += 1
+            return
+    host = socket.gethostname()
+    info = {"owner": owner, "host": host, "pid": os.getpid(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    for _ in range(5):
+        fd = _create(path, info)
+        if fd is not None:
+            with _held_guard:
+                _held[key] = [1, fd]
+            return
+        holder = _read(path)
+        if holder is None:
+            continue            # released meanwhile: try again
+        why = _remove_if_stale(path, holder, host)
+        if why == "dead":
+            warn(f"{out}: removed the stale lock of {_describe(holder)}: that process is "
+                 "no longer running")
+            continue
+        if why == "gone":
+            continue
+        if break_lock and holder.get("host") != host:
+            path.unlink(missing_ok=True)
+            warn(f"{out}: --break-lock removed the lock of {_describe(holder)}")
+            continue
+        if holder.get("host") == host:
+            hint = "wait for it to finish or stop it"
+        elif holder:
+            hint = ("wait for it to finish; if it is no longer running, rerun with "
+                    "--break-lock")
+        else:
+            hint = f"the lock file is unreadable; if no run writes here, remove {path}"
+        raise LockError(f"{out} is being written by {_describe(holder)} (lock {path}): "
+                        f"{hint}")
+    raise LockError(f"{out}: could not take the lock {path} (it kept changing hands)")
+
+
+def release(out: Path) -> None:
+    """Give back one hold of ``out``'s lock; the last one removes the lock file."""
+    path = Path(out) / LOCK_NAME
+    key = str(path.resolve())
+    with _held_guard:
+        entry = _held.get(key)
+        if entry is None:
+            return
+        entry[0] -= 1
+        if entry[0] > 0:
+            return
+        del _held[key]
+    fd = entry[1]
+    try:
+        # Only our own lock (the same inode): a --break-lock elsewhere may have replaced it.
+        if os.stat(path).st_ino == os.fstat(fd).st_ino:
+            path.unlink()
+    except FileNotFoundError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def dataset_lock(out: Path, **kwargs):
+    """``acquire`` for the block, ``release`` after it (also on failure)."""
+    acquire(out, **kwargs)
+    try:
+        yield
+    finally:
+        release(out)

@@ -1,0 +1,94 @@
+"""Has the spec of a dataset changed? Nothing is rendered over or removed without asking.
+
+A dataset directory whose ``manifest.json`` was made with another spec than the
+config's (any ``generation.scene`` field, the asset manifest's contents, the renderer:
+``bpy``/``kubric`` versions or the code that makes clips, or the ``dataset`` section:
+``seed``, ``scenes_per_shard``, fewer ``scenes``) would have its shards replaced or
+removed. ``check`` refuses that, naming every changed field (old → new), unless the
+config says ``overwrite``. More scenes is not a change: it only adds shards.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from generation.config import GenerationConfig
+from generation.manifest import read_manifest, renderer_fingerprint
+
+HINT = ("rerun with --overwrite (or set generation.overwrite: true) to replace them; each "
+        "old shard stays until its replacement is rendered")
+
+
+class SpecChanged(ValueError):
+    """The config would replace a dataset made with another spec; ``str()`` is one line
+    naming the changed fields."""
+
+    def __init__(self, out: Path, changes: list[str], shards: int, hint: str = HINT):
+        self.out, self.changes, self.shards = Path(out), changes, shards
+        super().__init__(f"{out} holds {shards} shard{'s' if shards != 1 else ''} made with "
+                         f"another spec ({'; '.join(changes)}): {hint}")
+
+
+def _fmt(value) -> str:
+    if value is _MISSING:
+        return "(unset)"
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+_MISSING = object()
+
+
+def changes(old: dict, cfg: GenerationConfig) -> list[str]:
+    """The fields in which ``cfg`` differs from the dataset ``old`` (a manifest) in a
+    way that replaces or removes shards, as ``name: old → new``; empty when none."""
+    found = []
+    new_spec = cfg.scene.model_dump(mode="json")
+    old_spec = old.get("spec") if isinstance(old.get("spec"), dict) else {}
+    for key in sorted(set(old_spec) | set(new_spec)):
+        a, b = old_spec.get(key, _MISSING), new_spec.get(key, _MISSING)
+        if a != b:
+            found.append(f"generation.scene.{key}: {_fmt(a)} → {_fmt(b)}")
+    old_renderer = old.get("renderer") if isinstance(old.get("renderer"), dict) else {}
+    new_renderer = renderer_fingerprint()
+    for key in sorted(set(old_renderer) | set(new_renderer)):
+        a, b = old_renderer.get(key, _MISSING), new_renderer.get(key, _MISSING)
+        if a != b:
+            what = "code that makes clips" if key == "code" else f"{key} version"
+            found.append(f"renderer.{key} ({what}): {_fmt(a)} → {_fmt(b)}")
+    if not found and old.get("spec_hash") != cfg.scene.digest():
+        # Same fields and renderer: what else the hash covers is the asset manifest's bytes.
+        found.append(f"generation.scene.asset_manifest: the contents of "
+                     f"{cfg.scene.asset_manifest} changed")
+    dataset = old.get("dataset") if isinstance(old.get("dataset"), dict) else {}
+    for key in ("seed", "scenes_per_shard"):
+        if key in dataset and dataset[key] != getattr(cfg, key):
+            found.append(f"generation.{key}: {_fmt(dataset[key])} → {_fmt(getattr(cfg, key))}")
+    if isinstance(dataset.get("scenes"), int) and cfg.scenes < dataset["scenes"]:
+        found.append(f"generation.scenes: {dataset['scenes']} → {cfg.scenes} (fewer)")
+    return found
+
+
+def existing_shards(out: Path) -> list[str]:
+    from generation.dataset import SHARD_RE
+    out = Path(out)
+    if not out.is_dir():
+        return []
+    return sorted(p.name for p in out.iterdir() if SHARD_RE.fullmatch(p.name) and p.is_file())
+
+
+def check(cfg: GenerationConfig, hint: str = HINT) -> None:
+    """Raise ``SpecChanged`` when ``cfg`` would replace or remove shards of a dataset made
+    with another spec and ``cfg.overwrite`` is false. Reads only the manifest and the
+    directory listing; touches nothing."""
+    if cfg.overwrite:
+        return
+    old = read_manifest(Path(cfg.out))
+    if old is None:
+        return
+    shards = existing_shards(Path(cfg.out))
+    if not shards:
+        return                      # nothing on disk to lose
+    found = changes(old, cfg)
+    if found:
+        raise SpecChanged(cfg.out, found, len(shards), hint)
