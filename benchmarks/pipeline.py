@@ -71,10 +71,12 @@ def main() -> None:
         # An existing cluster per size, as on a real cluster: its start-up (seconds of
         # process spawning and imports) is not part of the rendering throughput.
         from distributed import LocalCluster
+
+        from flows.generate import dask_cluster_kwargs
         rates = {}
         for workers in (1, 2):
-            with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                              dashboard_address=None) as cluster:
+            # the flow's own cluster settings: no dashboard on 8787, loopback only
+            with LocalCluster(**dask_cluster_kwargs(cfg("sizing", workers=workers))) as cluster:
                 dask_cfg = cfg(f"dask{workers}", task_runner="dask", workers=workers,
                                dask_address=cluster.scheduler_address, render_threads=1,
                                scenes=args.dask_scenes, scenes_per_shard=2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -41,16 +42,12 @@ def dataset_or_exit(location: Path) -> Path:
 
 def check_writable_dir(path: Path, what: str) -> None:
     """Fail (exit 2) before any work if ``path`` cannot become a writable directory."""
-    path = Path(path)
-    probe = path
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if not probe.is_dir():
-        fail(f"{what}: {path} is not a usable directory ({probe} is a file)")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        fail(f"{what}: {path} is not writable")
+    from generation.locations import LocationError
+    from generation.locations import check_writable_dir as probe
+    try:
+        probe(path, what)
+    except LocationError as exc:
+        fail(str(exc))
 
 
 @app.command()
@@ -66,35 +63,83 @@ def generate(
     workers: Optional[int] = typer.Option(None, help="shards rendered at once"),
     retries: Optional[int] = typer.Option(None, help="re-runs of a crashed render worker"),
     task_runner: Optional[str] = typer.Option(None, help="threads | processes | dask"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a dataset made with "
+                                   "another spec (each old shard stays until its replacement "
+                                   "is rendered); without it such a run exits naming the "
+                                   "changed fields"),
+    break_lock: bool = typer.Option(False, "--break-lock", help="remove another host's lock "
+                                    "on --out (only when that run is known to be gone)"),
 ) -> None:
-    """Render synthetic clips with Kubric/Blender into verified WebDataset shards."""
+    """Render synthetic clips with Kubric/Blender into verified WebDataset shards.
+
+    One run writes a dataset at a time (lock file OUT/.pvit.lock); a second exits 2
+    naming the first."""
     cfg = load_or_exit(config, {
         "generation.out": out, "generation.scenes": scenes, "generation.scene.frames": frames,
         "generation.scene.resolution": resolution, "generation.scene.spp": spp,
         "generation.seed": seed, "generation.scenes_per_shard": scenes_per_shard,
         "generation.workers": workers, "generation.retries": retries,
-        "generation.task_runner": task_runner})
+        "generation.task_runner": task_runner,
+        "generation.overwrite": True if overwrite else None})
     gen = cfg.generation
     check_writable_dir(gen.out, "generation.out")
+    with writer_lock(gen.out, "pvit generate", break_lock=break_lock):
+        _generate(gen)
+
+
+def warn(message: str) -> None:
+    console.print(f"warning: {message}", markup=False, highlight=False, soft_wrap=True)
+
+
+@contextmanager
+def writer_lock(out: Path, owner: str, *, break_lock: bool = False):
+    """Hold the dataset lock of ``out`` for the block (the flow takes it again, within
+    this process); another writer: one line naming it, exit 2."""
+    from generation.dataset_lock import LockError, acquire, release
+    try:
+        acquire(out, owner=owner, break_lock=break_lock, warn=warn)
+    except LockError as exc:
+        fail(str(exc))
+    try:
+        yield
+    finally:
+        release(out)
+
+
+def check_spec_or_exit(gen, hint: Optional[str] = None) -> None:
+    """Exit 2, naming the changed fields, before anything is touched when ``gen`` would
+    replace a dataset made with another spec (and does not say overwrite)."""
+    from generation.spec_change import HINT, SpecChanged, check
+    try:
+        check(gen, hint or HINT)
+    except SpecChanged as exc:
+        fail(str(exc))
+
+
+def _generate(gen) -> None:
+    check_spec_or_exit(gen)
 
     import logging
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     from flows.generate import run_generate
-    from generation.dataset import RenderError, plan
+    from generation.dataset import RenderError
+    from generation.dataset_lock import LockError
     from generation.manifest import WriteError
+    from generation.spec_change import SpecChanged
 
     def no_traceback(record: logging.LogRecord) -> bool:
         # Prefect logs each failed run with a traceback; for these errors the one line
         # they carry (printed below as `error: ...`) says it all, so keep only that.
-        if record.exc_info and isinstance(record.exc_info[1], (RenderError, WriteError)):
+        if record.exc_info and isinstance(record.exc_info[1], (RenderError, WriteError,
+                                                               SpecChanged, LockError)):
             record.exc_info = record.exc_text = None
         return True
 
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         logging.getLogger(name).addFilter(no_traceback)
-    total = sum(len(job.seeds) for job in plan(gen))
+    total = gen.scenes   # every planned clip, without building the plan (O(1))
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=False) as progress:
         bar = progress.add_task(f"rendering into {gen.out}", total=total)
@@ -102,6 +147,8 @@ def generate(
             summary = run_generate(gen, on_shard=lambda rec: progress.advance(bar, rec["samples"]))
         except (RenderError, WriteError) as exc:
             fail(str(exc), code=1)
+        except (SpecChanged, LockError) as exc:   # changed since the checks above
+            fail(str(exc))
         progress.update(bar, completed=total)
     console.print(f"{summary['shards']} shards, {summary['clips']} clips "
                   f"({summary['rendered_shards']} rendered, {summary['kept_shards']} kept) -> "
@@ -189,6 +236,15 @@ def pipeline(
     cfg = load_or_exit(config, {})
     check_writable_dir(cfg.generation.out, "generation.out")
     check_stage_outputs(cfg)
+    with writer_lock(cfg.generation.out, "pvit pipeline"):
+        if "generate" not in force:
+            check_spec_or_exit(cfg.generation, hint="rerun with --force generate to render "
+                               "it again (or set generation.overwrite: true); each old shard "
+                               "stays until its replacement is rendered")
+        _pipeline(cfg, force)
+
+
+def _pipeline(cfg: ExperimentConfig, force: list[str]) -> None:
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
@@ -196,9 +252,8 @@ def pipeline(
     from flows.pipeline import StageError
     from flows.pipeline import pipeline as pipeline_flow
     from flows.train import step_progress
-    from generation.dataset import plan
 
-    total = sum(len(job.seeds) for job in plan(cfg.generation))
+    total = cfg.generation.scenes   # every planned clip, without building the plan
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console) as progress:
         bar = progress.add_task("rendering (new shards)", total=total)

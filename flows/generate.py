@@ -1,13 +1,17 @@
 """``generate_dataset``: the Prefect flow over ``generation.dataset``.
 
-One task per shard renders in a fresh worker process and renames the shard into
-place; the flow records each finished shard in the manifest as its future resolves,
-so a killed run keeps everything that finished. Retries (with exponential backoff)
-are Prefect's; the task runner (threads, processes or Dask) is chosen by config.
+A task renders a chunk of shards (one shard per task up to ``max_tasks_per_flow``
+shards, never more tasks than that), each in a fresh worker process, and renames each
+shard into place; the flow records each finished shard in the manifest as soon as the
+task reports it, so a killed run keeps everything that was committed. Retries (with
+exponential backoff) are Prefect's; the task runner (threads, processes or Dask) is
+chosen by config.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Optional
@@ -20,35 +24,130 @@ from prefect.tasks import exponential_backoff
 
 from generation import dataset
 from generation.config import GenerationConfig
+from generation.manifest import write_json_atomic
+
+# Where a render task leaves the record of each shard it finished (``NAME.json``), for
+# the flow to commit while the task goes on with the rest of its chunk. The flow empties
+# it before and after rendering; records left by a killed run are never trusted.
+RECORDS_DIR = ".render-records"
+# How often the flow looks there while render tasks run; records it has committed move
+# to RECORDS_DIR/COMMITTED.
+RECORD_POLL_S = 0.5
+COMMITTED = "committed"
 
 
-# Not persisted (the flow's summary is): the shard record goes into the manifest, and a
+def _chunk_run_name() -> str:
+    from prefect.runtime import task_run
+    names = [job["name"] for job in task_run.parameters["jobs"]]
+    if len(names) == 1:
+        return f"render-{names[0]}"          # one shard per task (the usual case)
+    return f"render-{names[0]}..{names[-1]}"
+
+
+# Not persisted (the flow's summary is): the shard records go into the manifest, and a
 # copy in each render machine's result storage would only pile up there.
-@task(name="render-shard", task_run_name="render-{job[name]}", persist_result=False)
-def render_shard_task(job: dict, out_dir: str, threads: int) -> dict:
-    """One shard in a fresh worker process, logged to Prefect."""
+@task(name="render-shard", task_run_name=_chunk_run_name, persist_result=False)
+def render_shard_task(jobs: list[dict], out_dir: str, threads: int) -> list[dict]:
+    """The shards ``jobs`` in sequence, each in a fresh worker process, logged to Prefect.
+
+    Each finished shard's record goes to ``OUT/.render-records/NAME.json`` at once, so
+    the flow commits it (and moves the progress bars) without waiting for the whole
+    chunk; a retry of the task renders only the shards its earlier attempts did not
+    finish. A failed shard does not stop the others: the task fails at the end, naming
+    every shard that failed."""
     logger = get_run_logger()
-    shard = dataset.job_from_dict(job)
-    record = dataset.render_shard(
-        shard, Path(out_dir), threads=threads,
-        on_scene=lambda e: logger.info("%s: scene %s rendered in %.2fs", shard.name,
-                                       e["seed"], e["build_s"] + e["render_s"]))
-    logger.info("%s: %d scenes, %.1f MB", shard.name, record["samples"], record["bytes"] / 1e6)
-    return record
+    records, failures = [], []
+    for data in jobs:
+        shard = dataset.job_from_dict(data)
+        note = Path(out_dir) / RECORDS_DIR / f"{shard.name}.json"
+        earlier = (_read_record(note, shard.name)
+                   or _read_record(note.parent / COMMITTED / note.name, shard.name))
+        if earlier is not None and (Path(out_dir) / shard.name).is_file():
+            records.append(earlier)         # finished by an earlier attempt of this task
+            continue
+        try:
+            record = dataset.render_shard(
+                shard, Path(out_dir), threads=threads,
+                on_scene=lambda e, name=shard.name: logger.info(
+                    "%s: scene %s rendered in %.2fs", name, e["seed"],
+                    e["build_s"] + e["render_s"]))
+        except dataset.RenderError as exc:
+            if len(jobs) == 1:
+                raise
+            logger.error("%s", exc)
+            failures.append(str(exc))
+            continue
+        write_json_atomic(note, record)
+        logger.info("%s: %d scenes, %.1f MB", shard.name, record["samples"],
+                    record["bytes"] / 1e6)
+        records.append(record)
+    if failures:
+        raise dataset.RenderError("; ".join(failures))
+    return records
 
 
-def make_task_runner(cfg: GenerationConfig):
+def _read_record(path: Path, name: str) -> dict | None:
+    """The record a render task left at ``path`` for shard ``name``; None if there is
+    none (or it is not one: a record is written atomically, so that means not ours)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("name") == name else None
+
+
+def chunk_jobs(jobs: list, max_tasks: int) -> list[list]:
+    """``jobs`` in at most ``max_tasks`` runs of consecutive shards, as even as can be
+    (ceil(len / max_tasks) shards each, the last one fewer): one shard per task whenever
+    there are no more shards than ``max_tasks``."""
+    size = -(-len(jobs) // max(1, max_tasks))
+    return [jobs[i:i + size] for i in range(0, len(jobs), size)] if jobs else []
+
+
+def make_task_runner(cfg: GenerationConfig, api_url: str | None = None):
+    """The task runner ``cfg`` asks for. ``api_url`` (the flow's Prefect API) goes into
+    the environment of a LocalCluster's worker processes, so that Prefect there reports
+    to the flow's server instead of starting a temporary server in each worker."""
     if cfg.task_runner == "dask":
         from prefect_dask import DaskTaskRunner
         if cfg.dask_address:
             return DaskTaskRunner(address=cfg.dask_address)
-        return DaskTaskRunner(cluster_kwargs={"n_workers": cfg.workers, "threads_per_worker": 1,
-                                              "processes": True, "dashboard_address": None})
+        return DaskTaskRunner(cluster_kwargs=dask_cluster_kwargs(cfg, api_url))
     if cfg.task_runner == "processes":
         from prefect.task_runners import ProcessPoolTaskRunner
         return ProcessPoolTaskRunner(max_workers=cfg.workers)
     from prefect.task_runners import ThreadPoolTaskRunner
     return ThreadPoolTaskRunner(max_workers=cfg.workers)
+
+
+def dask_cluster_kwargs(cfg: GenerationConfig, api_url: str | None = None) -> dict:
+    """``LocalCluster`` arguments: ``cfg.workers`` single-threaded worker processes.
+
+    ``dashboard_address=None`` alone only turns the dashboard's pages off: the
+    scheduler's HTTP server (health and metrics routes) still listens on 8787, on every
+    interface. Without ``cfg.dask_dashboard`` it gets an ephemeral port on 127.0.0.1
+    instead; workers' HTTP servers are on ephemeral ports and without a dashboard as long
+    as ``worker_dashboard_address`` is None (distributed's default)."""
+    kwargs = {"n_workers": cfg.workers, "threads_per_worker": 1, "processes": True,
+              "dashboard_address": cfg.dask_dashboard}
+    if cfg.dask_dashboard is None:
+        kwargs["scheduler_kwargs"] = {"dashboard_address": "127.0.0.1:0"}
+    if api_url:
+        # Nanny's ``env``: set in each worker process before it runs anything.
+        kwargs["env"] = {"PREFECT_API_URL": api_url}
+    return kwargs
+
+
+def _flow_api_url() -> str:
+    """The Prefect API this flow run reports to: ``PREFECT_API_URL``, else the address
+    of the temporary server Prefect started for it."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        url = str(get_client(sync_client=True).api_url)   # the running temporary server
+    return url.rstrip("/")
 
 
 # Called with each finished shard record (the CLI's rich progress bar). Kept out of the
@@ -66,14 +165,28 @@ def generate_dataset(config: GenerationConfig) -> State[dict]:
     as JSON) with a one-line message, so the UI shows what a run did, cached or not.
     Render tasks run in this flow run, on a task runner the config chooses at run time
     (so deployments and ``pvit serve`` honour it too); when every shard is up to date no
-    runner starts at all."""
+    runner starts at all. The run holds the dataset's lock throughout
+    (``generation.dataset_lock``): a second writer of the same ``out`` fails naming it."""
+    from prefect.runtime import flow_run
+
+    from generation.dataset_lock import dataset_lock
+    with dataset_lock(config.out, owner=f"generate_dataset flow run '{flow_run.name}'"):
+        return _generate(config)
+
+
+def _generate(config: GenerationConfig) -> State[dict]:
     logger = get_run_logger()
     out = Path(config.out)
     manifest, todo, done = dataset.prepare(config)
     logger.info("%s: %d shards planned, %d up to date, %d to render", out,
                 len(todo) + len(done), len(done), len(todo))
     if todo:
-        manifest = _render(config, manifest, [dataset.job_to_dict(job) for job in todo])
+        try:
+            manifest = _render(config, manifest, [dataset.job_to_dict(job) for job in todo])
+        finally:
+            # Commits went to the manifest's journal (O(1) each): fold them into
+            # manifest.json now, failed run or not (a killed one's: the next prepare).
+            manifest = dataset.compact(out, manifest)
     shards = manifest["shards"]
     rendered = {job.name for job in todo}
     summary = {
@@ -96,13 +209,30 @@ def generate_dataset(config: GenerationConfig) -> State[dict]:
 
 
 def _render(config: GenerationConfig, manifest: dict, jobs: list[dict]) -> dict:
-    """Render ``jobs`` (one task each, in the calling flow run) and record every finished
-    shard in the manifest as its future resolves; returns the manifest.
+    """Render ``jobs`` in at most ``config.max_tasks_per_flow`` tasks (in the calling flow
+    run) and record every finished shard in the manifest as soon as it is finished;
+    returns the manifest.
+
+    A task renders a chunk of consecutive shards (``chunk_jobs``: one shard per task up
+    to ``max_tasks_per_flow`` shards). Each shard is committed, counted in the progress
+    artifact and passed to the progress hook once its task has left its record in
+    ``OUT/.render-records`` (looked for every ``RECORD_POLL_S``) or returned, whichever
+    comes first; so a killed run keeps every shard committed before the kill, as with one
+    task per shard. (A shard renamed into place but not yet committed renders again on
+    the next run: ``prepare`` keeps only what the manifest lists.)
 
     The runner is entered here rather than given to ``@flow``: its kind and size come
     from the config, which only exists once the run has started. ``TaskRunner.submit``
     attaches each task run to the current flow run, so the run a user started shows
-    the renders and every artifact."""
+    the renders and every artifact. Its tasks get the flow's API address (settings and,
+    on a LocalCluster, the workers' environment): Prefect in a Dask worker would
+    otherwise start a temporary server of its own."""
+    import queue
+    import shutil
+    import threading
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     out = Path(config.out)
     threads = config.render_threads or dataset.worker_threads(config.workers)
     runner_task = render_shard_task.with_options(
@@ -110,22 +240,63 @@ def _render(config: GenerationConfig, manifest: dict, jobs: list[dict]) -> dict:
         retry_jitter_factor=0)
     progress_id = create_progress_artifact(progress=0.0, key="generate-progress",
                                            description=f"shards rendered into {out}")
-    failures, finished = [], 0
-    with make_task_runner(config) as runner:
-        futures = [runner.submit(runner_task, {"job": job, "out_dir": str(out),
-                                               "threads": threads}) for job in jobs]
-        by_future = dict(zip(futures, jobs, strict=True))
-        for future in as_completed(futures):
-            job = dataset.job_from_dict(by_future[future])
-            try:
-                record = future.result()
-            except Exception as exc:  # noqa: BLE001 - collected, reported together below
-                failures.append(f"{job.label}: {exc}")
-                continue
-            dataset.commit(out, manifest, record)
-            finished += 1
-            update_progress_artifact(progress_id, 100.0 * finished / len(jobs))
-            _notify_shard(record)
+    records_dir = out / RECORDS_DIR
+    shutil.rmtree(records_dir, ignore_errors=True)   # a killed run's: never trusted
+    (records_dir / COMMITTED).mkdir(parents=True)
+    wanted = {job["name"] for job in jobs}
+    committed: set[str] = set()
+
+    def commit(record: dict) -> None:
+        if record["name"] in committed or record["name"] not in wanted:
+            return
+        dataset.commit(out, manifest, record)
+        committed.add(record["name"])
+        update_progress_artifact(progress_id, 100.0 * len(committed) / len(jobs))
+        _notify_shard(record)
+
+    def commit_recorded() -> None:
+        # O(records not yet seen) per look: a seen record moves to committed/ (where a
+        # retry of its task still finds it), so the directory listed stays small.
+        for entry in sorted(os.scandir(records_dir), key=lambda e: e.name):
+            name = entry.name.removesuffix(".json")
+            if entry.name.startswith(".") or not entry.is_file() or name == entry.name:
+                continue                        # a record being written, or committed/
+            record = _read_record(Path(entry.path), name)
+            if record is not None:
+                commit(record)
+                os.replace(entry.path, records_dir / COMMITTED / entry.name)
+
+    api_url = _flow_api_url()
+    failures = []
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: api_url}), \
+                make_task_runner(config, api_url) as runner:
+            chunks = chunk_jobs(jobs, config.max_tasks_per_flow)
+            futures = [runner.submit(runner_task, {"jobs": chunk, "out_dir": str(out),
+                                                   "threads": threads}) for chunk in chunks]
+            by_future = dict(zip(futures, chunks, strict=True))
+            finished: queue.Queue = queue.Queue()
+            threading.Thread(target=lambda: [finished.put(f) for f in as_completed(futures)],
+                             name="render-futures", daemon=True).start()
+            for _ in futures:
+                while True:
+                    try:
+                        future = finished.get(timeout=RECORD_POLL_S)
+                        break
+                    except queue.Empty:
+                        commit_recorded()
+                commit_recorded()               # the records it left before it failed
+                chunk = by_future[future]
+                try:
+                    records = future.result()
+                except Exception as exc:  # noqa: BLE001 - collected, reported together below
+                    label = dataset.job_from_dict(chunk[0]).label
+                    failures.append(f"{label}: {exc}" if len(chunk) == 1 else str(exc))
+                    continue
+                for record in records:
+                    commit(record)
+    finally:
+        shutil.rmtree(records_dir, ignore_errors=True)
     if failures:
         raise dataset.RenderError("render failed for " + "; ".join(failures))
     return manifest

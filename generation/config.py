@@ -62,11 +62,17 @@ class SceneConfig(BaseModel):
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
+# Clips one dataset (one ``out``) may plan: planning, the keep check and the manifest are
+# O(scenes) in memory (about 0.1 KB and 10 us per clip), so 10 M clips is ~1 GB and
+# minutes of planning before any render; a larger request is refused at once.
+MAX_SCENES = 10_000_000
+
+
 class GenerationConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     out: Path = Path("data/synthetic")      # shard directory
-    scenes: int = Field(8, gt=0)            # total clips
+    scenes: int = Field(8, gt=0)            # total clips (at most MAX_SCENES)
     scenes_per_shard: int = Field(4, gt=0)
     seed: int = Field(0, ge=0)              # scene i uses seed (seed, i) -> see scene_seed()
     workers: int = Field(1, gt=0, le=256)   # shards rendered at once (one process each)
@@ -76,7 +82,24 @@ class GenerationConfig(BaseModel):
     retries: int = Field(2, ge=0, le=20)    # re-runs of a crashed render worker
     task_runner: Literal["threads", "processes", "dask"] = "threads"
     dask_address: Optional[str] = None      # existing Dask scheduler; None = LocalCluster
+    # Replace a dataset made with another spec (``--overwrite``); without it such a run
+    # exits naming the changed fields (generation/spec_change.py).
+    overwrite: bool = False
+    # The LocalCluster's dashboard ("127.0.0.1:8787", ":0"); None = no dashboard at all.
+    dask_dashboard: Optional[str] = None
+    # Task runs one flow run may create: above this many shards a task renders several
+    # shards in sequence (ceil(shards / this) each), so that a large dataset never floods
+    # the Prefect server with task runs (see docs/deployment.md, "Sizing").
+    max_tasks_per_flow: int = Field(500, ge=1, le=100_000)
     scene: SceneConfig = Field(default_factory=SceneConfig)
+
+    @field_validator("scenes")
+    @classmethod
+    def _check_scenes(cls, value: int) -> int:
+        if value > MAX_SCENES:
+            raise ValueError(f"{value} clips is more than one dataset may hold (at most "
+                             f"{MAX_SCENES:,}); split it into several `out` directories")
+        return value
 
     @field_validator("out", mode="before")
     @classmethod

@@ -4,8 +4,10 @@ commit it atomically, and keep ``manifest.json`` up to date.
 
 Shard ``i`` holds scenes ``i*M .. min((i+1)*M, N) - 1``; scene ``j``'s seed is derived
 from ``(seed, j)`` so adding scenes never changes existing ones. A shard is kept on a
-rerun when the manifest lists it with the same spec hash and seeds and the file's
-sha256 still matches; anything else renders again.
+rerun when the manifest lists it with the same spec hash and seeds and the file's size
+and mtime still match the record (no shard byte is read; a changed mtime alone costs
+one sha256); anything else renders again. Commits append to the manifest's journal
+(O(1) each), which ``prepare`` and ``compact`` fold into ``manifest.json``.
 
 Everything a run writes besides shards and the manifest carries a name of its own
 (``.shard-NNNNNN.tar.PID.NS.partial``, ``.shard-NNNNNN.tar.PID.NS.job.json``, the
@@ -22,6 +24,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -34,10 +37,12 @@ from generation.assets import load_manifest
 from generation.config import GenerationConfig
 from generation.manifest import (
     MANIFEST_NAME,
+    append_journal,
+    journal_exists,
     new_manifest,
     read_manifest,
+    remove_journal,
     sha256_file,
-    upsert_shard,
     write_json_atomic,
 )
 
@@ -110,16 +115,23 @@ def prepare(cfg: GenerationConfig) -> tuple[dict, list[ShardJob], list[ShardJob]
     jobs = plan(cfg)
     old = read_manifest(out)
     dataset = {"scenes": cfg.scenes, "scenes_per_shard": cfg.scenes_per_shard, "seed": cfg.seed}
-    manifest = new_manifest(jobs[0].scene, jobs[0].spec_hash, classes_for(cfg), dataset)
+    manifest = new_manifest(jobs[0].scene, jobs[0].spec_hash, _classes(cfg, old, jobs[0]),
+                            dataset)
+    replacing = _replacing(cfg, old)   # raises SpecChanged unless cfg.overwrite
     same_spec = old is not None and old.get("spec_hash") == manifest["spec_hash"]
     old_records = _records_by_name(old) if same_spec else {}
     done, todo = [], []
     replaced: dict[str, list[str]] = {}   # reason -> existing shard files to render over
+    rehashed = False                      # a kept record got a new mtime_ns
     for job in jobs:
         path = out / job.name
-        reason = _why_not_done(old_records.get(job.name), job, path)
+        record = old_records.get(job.name)
+        mtime = record.get("mtime_ns") if record is not None else None
+        reason = _why_not_done(record, job, path)
         if reason is None:
-            upsert_shard(manifest, old_records[job.name])
+            rehashed |= record["mtime_ns"] != mtime
+            # jobs come in name order: appending keeps ``shards`` sorted, O(1) each
+            manifest["shards"].append(record)
             done.append(job)
             continue
         todo.append(job)
@@ -130,10 +142,18 @@ def prepare(cfg: GenerationConfig) -> tuple[dict, list[ShardJob], list[ShardJob]
                 reason = "the scene spec or renderer changed"
             replaced.setdefault(reason, []).append(job.name)
     _remove_leftovers(out, todo)
+    if replacing is not None and todo:
+        # Shards of the old spec still on disk, until each is rendered over (then it is in
+        # ``shards``) or, beyond the plan, removed at the end (docs/dataset-format.md).
+        manifest["replacing"] = replacing
     for reason, names in replaced.items():
         log.warning("%s: %s will be rendered again and replaced (%s)", out,
                     _name_list(names), reason)
-    write_json_atomic(out / MANIFEST_NAME, manifest)
+    # The journal (a killed run's commits) was folded in by read_manifest; compact it
+    # into manifest.json, then drop it. Nothing to write when nothing changed.
+    if rehashed or manifest != old or journal_exists(out):
+        write_json_atomic(out / MANIFEST_NAME, manifest)
+    remove_journal(out)
     stale = _stale_shards(out, {job.name for job in jobs})
     if stale and todo:
         log.warning("%s: %s beyond the %d planned will be removed once those are rendered",
@@ -141,6 +161,35 @@ def prepare(cfg: GenerationConfig) -> tuple[dict, list[ShardJob], list[ShardJob]
     elif stale:
         _remove_stale(out, stale, len(jobs))
     return manifest, todo, done
+
+
+def _replacing(cfg: GenerationConfig, old: dict | None) -> dict | None:
+    """What an overwrite replaces: the old spec and the names of its shards on disk.
+    Refuses (``SpecChanged``, before anything is touched) a spec change without
+    ``cfg.overwrite``; a resumed overwrite (the manifest already has the new spec and
+    a ``replacing`` record) carries the record over."""
+    from generation import spec_change
+    spec_change.check(cfg)
+    if old is None:
+        return None
+    if spec_change.changes(old, cfg):
+        return {"spec": old.get("spec"), "spec_hash": old.get("spec_hash"),
+                "renderer": old.get("renderer"), "dataset": old.get("dataset"),
+                "shards": spec_change.existing_shards(Path(cfg.out))}
+    previous = old.get("replacing")
+    return previous if isinstance(previous, dict) else None
+
+
+def _classes(cfg: GenerationConfig, old: dict | None, job: ShardJob) -> list[str]:
+    """The class list; an unchanged spec's comes from its manifest. The spec hash covers
+    the asset manifest's bytes and the code that makes the list (``render_scene.py``,
+    ``shard_format.py``), so it is the same list, and a rerun does not import the
+    renderer's modules (webdataset and torch: seconds on a cold process) to learn it."""
+    if old is not None and old.get("spec_hash") == job.spec_hash:
+        classes = old.get("classes")
+        if isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes):
+            return classes
+    return classes_for(cfg)
 
 
 def _records_by_name(manifest: dict | None) -> dict[str, dict]:
@@ -153,17 +202,34 @@ def _records_by_name(manifest: dict | None) -> dict[str, dict]:
 def _why_not_done(record: dict | None, job: ShardJob, path: Path) -> str | None:
     """None when ``record`` proves ``path`` is ``job``'s shard; else why it renders again.
     A record missing a field (hand-edited, or written by other code) counts as not done:
-    rendering it again repairs the dataset instead of crashing every run on it."""
+    rendering it again repairs the dataset instead of crashing every run on it.
+
+    Decided from metadata, without reading the shard: the file's size and mtime
+    (``os.stat``) must equal the record's ``bytes`` and ``mtime_ns`` (taken at
+    ``commit``). A file whose size matches but whose mtime does not (touched, copied
+    without its times, or a record from before mtimes were kept) is hashed once: kept,
+    with its new mtime recorded, if the sha256 still matches, since hashing costs far
+    less than rendering. Damage that keeps size and mtime is ``pvit verify``'s to find
+    (the full sha256 check)."""
     if record is None:
         return "not in the manifest"
     if any(not isinstance(record.get(k), t) for k, t in RECORD_FIELDS.items()):
         return "its manifest record is incomplete"
     if record["seeds"] != job.seeds or record["keys"] != job.keys:
         return "its scenes changed (seed or scenes_per_shard)"
-    if not path.is_file():
+    try:
+        st = path.stat()
+    except FileNotFoundError:
         return "missing"
+    if not stat.S_ISREG(st.st_mode):
+        return "missing"
+    if st.st_size != record["bytes"]:
+        return "its size does not match the manifest"
+    if record.get("mtime_ns") == st.st_mtime_ns:
+        return None
     if sha256_file(path) != record["sha256"]:
         return "its sha256 does not match the manifest"
+    record["mtime_ns"] = st.st_mtime_ns
     return None
 
 
@@ -301,21 +367,44 @@ def error_line(log_text: str) -> str | None:
     return lines[-1].strip() if lines else None
 
 
-def commit(out_dir: Path, manifest: dict, record: dict) -> None:
-    """Record a finished shard in the manifest (atomic replace). Once the manifest
-    holds every planned shard, shard files beyond the plan (a lowered scene count) are
-    removed, with a warning naming them; see ``prepare``."""
+def commit(out_dir: Path, manifest: dict, record: dict) -> int:
+    """Record a finished shard: its record (with the file's ``mtime_ns``, which the next
+    ``prepare`` compares instead of reading the shard) is one line appended to the
+    manifest's journal and fsynced, and appended to ``manifest["shards"]`` in memory.
+    O(1) whatever the dataset's size: ``manifest.json`` itself is rewritten only by
+    ``prepare`` and ``compact`` (the end of a run), which also sort and de-duplicate
+    ``shards``. Returns the bytes appended to the journal.
+
+    Once the manifest holds every planned shard, shard files beyond the plan (a lowered
+    scene count) are removed, with a warning naming them; see ``prepare``."""
     out_dir = Path(out_dir)
-    upsert_shard(manifest, record)
-    write_json_atomic(out_dir / MANIFEST_NAME, manifest)
+    try:
+        record["mtime_ns"] = os.stat(out_dir / record["name"]).st_mtime_ns
+    except FileNotFoundError:
+        record.pop("mtime_ns", None)   # no file: the next prepare finds it missing
+    written = append_journal(out_dir, manifest.get("spec_hash"), record)
+    shards = manifest["shards"]
+    shards.append(record)
     dataset = manifest.get("dataset") or {}
     if "scenes" in dataset and "scenes_per_shard" in dataset:
         planned = -(-dataset["scenes"] // dataset["scenes_per_shard"])
+        # O(1) until the last planned shard is in (prepare lists only planned shards)
+        if len(shards) < planned:
+            return written
         wanted = {SHARD_PATTERN.format(i) for i in range(planned)}
-        if wanted <= {s["name"] for s in manifest["shards"]}:
+        if wanted <= {s["name"] for s in shards}:
             stale = _stale_shards(out_dir, wanted)
             if stale:
                 _remove_stale(out_dir, stale, planned)
+    return written
+
+
+def compact(out_dir: Path, manifest: dict) -> dict:
+    """The end of a run (failed or not): fold the journal into ``manifest.json``
+    (atomic replace), remove the journal, and return the manifest with ``shards``
+    sorted and de-duplicated. See ``generation.manifest.compact``."""
+    from generation.manifest import compact as compact_manifest
+    return compact_manifest(Path(out_dir), manifest)
 
 
 def job_from_dict(data: dict) -> ShardJob:

@@ -22,6 +22,9 @@ def test_dask_local_cluster_renders_the_same_shards_as_threads(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump({"generation": {
         "out": str(dask_out), "scenes": 4, "scenes_per_shard": 2, "workers": 2, "retries": 0,
+        # One task renders both shards: its records reach the flow from a Dask worker
+        # process (tests/flows/test_bounded_fanout.py compares with one task per shard).
+        "max_tasks_per_flow": 1,
         "scene": {"resolution": 32, "frames": 2, "spp": 4, "min_objects": 3, "max_objects": 4}}}))
     result = pvit("generate", cfg, "--task-runner", "dask")
     assert result.returncode == 0, result.stderr[-2000:]

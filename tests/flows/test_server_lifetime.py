@@ -98,6 +98,32 @@ def refuses_connections(port):
     return False
 
 
+DASK_DASHBOARD_PORT = 8787
+IN_PROCESS_DASK = """
+import sys, yaml
+from flows.generate import generate_dataset
+from generation.config import GenerationConfig
+section = yaml.safe_load(open(sys.argv[1]))["generation"]
+generate_dataset(GenerationConfig(**{**section, "task_runner": "dask"}))
+"""
+
+
+def listening_ports(pid):
+    """Ports that ``pid`` or any of its descendants listens on."""
+    ports = set()
+    try:
+        tree = [psutil.Process(pid), *descendants(pid)]
+    except psutil.NoSuchProcess:
+        return ports
+    for p in tree:
+        try:
+            ports |= {c.laddr.port for c in p.net_connections(kind="inet")
+                      if c.status == psutil.CONN_LISTEN}
+        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+            pass
+    return ports
+
+
 def kill_all(processes):
     for p in processes:
         try:
@@ -132,18 +158,24 @@ def test_temporary_server_dies_when_pvit_generate_is_killed(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.blender
-@pytest.mark.parametrize("runner", ["processes", "dask"])
+@pytest.mark.parametrize("runner", ["processes", "dask", "dask-in-process"])
 def test_task_runner_children_share_the_server_and_a_clean_exit_stops_it(tmp_path, runner):
     out = tmp_path / "ds"
     cfg = write_config(tmp_path / "c.yaml", out)
     log = tmp_path / "pvit.log"                      # a file: an unread pipe could fill up
+    # "dask-in-process": the flow called from Python (benchmarks/pipeline.py, a notebook),
+    # without pvit's hook that shares the server's address through the environment.
+    command = ([sys.executable, "-c", IN_PROCESS_DASK, str(cfg)] if runner == "dask-in-process"
+               else [*PVIT, "generate", str(cfg), "--task-runner", runner])
     with log.open("w") as sink:
-        proc = subprocess.Popen([*PVIT, "generate", str(cfg), "--task-runner", runner],
-                                cwd=REPO, env=env_without_api_url(), stdout=sink, stderr=sink)
+        proc = subprocess.Popen(command, cwd=REPO, env=env_without_api_url(), stdout=sink,
+                                stderr=sink)
     seen = {}                                        # pid -> (process, cmdline, PREFECT_API_URL)
+    listening = set()                                # ports the tree listened on (pvit too)
     try:
         server, port = wait_for_server(proc, log=log)
         while proc.poll() is None:
+            listening |= listening_ports(proc.pid)
             for child in descendants(proc.pid):
                 if child.pid not in seen and cmdline(child):
                     try:
@@ -163,11 +195,21 @@ def test_task_runner_children_share_the_server_and_a_clean_exit_stops_it(tmp_pat
     assert [entry[0].pid for entry in servers] == [server.pid], [e[1][:200] for e in servers]
     workers = [entry for entry in seen.values() if "multiprocessing" in entry[1]
                or "distributed" in entry[1]]
-    assert workers and all(url == f"http://127.0.0.1:{port}/api" for _, _, url in workers)
+    assert workers
+    if runner != "dask-in-process":
+        # (In-process the address reaches the workers through Nanny's ``env``, set after
+        # the spawn, which /proc/PID/environ does not show; the one server above says it.)
+        assert all(url == f"http://127.0.0.1:{port}/api" for _, _, url in workers)
+    # No Dask dashboard unless asked for: the scheduler (in pvit) used to serve one on
+    # 8787, on every interface, although the cluster was asked for none.
+    assert DASK_DASHBOARD_PORT not in listening and port in listening
     # The normal path still stops the server (Prefect's atexit) and the watchdog leaves.
     assert "Stopping temporary server" in err
     watchdogs = [entry[0] for entry in seen.values() if WATCHDOG in entry[1]]
-    assert watchdogs and not wait_gone([server, *watchdogs], timeout=5)
+    if runner == "dask-in-process":
+        assert not watchdogs and not wait_gone([server], timeout=5)   # Prefect's own atexit
+    else:
+        assert watchdogs and not wait_gone([server, *watchdogs], timeout=5)
     assert refuses_connections(port)
     assert len(list(out.glob("shard-*.tar"))) == 1
 

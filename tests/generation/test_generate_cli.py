@@ -61,7 +61,7 @@ def test_generate_verify_show_and_incremental_reruns(tmp_path):
     assert {k: v[1] for k, v in shard_state(out2).items()} == {k: v[1] for k, v in after.items()}
 
     # A change that affects pixels renders everything again.
-    spp = pvit("generate", cfg, "--scenes", 6, "--spp", 2)
+    spp = pvit("generate", cfg, "--scenes", 6, "--spp", 2, "--overwrite")
     assert spp.returncode == 0 and "3 rendered, 0 kept" in spp.stderr
 
     # verify names a corrupted shard and a missing one.

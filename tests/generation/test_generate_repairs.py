@@ -16,7 +16,13 @@ from conftest import PVIT, REPO, pvit, write_config
 
 from generation import dataset
 from generation.config import GenerationConfig
-from generation.manifest import MANIFEST_NAME, WriteError, read_manifest, write_json_atomic
+from generation.manifest import (
+    JOURNAL_NAME,
+    MANIFEST_NAME,
+    WriteError,
+    read_manifest,
+    write_json_atomic,
+)
 
 # Smaller than conftest's TINY_SCENE: these tests render many times on two cores.
 SMALL = {"resolution": 32, "frames": 2, "spp": 1, "min_objects": 3, "max_objects": 4}
@@ -75,10 +81,12 @@ def test_manifest_commit_on_full_disk_raises_one_line_and_leaves_no_temp(tmp_pat
                   "keys": ["scene0000000"], "bytes": 10}
         with pytest.raises(WriteError) as info:
             dataset.commit(out, manifest, record)
-        assert str(info.value) == f"cannot write {out / MANIFEST_NAME}: No space left on device"
+        # a commit appends to the manifest's journal (manifest.json is left alone)
+        journal = out / JOURNAL_NAME
+        assert str(info.value) == f"cannot write {journal}: No space left on device"
         assert isinstance(info.value, OSError)
         assert (out / MANIFEST_NAME).read_text() == before      # the old one is intact
-        assert sorted(p.name for p in out.iterdir()) == [MANIFEST_NAME]   # no .tmp left
+        assert sorted(p.name for p in out.iterdir()) == [MANIFEST_NAME]   # no empty journal
 
 
 def test_write_json_atomic_removes_its_temp_when_the_write_fails(tmp_path):
@@ -149,7 +157,7 @@ def test_lowering_the_scene_count_names_what_it_removes_and_only_after_rendering
 
     # Fewer scenes and a new spec; shard 0's render fails: shard 2 must still be there.
     crash = {**os.environ, "PVIT_CRASH_ON_SEED": str(seeds_of(out, 1)[0])}
-    failed = pvit("generate", cfg, "--scenes", 2, "--spp", 2, env=crash)
+    failed = pvit("generate", cfg, "--scenes", 2, "--spp", 2, "--overwrite", env=crash)
     assert failed.returncode == 1, failed.stderr[-2000:]
     assert ("2 shards (shard-000000.tar, shard-000001.tar) will be rendered again and "
             "replaced (the scene spec or renderer changed)") in failed.stderr
@@ -166,7 +174,7 @@ def test_lowering_the_scene_count_names_what_it_removes_and_only_after_rendering
     assert sorted(shard_bytes(out)) == ["shard-000000.tar", "shard-000001.tar"]
 
     # The issue's case: nothing to render, so the extra shard goes at once, named.
-    fewer = pvit("generate", cfg, "--scenes", 1, "--spp", 2)
+    fewer = pvit("generate", cfg, "--scenes", 1, "--spp", 2, "--overwrite")
     assert fewer.returncode == 0 and "0 rendered, 1 kept" in fewer.stderr, fewer.stderr[-2000:]
     assert "removed 1 shard (shard-000001.tar) beyond the 1 planned" in fewer.stderr
     assert sorted(p.name for p in out.glob("*.tar")) == ["shard-000000.tar", "shard-old.tar"]
