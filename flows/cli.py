@@ -96,10 +96,13 @@ def writer_lock(out: Path, owner: str, *, break_lock: bool = False):
     """Hold the dataset lock of ``out`` for the block (the flow takes it again, within
     this process); another writer: one line naming it, exit 2."""
     from generation.dataset_lock import LockError, acquire, release
+    from generation.manifest import WriteError
     try:
         acquire(out, owner=owner, break_lock=break_lock, warn=warn)
     except LockError as exc:
         fail(str(exc))
+    except WriteError as exc:   # a full disk: the first file a run writes is the lock
+        fail(str(exc), code=1)
     try:
         yield
     finally:

@@ -31,6 +31,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Optional
 
+from generation.manifest import WriteError
+
 LOCK_NAME = ".pvit.lock"
 
 log = logging.getLogger(__name__)
@@ -86,7 +88,17 @@ def _try_flock(fd: int) -> Optional[bool]:
 
 def _create(path: Path, info: dict) -> Optional[int]:
     """Create the lock with ``info`` in it; returns its fd (flocked), or None when a
-    lock already exists."""
+    lock already exists. A lock that cannot be written (full disk, read-only directory)
+    is a ``WriteError``: one line naming the lock file, and no temporary file left."""
+    try:
+        return _create_unchecked(path, info)
+    except WriteError:
+        raise
+    except OSError as exc:
+        raise WriteError(exc.errno, exc.strerror, str(path)) from None
+
+
+def _create_unchecked(path: Path, info: dict) -> Optional[int]:
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
@@ -111,6 +123,12 @@ def _create(path: Path, info: dict) -> Optional[int]:
             os.write(fd, (json.dumps(info) + "\n").encode())
             os.fsync(fd)
         return fd
+    except OSError:
+        try:
+            os.close(fd)            # not handed out: the write failed
+        except OSError:
+            pass
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -16,6 +16,7 @@ from conftest import PVIT, REPO, pvit, write_config
 
 from generation import dataset
 from generation.config import GenerationConfig
+from generation.dataset_lock import LOCK_NAME
 from generation.manifest import (
     JOURNAL_NAME,
     MANIFEST_NAME,
@@ -140,9 +141,10 @@ def test_full_disk_is_one_error_line_without_traceback_or_temp_file(tmp_path):
         result = pvit("generate", cfg)
         assert result.returncode == 1, result.stderr[-2000:]
         errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-        assert errors == [f"error: cannot write {out / MANIFEST_NAME}: No space left on device"]
+        # the first file a run writes is its dataset lock
+        assert errors == [f"error: cannot write {out / LOCK_NAME}: No space left on device"]
         assert "Traceback" not in result.stderr
-        assert list(out.iterdir()) == []          # no 0-byte .manifest.json.PID.tmp
+        assert list(out.iterdir()) == []          # no 0-byte temporary lock or manifest
 
 
 @pytest.mark.slow
