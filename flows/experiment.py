@@ -91,6 +91,8 @@ def _first_error(exc: ValidationError) -> str:
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
         msg = "unknown key"
+    # a validator's own message already says what is wrong; pydantic's prefix adds nothing
+    msg = msg.removeprefix("Value error, ")
     extra = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
     return f"{where}: {msg}{extra}"
 

@@ -186,6 +186,6 @@ def test_too_many_scenes_is_refused_at_once_with_one_line(tmp_path):
     result = pvit("generate", cfg, "--scenes", 1_000_000_000, timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().splitlines() == [
-        f"error: {cfg}: generation.scenes: Value error, 1000000000 clips is more than one "
+        f"error: {cfg}: generation.scenes: 1000000000 clips is more than one "
         "dataset may hold (at most 10,000,000); split it into several `out` directories"]
     assert not (tmp_path / "ds").exists()
