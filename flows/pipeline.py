@@ -74,6 +74,8 @@ def force_stage(cfg: ExperimentConfig, stage: str) -> None:
         # that lists shards) is removed.
         if read_manifest(Path(cfg.generation.out)) is not None:
             (Path(cfg.generation.out) / "manifest.json").unlink()
+        # asked for by name: its shards are replaced (each as its new one is committed)
+        cfg.generation = cfg.generation.model_copy(update={"overwrite": True})
         return
     targets = {
         "toy_actions": cfg.toy_actions and cfg.toy_actions.out,

@@ -83,12 +83,13 @@ def check(cfg: GenerationConfig, hint: str = HINT) -> None:
     directory listing; touches nothing."""
     if cfg.overwrite:
         return
-    old = read_manifest(Path(cfg.out))
-    if old is None:
-        return
     shards = existing_shards(Path(cfg.out))
     if not shards:
         return                      # nothing on disk to lose
-    found = changes(old, cfg)
+    old = read_manifest(Path(cfg.out))
+    # Shard files that no manifest accounts for (someone else's, or a manifest lost or
+    # corrupted) would be rendered over and removed like a changed spec's: same refusal.
+    found = (["no readable manifest.json says how they were made"] if old is None
+             else changes(old, cfg))
     if found:
         raise SpecChanged(cfg.out, found, len(shards), hint)

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, pvit, write_config
 
 from generation import dataset_lock, spec_change
 from generation.config import GenerationConfig, SceneConfig
@@ -125,3 +125,26 @@ def test_check_refuses_only_when_shards_would_be_lost(tmp_path):
     assert "holds 1 shard made with another spec (generation.scene.spp: 2 → 3)" \
         in str(info.value) and "--overwrite" in str(info.value)
     spec_change.check(new.model_copy(update={"overwrite": True}))
+
+
+def test_shard_files_no_manifest_accounts_for_are_never_rendered_over(tmp_path):
+    """A directory with shard-NNNNNN.tar files but no readable manifest (someone else's
+    shards, or a lost manifest) is refused like a changed spec: nothing is replaced or
+    removed without --overwrite."""
+    out = tmp_path / "theirs"
+    out.mkdir()
+    (out / "shard-000000.tar").write_bytes(b"their shard")
+    (out / "shard-000009.tar").write_bytes(b"another")
+    cfg = write_config(tmp_path / "c.yaml", out)
+    result = pvit("generate", cfg)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "holds 2 shards" in lines[0] and "no readable manifest.json" in lines[0]
+    assert "--overwrite" in lines[0]
+    assert (out / "shard-000000.tar").read_bytes() == b"their shard"
+    assert sorted(p.name for p in out.iterdir()) == ["shard-000000.tar", "shard-000009.tar"]
+    gen = GenerationConfig(out=out)
+    (out / "manifest.json").write_text("{ not json")    # a corrupted manifest: the same
+    with pytest.raises(spec_change.SpecChanged):
+        spec_change.check(gen)
+    spec_change.check(gen.model_copy(update={"overwrite": True}))
