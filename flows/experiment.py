@@ -77,12 +77,37 @@ class ExperimentConfig(BaseModel):
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:
     node = data
     *parents, leaf = dotted.split(".")
-    for part in parents:
+    for i, part in enumerate(parents):
         child = node.get(part)
         if child is None:
             child = node[part] = {}
+        if not isinstance(child, dict):
+            where = ".".join(parents[:i + 1])
+            raise ConfigError(f"--set {dotted}: {where} is a value, not a section")
         node = child
     node[leaf] = value
+
+
+def parse_set(items: list[str] | None) -> list[tuple[str, Any]]:
+    """``--set key=value`` items as (dotted key, value) pairs, in order.
+
+    The value is read as YAML, as it would be in the file: ``null`` is None, ``[a, b]``
+    a list, ``1e-4`` a string that the field's type then validates. The key is checked
+    against the schema later, with the rest of the file, so an unknown key reads
+    exactly like an unknown key in the file."""
+    pairs = []
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {key}: value is not valid YAML "
+                              f"({str(exc).splitlines()[0]})") from None
+        pairs.append((key, value))
+    return pairs
 
 
 def _first_error(exc: ValidationError) -> str:
@@ -97,9 +122,13 @@ def _first_error(exc: ValidationError) -> str:
     return f"{where}: {msg}{extra}"
 
 
-def load_experiment(path: Path | str | None, overrides: dict[str, Any] | None = None
-                    ) -> ExperimentConfig:
-    """Read and validate an experiment file; raises ``ConfigError`` with one line."""
+def load_experiment(path: Path | str | None, overrides: dict[str, Any] | None = None,
+                    sets: list[str] | None = None) -> ExperimentConfig:
+    """Read and validate an experiment file; raises ``ConfigError`` with one line.
+
+    ``overrides`` are the commands' own flags (None = not given); ``sets`` are
+    ``--set key=value`` items, applied last, so ``--set finetune.init=null`` can also
+    clear a value (a flag cannot)."""
     data: dict = {}
     if path is not None:
         path = Path(path)
@@ -114,6 +143,8 @@ def load_experiment(path: Path | str | None, overrides: dict[str, Any] | None = 
     for dotted, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(data, dotted, value)
+    for dotted, value in parse_set(sets):
+        _set_dotted(data, dotted, value)
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as exc:
