@@ -18,7 +18,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --no-deps kubric-nightly==2023.12.27
 	touch $(STAMP)
 
+# ensure_postgres.sh: PostgreSQL's server binaries for the Prefect-on-PostgreSQL test,
+# installed where missing and possible (otherwise one line says that test skips).
 install: $(STAMP)
+	@scripts/ensure_postgres.sh
 
 run: install
 	$(BIN)/pvit pipeline $(CONFIG)

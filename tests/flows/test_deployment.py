@@ -1,8 +1,10 @@
-"""The deployment path end to end, with real processes: ``prefect server start`` on
-127.0.0.1, then (1) a process work pool, ``prefect deploy`` of ``generate_dataset``
-from the project's ``prefect.yaml``, a worker, ``prefect deployment run``; (2) the
-same flow served by ``pvit serve`` and run the same way. Each run's shards must exist
-and verify. Every process started here is stopped in ``finally``.
+"""The deployment path end to end, with real processes, on Prefect's SQLite database:
+``prefect server start`` on 127.0.0.1, then (1) a process work pool, ``prefect deploy``
+of ``generate_dataset`` from the project's ``prefect.yaml``, a worker, ``prefect
+deployment run``; (2) the same flow served by ``pvit serve`` and run the same way. Each
+run's shards must exist and verify. Every process started here is stopped in
+``finally``. The steps live in ``prefect_deployment.py``; ``test_postgres_deployment.py``
+runs (1) on PostgreSQL.
 
 Everything Prefect-side lives in a temporary ``PREFECT_HOME`` (its SQLite database
 included), so the tests never touch ``~/.prefect`` or a server the user runs.
@@ -10,182 +12,18 @@ included), so the tests never touch ``~/.prefect`` or a server the user runs.
 
 from __future__ import annotations
 
-import json
-import os
-import re
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
-import psutil
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
-PREFECT = [sys.executable, "-m", "prefect"]
-PVIT = [sys.executable, "-m", "flows.cli"]
-POOL = "pvit-process"                    # the work pool named in prefect.yaml
-DEPLOYMENT = "generate_dataset/process"  # <flow name>/<deployment name> in prefect.yaml
-SERVER_START_S = 120
-FLOW_RUN_S = 300
-TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def tiny_generation(out: Path) -> dict:
-    """A ``GenerationConfig`` as the flow's ``config`` parameter: 2 one-clip shards."""
-    return {"out": str(out), "scenes": 2, "scenes_per_shard": 1, "workers": 1, "retries": 0,
-            "scene": {"resolution": 32, "frames": 2, "spp": 4,
-                      "min_objects": 3, "max_objects": 4}}
-
-
-class Processes:
-    """Background processes in their own process groups, each logging to a file."""
-
-    def __init__(self, log_dir: Path, env: dict):
-        self.log_dir, self.env = log_dir, env
-        self.started: list[tuple[subprocess.Popen, Path]] = []
-
-    def start(self, name: str, args: list[str]) -> subprocess.Popen:
-        log = self.log_dir / f"{name}.log"
-        with log.open("wb") as sink:
-            proc = subprocess.Popen(args, cwd=REPO, env=self.env, stdout=sink,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
-        self.started.append((proc, log))
-        return proc
-
-    def logs(self, tail: int = 4000) -> str:
-        return "\n".join(f"--- {log.name} ---\n{log.read_text(errors='replace')[-tail:]}"
-                         for _, log in self.started)
-
-    def stop_all(self) -> None:
-        # Descendants first noted, then the groups stopped: a flow-run subprocess may
-        # have started its own session, so killing the group alone could miss it.
-        for proc, _ in reversed(self.started):
-            try:
-                children = psutil.Process(proc.pid).children(recursive=True)
-            except psutil.NoSuchProcess:
-                children = []
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                try:
-                    os.killpg(proc.pid, sig)
-                except ProcessLookupError:
-                    pass
-                try:
-                    proc.wait(timeout=15)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
-            for child in children:
-                try:
-                    child.kill()
-                except psutil.NoSuchProcess:
-                    pass
-            psutil.wait_procs(children, timeout=5)
-
-
-def prefect(*args: str, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([*PREFECT, "--no-prompt", *args], cwd=REPO, env=env, check=False,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def check(result: subprocess.CompletedProcess, procs: Processes) -> str:
-    assert result.returncode == 0, (f"{result.args} exited {result.returncode}:\n"
-                                    f"{result.stdout}\n{result.stderr}\n{procs.logs()}")
-    return result.stdout
-
-
-def wait_healthy(api_url: str, server: subprocess.Popen, procs: Processes) -> None:
-    deadline = time.monotonic() + SERVER_START_S
-    while time.monotonic() < deadline:
-        assert server.poll() is None, f"prefect server exited:\n{procs.logs()}"
-        try:
-            if httpx.get(f"{api_url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    pytest.fail(f"prefect server not healthy after {SERVER_START_S}s:\n{procs.logs()}")
-
-
-def wait_deployment(api_url: str, name: str, serving: subprocess.Popen,
-                    procs: Processes) -> None:
-    """Wait until ``pvit serve`` has registered deployment ``name`` (flow/deployment)."""
-    deadline = time.monotonic() + SERVER_START_S
-    while time.monotonic() < deadline:
-        assert serving.poll() is None, f"pvit serve exited:\n{procs.logs()}"
-        if httpx.get(f"{api_url}/deployments/name/{name}", timeout=5).status_code == 200:
-            return
-        time.sleep(1)
-    pytest.fail(f"deployment {name} not registered after {SERVER_START_S}s:\n{procs.logs()}")
-
-
-def wait_flow_run(api_url: str, flow_run_id: str, procs: Processes) -> str:
-    """Poll the REST API until the run is terminal; returns its state type."""
-    deadline = time.monotonic() + FLOW_RUN_S
-    state = None
-    while time.monotonic() < deadline:
-        response = httpx.get(f"{api_url}/flow_runs/{flow_run_id}", timeout=10)
-        response.raise_for_status()
-        state = (response.json().get("state") or {}).get("type")
-        if state in TERMINAL:
-            return state
-        time.sleep(2)
-    pytest.fail(f"flow run {flow_run_id} still {state} after {FLOW_RUN_S}s:\n{procs.logs()}")
-
-
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
-    """A real ``prefect server start`` on a free 127.0.0.1 port with its own
-    ``PREFECT_HOME``; yields the environment that points every client at it."""
-    home = tmp_path_factory.mktemp("prefect")
-    port = free_port()
-    api_url = f"http://127.0.0.1:{port}/api"
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(home / "prefect-home"),
-        "PREFECT_API_URL": api_url,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # no network here
-        "PREFECT_SERVER_UI_ENABLED": "false",
-        "PREFECT_WORKER_QUERY_SECONDS": "2",          # pick runs up quickly
-        "PREFECT_RUNNER_POLL_FREQUENCY": "2",         # the same for `pvit serve`
-        "TF_CPP_MIN_LOG_LEVEL": "3",
-    }
-    procs = Processes(home, env)
-    try:
-        server = procs.start("server", [*PREFECT, "server", "start", "--host", "127.0.0.1",
-                                        "--port", str(port), "--no-ui"])
-        wait_healthy(api_url, server, procs)
-        yield env
-    finally:
-        procs.stop_all()
-
-
-def run_and_verify(deployment: str, out: Path, procs: Processes) -> None:
-    """Trigger ``deployment`` with the tiny config, wait for it, verify the shards."""
-    env = procs.env
-    params = json.dumps({"config": tiny_generation(out)})
-    stdout = check(prefect("deployment", "run", deployment, "--params", params, env=env), procs)
-    match = re.search(r"UUID:\s*([0-9a-f-]{36})", stdout)
-    assert match, f"no flow run id in:\n{stdout}"
-    state = wait_flow_run(env["PREFECT_API_URL"], match.group(1), procs)
-    assert state == "COMPLETED", f"flow run ended {state}:\n{procs.logs()}"
-
-    assert sorted(p.name for p in out.glob("shard-*.tar")) == ["shard-000000.tar",
-                                                                "shard-000001.tar"]
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert [s["samples"] for s in manifest["shards"]] == [1, 1]
-    verify = subprocess.run([*PVIT, "verify", str(out)], cwd=REPO, env=env, check=False,
-                            capture_output=True, text=True, timeout=300)
-    assert verify.returncode == 0, verify.stdout + verify.stderr
+from prefect_deployment import (
+    FLOW_RUN_S,
+    PVIT,
+    SERVER_START_S,
+    Processes,
+    run_and_verify,
+    run_on_process_pool,
+    wait_deployment,
+)
 
 
 @pytest.mark.slow
@@ -193,14 +31,11 @@ def run_and_verify(deployment: str, out: Path, procs: Processes) -> None:
 def test_generate_dataset_deployment_on_process_pool(prefect_server, tmp_path):
     procs = Processes(tmp_path, prefect_server)
     try:
-        check(prefect("work-pool", "create", POOL, "--type", "process", env=procs.env), procs)
-        check(prefect("deploy", "--prefect-file", str(REPO / "prefect.yaml"),
-                      "--name", DEPLOYMENT, env=procs.env), procs)
-        procs.start("worker", [*PREFECT, "worker", "start", "--pool", POOL,
-                               "--type", "process", "--limit", "1"])
-        run_and_verify(DEPLOYMENT, tmp_path / "shards", procs)
+        run_on_process_pool(tmp_path / "shards", procs)
     finally:
         procs.stop_all()
+    # The server kept its runs in the SQLite database of its own PREFECT_HOME.
+    assert (Path(prefect_server["PREFECT_HOME"]) / "prefect.db").is_file()
 
 
 @pytest.mark.slow
