@@ -13,6 +13,10 @@ load hits both sides. The last line printed is one JSON object.
 
     .venv/bin/python benchmarks/model.py                   # ViT-Ti, 16 x 224, CPU or GPU
     .venv/bin/python benchmarks/model.py --img-size 64 --frames 8 --batch 8   # quick
+    .venv/bin/python benchmarks/model.py --model mvitv2_s --repeats 3   # the paper's backbone
+
+``--model`` takes any registered name (``training.model.list_models()``): the two sides
+are the same family, built by ``create_model`` with ``variant`` vit and pvit.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ WEIGHTS = dict(depth=0.5, normals=0.5, segmentation=0.1, pose=3.0, action=1.0)
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="pvit_tiny")
+    p.add_argument("--model", default="pvit_tiny", help="a registered model, e.g. mvitv2_s")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--label-size", type=int, default=56)

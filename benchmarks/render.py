@@ -1,23 +1,35 @@
-"""Rendering throughput, measured side by side in one run on the same scenes.
+"""Rendering throughput and where a frame's time goes, measured side by side in one run.
 
 1. ``pvit generate``: the whole command (Prefect flow, one worker process per shard
-   rendering every scene of it, shards written and verified by checksum).
+   rendering every scene of it, shards written and verified by checksum). Its worker
+   logs its own timings (``timings`` line of ``logs/shard-*.log``): process start and
+   imports, per scene build + physics, render call, pass reading, label
+   post-processing, and the shard write.
 2. A bare Kubric script run the way Kubric's own workers run: one process per scene,
    writing Kubric's per-frame layer files (``kb.write_image_dict``). Kubric's renderer
    needs this project's Blender 4.5 fixes to run at all, so it uses ``Blender45``.
-3. Label overhead: the same scenes rendered in one process with the label passes
-   (Z, Normal, Cryptomatte on the auxiliary view layer) and with RGB only.
+3. One warm process renders every scene three more times, interleaved so that drift
+   hits all alike: RGB only and with labels at ``--spp`` (the label layer's cost), and
+   with labels at 1 spp (the slope over spp is path tracing proper; what is left of the
+   render call is Blender's scene sync, the compositor and the pass files); then frame 1
+   of each scene at ``--ref-spp``, the reference both RGBs' PSNR is taken against.
 
-Prints a table and, on its last line, one JSON object:
-``sec_per_frame``, ``sec_per_frame_kubric``, ``ratio_vs_kubric``, ``label_overhead_ratio``.
+Prints the breakdown table and, on its last line, one JSON object: ``sec_per_frame``,
+``sec_per_frame_kubric``, ``ratio_vs_kubric``, ``label_overhead_ratio``,
+``sampling_s_per_frame``, ``overhead_ratio`` (steady-state s/frame, scenes after a
+warm-up, build to shard write, / ``sampling_s_per_frame``, both from process 3), ``fixed_s`` (the
+command's cost outside the render worker), ``rgb_psnr_db``, ``rgb_psnr_db_kubric``.
 
     .venv/bin/python benchmarks/render.py [--scenes 8 --frames 8 --resolution 128 --spp 16]
+    .venv/bin/python benchmarks/render.py --device cuda --resolution 256 --frames 24 \\
+        --spp 64 --denoise --workers 2 --workers-per-gpu 2      # MOVi's settings on a GPU
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -25,6 +37,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,6 +46,7 @@ BARE_KUBRIC_WORKER = textwrap.dedent("""
     import sys, time, numpy as np
     import kubric as kb
     from generation.config import SceneConfig
+    from generation.devices import use_device
     from generation.kubric_compat import Blender45
     from generation.recipes import get_recipe
     from generation.assets import load_manifest
@@ -40,6 +54,7 @@ BARE_KUBRIC_WORKER = textwrap.dedent("""
     scene = kb.Scene(resolution=(cfg.resolution,) * 2, frame_start=1, frame_end=cfg.frames,
                      frame_rate=cfg.fps, step_rate=240)
     renderer = Blender45(scene, samples_per_pixel=cfg.spp, use_denoising=cfg.denoise)
+    use_device(sys.argv[4])
     ids = sorted(load_manifest(cfg.asset_manifest)["assets"])
     with kb.AssetSource.from_manifest(str(cfg.asset_manifest)) as src:
         get_recipe(cfg.recipe)(scene, cfg, np.random.RandomState(seed), src, ids)
@@ -47,25 +62,56 @@ BARE_KUBRIC_WORKER = textwrap.dedent("""
     kb.write_image_dict(data, kb.as_path(out))
 """)
 
-LABEL_OVERHEAD = textwrap.dedent("""
+BREAKDOWN = textwrap.dedent("""
     import json, sys
+    import numpy as np
     from generation.config import SceneConfig
     from generation.render_scene import render_clip
     cfg = SceneConfig.model_validate_json(sys.argv[1]); seeds = json.loads(sys.argv[2])
-    render_clip(cfg, seeds[0], "warmup", labels_on=True)
-    times = {"labels": 0.0, "rgb": 0.0}
-    for seed in seeds:           # interleaved, so drift hits both equally
-        for mode in ("rgb", "labels"):
-            _, t = render_clip(cfg, seed, "s", labels_on=(mode == "labels"))
-            times[mode] += t["render_s"]
-    print("RESULT " + json.dumps(times), flush=True)
+    ref_spp, device, ref_out = int(sys.argv[3]), sys.argv[4], sys.argv[5]
+    one = cfg.model_copy(update={"spp": 1})
+    render_clip(cfg, seeds[0], "warmup", labels_on=True, device=device)
+    runs = {"rgb": [], "labels": [], "labels_1spp": []}
+    for seed in seeds:           # interleaved, so drift hits every mode equally
+        for mode, c, on in (("rgb", cfg, False), ("labels", cfg, True), ("labels_1spp", one, True)):
+            runs[mode].append(render_clip(c, seed, "s", labels_on=on, device=device)[1])
+    ref = cfg.model_copy(update={"spp": ref_spp, "denoise": False})
+    refs = [render_clip(ref, seed, "r", labels_on=False, device=device, frames=[1])[0]["rgb"][0]
+            for seed in seeds]
+    np.save(ref_out, np.stack(refs))
+    print("RESULT " + json.dumps(runs), flush=True)
 """)
 
 
-def run(cmd: list[str], **kwargs) -> float:
+def run(cmd: list[str], env: dict | None = None) -> float:
     t0 = time.perf_counter()
-    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True, **kwargs)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        sys.exit(f"error: {' '.join(cmd[:4])} failed ({proc.returncode}): "
+                 f"{proc.stderr.strip().splitlines()[-1:]}")
     return time.perf_counter() - t0
+
+
+def psnr(images: list[np.ndarray], refs: np.ndarray) -> float:
+    """PSNR of 8-bit RGB frames against the references, over all pixels pooled."""
+    err = np.mean([(np.asarray(a, np.float64) - np.asarray(r, np.float64)) ** 2
+                   for a, r in zip(images, refs, strict=True)])
+    return float(10 * np.log10(255.0 ** 2 / max(err, 1e-12)))
+
+
+def worker_timings(out: Path) -> list[dict]:
+    """The ``timings`` line of each shard's (last) worker log."""
+    found = []
+    for log in sorted((out / "logs").glob("*.log")):
+        lines = [ln for ln in log.read_text().splitlines() if ln.startswith("timings ")]
+        if lines:
+            found.append(json.loads(lines[-1][len("timings "):]))
+    return found
+
+
+def mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else float("nan")
 
 
 def main() -> None:
@@ -74,50 +120,132 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--resolution", type=int, default=128)
     parser.add_argument("--spp", type=int, default=16)
+    parser.add_argument("--ref-spp", type=int, default=256, help="reference render for PSNR")
+    parser.add_argument("--denoise", action="store_true")
+    parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "optix"])
+    parser.add_argument("--workers", type=int, default=1, help="pvit generate --workers")
+    parser.add_argument("--workers-per-gpu", type=int, default=1)
+    parser.add_argument("--scenes-per-shard", type=int, default=None,
+                        help="default: all scenes in one shard (one worker)")
     args = parser.parse_args()
 
     sys.path.insert(0, str(REPO))
     from generation.config import GenerationConfig
     from generation.dataset import plan
+    from generation.devices import preflight, visible_gpus, worker_env
+    from generation.shard_format import read_shard
 
-    scene = {"resolution": args.resolution, "frames": args.frames, "spp": args.spp}
+    device = preflight(args.device)
+    pin = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3",
+           **worker_env(device, 0, 1, visible_gpus())}
+    scene = {"resolution": args.resolution, "frames": args.frames, "spp": args.spp,
+             "denoise": args.denoise}
+    per_shard = args.scenes_per_shard or args.scenes
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        gen = {"out": str(tmp / "ds"), "scenes": args.scenes, "scenes_per_shard": args.scenes,
-               "workers": 1, "scene": scene}
+        gen = {"out": str(tmp / "ds"), "scenes": args.scenes, "scenes_per_shard": per_shard,
+               "workers": args.workers, "device": device,
+               "workers_per_gpu": args.workers_per_gpu, "scene": scene}
         (tmp / "c.yaml").write_text(yaml.safe_dump({"generation": gen}))
         cfg = GenerationConfig.model_validate(gen)
-        seeds = plan(cfg)[0].seeds
+        seeds = [s for job in plan(cfg) for s in job.seeds]
         frames = args.scenes * args.frames
 
         pvit_s = run([sys.executable, "-m", "flows.cli", "generate", str(tmp / "c.yaml")])
         manifest = json.loads((tmp / "ds" / "manifest.json").read_text())
         worker_s = sum(s["worker_seconds"] for s in manifest["shards"])
+        workers = worker_timings(tmp / "ds")
+        ours = {}
+        for shard in sorted(manifest["shards"], key=lambda s: s["name"]):
+            for clip in read_shard(tmp / "ds" / shard["name"]):
+                ours[clip["meta"]["seed"]] = clip["rgb"][0]
 
         spec = cfg.scene.model_dump_json()
         kubric_s = sum(run([sys.executable, "-c", BARE_KUBRIC_WORKER, spec, str(seed),
-                            str(tmp / f"kubric_{seed}")]) for seed in seeds)
+                            str(tmp / f"kubric_{seed}"), device], env=pin) for seed in seeds)
+        from PIL import Image
+        kubric_rgb = [np.asarray(Image.open(tmp / f"kubric_{seed}" / "rgba_00000.png"))[..., :3]
+                      for seed in seeds]
 
-        out = subprocess.run([sys.executable, "-c", LABEL_OVERHEAD, spec, json.dumps(seeds)],
-                             cwd=REPO, check=True, capture_output=True, text=True).stdout
+        out = subprocess.run([sys.executable, "-c", BREAKDOWN, spec, json.dumps(seeds),
+                              str(args.ref_spp), device, str(tmp / "ref.npy")],
+                             cwd=REPO, check=True, capture_output=True, text=True,
+                             env=pin).stdout
         # Blender writes its own lines to stdout too; ours is marked.
-        overhead = json.loads(next(line[7:] for line in out.splitlines()
-                                   if line.startswith("RESULT ")))
+        runs = json.loads(next(line[7:] for line in out.splitlines()
+                               if line.startswith("RESULT ")))
+        refs = np.load(tmp / "ref.npy")
+
+    f = args.frames
+    calls = {m: mean(t["render_calls_s"] for t in runs[m]) / f for m in runs}
+    sampling = (calls["labels"] - calls["labels_1spp"]) / max(args.spp - 1, 1) * args.spp
+    aux = calls["labels"] - calls["rgb"]
+    # Steady state = scenes after a warm-up in one process, the same work as the
+    # worker's scenes after its first; taken from the process that measured the slope,
+    # since on a shared machine the load differs between processes run minutes apart
+    # (the pvit worker's own figure is reported beside it).
+    steady = runs["labels"]
+    worker_steady = [s for w in workers for s in w["scenes"][1:]] or [
+        s for w in workers for s in w["scenes"]]
+    n_scenes = sum(len(w["scenes"]) for w in workers)
+    write_per_frame = sum(w["write_s"] for w in workers) / (n_scenes * f)
+
+    def per_frame(scenes) -> float:
+        return mean(s["build_s"] + s["render_s"] + s["labels_s"] for s in scenes) / f \
+            + write_per_frame
+
+    build = mean(s["build_s"] for s in steady) / f
+    pass_io = mean(s["pass_io_s"] for s in steady) / f
+    label_post = mean(s["labels_s"] for s in steady) / f
+    steady_per_frame = per_frame(steady)
+    sync = calls["labels"] - sampling - aux
+    start = mean(w["interpreter_s"] + w["startup_s"] for w in workers)
+    fixed = pvit_s - worker_s
+
+    rows = [
+        ("process start and imports (Python, torch, bpy, kubric without TensorFlow)",
+         f"{start:.2f} s per worker"),
+        ("scene build and physics (Blender reset, assets, recipe, PyBullet)",
+         f"{build:.4f} s/frame"),
+        ("Blender scene sync + compositor + pass file writes (render call - the two below)",
+         f"{sync:.4f} s/frame"),
+        (f"path tracing proper (slope over spp x {args.spp})", f"{sampling:.4f} s/frame"),
+        ("auxiliary label layer (render call with labels - RGB only)", f"{aux:.4f} s/frame"),
+        ("pass file reading + Kubric post-processors", f"{pass_io:.4f} s/frame"),
+        ("label post-processing (generation.labels)", f"{label_post:.4f} s/frame"),
+        ("shard write", f"{write_per_frame:.4f} s/frame"),
+        ("steady-state total (scenes after the first, build to shard write)",
+         f"{steady_per_frame:.4f} s/frame"),
+        ("  the same in the pvit generate worker (measured minutes earlier)",
+         f"{per_frame(worker_steady):.4f} s/frame"),
+        ("command's fixed cost (Prefect server, flow, checksums; outside the worker)",
+         f"{fixed:.2f} s"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    print(f"{'where the time goes':<{width}}  value")
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
 
     result = {
         "scenes": args.scenes, "frames_per_scene": args.frames, "resolution": args.resolution,
-        "spp": args.spp,
+        "spp": args.spp, "device": device, "denoise": args.denoise, "workers": args.workers,
+        "workers_per_gpu": args.workers_per_gpu, "ref_spp": args.ref_spp,
         "sec_per_frame": round(pvit_s / frames, 4),
         "sec_per_frame_worker": round(worker_s / frames, 4),
         "sec_per_frame_kubric": round(kubric_s / frames, 4),
         "ratio_vs_kubric": round(pvit_s / kubric_s, 3),
-        "label_overhead_ratio": round(overhead["labels"] / overhead["rgb"], 3),
+        "label_overhead_ratio": round(calls["labels"] / calls["rgb"], 3),
+        "sampling_s_per_frame": round(sampling, 4),
+        "steady_s_per_frame": round(steady_per_frame, 4),
+        "steady_s_per_frame_worker": round(per_frame(worker_steady), 4),
+        "overhead_ratio": round(steady_per_frame / sampling, 3),
+        "fixed_s": round(fixed, 2),
+        "rgb_psnr_db": round(psnr([ours[s] for s in seeds], refs), 2),
+        "rgb_psnr_db_kubric": round(psnr(kubric_rgb, refs), 2),
     }
-    print(f"pvit generate (whole command, Prefect included): {result['sec_per_frame']:.3f} s/frame")
-    print(f"  of which the render worker process:            {result['sec_per_frame_worker']:.3f} s/frame")
-    print(f"bare Kubric, one process per scene:              {result['sec_per_frame_kubric']:.3f} s/frame")
-    print(f"ratio pvit / kubric:                             {result['ratio_vs_kubric']:.3f}")
-    print(f"render time with labels / RGB only:              {result['label_overhead_ratio']:.3f}")
+    print(f"pvit generate (whole command): {result['sec_per_frame']:.3f} s/frame; "
+          f"bare Kubric: {result['sec_per_frame_kubric']:.3f} s/frame; "
+          f"ratio {result['ratio_vs_kubric']:.3f}")
     print(json.dumps(result))
 
 

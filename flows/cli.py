@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 from flows.experiment import ConfigError, ExperimentConfig, load_experiment
+from training.commands import SetOpt
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Synthetic scenes -> WebDataset shards -> PViT, as Prefect flows.")
@@ -24,15 +25,17 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def load_or_exit(config: Optional[Path], overrides: dict) -> ExperimentConfig:
+def load_or_exit(config: Optional[Path], overrides: dict,
+                 sets: Optional[list[str]] = None) -> ExperimentConfig:
     try:
-        return load_experiment(config, overrides)
+        return load_experiment(config, overrides, sets)
     except ConfigError as exc:
         fail(str(exc))
 
 
-def dataset_or_exit(location: Path) -> Path:
-    """The local shard directory named by a DIR argument; a scheme (pipe:...) exits 2."""
+def dataset_or_exit(location: Path) -> Path | str:
+    """The shard directory (a local ``Path``) or object-store URL (``s3://b/ds``) named by
+    a DIR argument; any other scheme (pipe:...) exits 2."""
     from generation.locations import LocationError, dataset_path
     try:
         return dataset_path(str(location))
@@ -41,13 +44,18 @@ def dataset_or_exit(location: Path) -> Path:
 
 
 def check_writable_dir(path: Path, what: str) -> None:
-    """Fail (exit 2) before any work if ``path`` cannot become a writable directory."""
+    """Fail (exit 2) before any work if ``path`` cannot become a writable directory (for
+    an object-store URL: if its bucket does not answer or does not exist)."""
     from generation.locations import LocationError
     from generation.locations import check_writable_dir as probe
+    from generation.storage import Location, WriteError, is_remote
     try:
-        probe(path, what)
-    except LocationError as exc:
-        fail(str(exc))
+        if is_remote(path):
+            Location(path).makedirs()
+        else:
+            probe(path, what)
+    except (LocationError, WriteError) as exc:
+        fail(f"{what}: {exc}" if isinstance(exc, WriteError) else str(exc))
 
 
 @app.command()
@@ -69,6 +77,10 @@ def generate(
                                    "changed fields"),
     break_lock: bool = typer.Option(False, "--break-lock", help="remove another host's lock "
                                     "on --out (only when that run is known to be gone)"),
+    device: Optional[str] = typer.Option(None, help="Cycles device: auto (OptiX, then CUDA, "
+                                         "then CPU) | cpu | cuda | optix"),
+    workers_per_gpu: Optional[int] = typer.Option(None, help="render workers sharing one GPU"),
+    sets: Optional[list[str]] = SetOpt,
 ) -> None:
     """Render synthetic clips with Kubric/Blender into verified WebDataset shards.
 
@@ -79,12 +91,26 @@ def generate(
         "generation.scene.resolution": resolution, "generation.scene.spp": spp,
         "generation.seed": seed, "generation.scenes_per_shard": scenes_per_shard,
         "generation.workers": workers, "generation.retries": retries,
-        "generation.task_runner": task_runner,
-        "generation.overwrite": True if overwrite else None})
+        "generation.task_runner": task_runner, "generation.device": device,
+        "generation.workers_per_gpu": workers_per_gpu,
+        "generation.overwrite": True if overwrite else None}, sets)
     gen = cfg.generation
+    device = check_render_device(gen.device)
     check_writable_dir(gen.out, "generation.out")
     with writer_lock(gen.out, "pvit generate", break_lock=break_lock):
-        _generate(gen)
+        _generate(gen, device)
+
+
+def check_render_device(requested: str) -> str:
+    """Exit 2 with one line, before any render, when Blender cannot see the requested
+    GPU kind; else the line that says which device (``auto``'s pick) will render. It is
+    printed once the other checks passed, so a refused run still says one line."""
+    from generation.devices import DeviceError, preflight
+    try:
+        picked = preflight(requested)
+    except DeviceError as exc:
+        fail(str(exc))
+    return f"render device: {picked}" + (" (auto)" if requested == "auto" else "")
 
 
 def warn(message: str) -> None:
@@ -119,8 +145,10 @@ def check_spec_or_exit(gen, hint: Optional[str] = None) -> None:
         fail(str(exc))
 
 
-def _generate(gen) -> None:
+def _generate(gen, device_line: Optional[str] = None) -> None:
     check_spec_or_exit(gen)
+    if device_line:
+        console.print(device_line, markup=False, highlight=False)
 
     import logging
 
@@ -164,8 +192,9 @@ def verify(directory: Path = typer.Argument(..., help="shard directory")) -> Non
     each bad or missing shard, 2 when DIR is not a shard directory."""
     from generation.verify import NotADataset, verify_dataset
 
+    directory = dataset_or_exit(directory)
     try:
-        problems = verify_dataset(dataset_or_exit(directory))
+        problems = verify_dataset(directory)
     except NotADataset as exc:
         fail(str(exc))
     if not problems:
@@ -230,13 +259,14 @@ def pipeline(
     config: Path = typer.Argument(..., help="experiment YAML (all sections)"),
     force: list[str] = typer.Option([], "--force", help="recompute a stage: generate | "
                                     "toy_actions | pretrain | finetune | evaluate (repeatable)"),
+    sets: Optional[list[str]] = SetOpt,
 ) -> None:
     """Run the whole DAG: generate -> pretrain -> finetune -> evaluate, cached per stage."""
     from flows.pipeline import STAGES
     unknown = sorted(set(force) - set(STAGES))
     if unknown:
         fail(f"--force: unknown stage(s) {unknown} (stages: {', '.join(STAGES)})")
-    cfg = load_or_exit(config, {})
+    cfg = load_or_exit(config, {}, sets)
     check_writable_dir(cfg.generation.out, "generation.out")
     check_stage_outputs(cfg)
     with writer_lock(cfg.generation.out, "pvit pipeline"):

@@ -11,7 +11,6 @@ chosen by config.
 from __future__ import annotations
 
 import json
-import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Optional
@@ -24,11 +23,14 @@ from prefect.tasks import exponential_backoff
 
 from generation import dataset
 from generation.config import GenerationConfig
-from generation.manifest import write_json_atomic
+from generation.manifest import location
+from generation.storage import Location
 
 # Where a render task leaves the record of each shard it finished (``NAME.json``), for
 # the flow to commit while the task goes on with the rest of its chunk. The flow empties
-# it before and after rendering; records left by a killed run are never trusted.
+# it before and after rendering; records left by a killed run are never trusted. On an
+# object store it is a prefix (one object per record), reached through the same
+# ``generation.storage.Location`` calls.
 RECORDS_DIR = ".render-records"
 # How often the flow looks there while render tasks run; records it has committed move
 # to RECORDS_DIR/COMMITTED.
@@ -47,7 +49,8 @@ def _chunk_run_name() -> str:
 # Not persisted (the flow's summary is): the shard records go into the manifest, and a
 # copy in each render machine's result storage would only pile up there.
 @task(name="render-shard", task_run_name=_chunk_run_name, persist_result=False)
-def render_shard_task(jobs: list[dict], out_dir: str, threads: int) -> list[dict]:
+def render_shard_task(jobs: list[dict], out_dir: str, threads: int, device: str = "auto",
+                      workers_per_gpu: int = 1) -> list[dict]:
     """The shards ``jobs`` in sequence, each in a fresh worker process, logged to Prefect.
 
     Each finished shard's record goes to ``OUT/.render-records/NAME.json`` at once, so
@@ -57,17 +60,20 @@ def render_shard_task(jobs: list[dict], out_dir: str, threads: int) -> list[dict
     every shard that failed."""
     logger = get_run_logger()
     records, failures = [], []
+    where = location(out_dir)
     for data in jobs:
         shard = dataset.job_from_dict(data)
-        note = Path(out_dir) / RECORDS_DIR / f"{shard.name}.json"
-        earlier = (_read_record(note, shard.name)
-                   or _read_record(note.parent / COMMITTED / note.name, shard.name))
-        if earlier is not None and (Path(out_dir) / shard.name).is_file():
+        note = f"{RECORDS_DIR}/{shard.name}.json"
+        earlier = (_read_record(where, note, shard.name)
+                   or _read_record(where, f"{RECORDS_DIR}/{COMMITTED}/{shard.name}.json",
+                                   shard.name))
+        if earlier is not None and where.is_file(shard.name):
             records.append(earlier)         # finished by an earlier attempt of this task
             continue
         try:
             record = dataset.render_shard(
-                shard, Path(out_dir), threads=threads,
+                shard, Path(out_dir), threads=threads, device=device,
+                workers_per_gpu=workers_per_gpu,
                 on_scene=lambda e, name=shard.name: logger.info(
                     "%s: scene %s rendered in %.2fs", name, e["seed"],
                     e["build_s"] + e["render_s"]))
@@ -77,7 +83,7 @@ def render_shard_task(jobs: list[dict], out_dir: str, threads: int) -> list[dict
             logger.error("%s", exc)
             failures.append(str(exc))
             continue
-        write_json_atomic(note, record)
+        where.write_bytes(note, json.dumps(record, sort_keys=True).encode())
         logger.info("%s: %d scenes, %.1f MB", shard.name, record["samples"],
                     record["bytes"] / 1e6)
         records.append(record)
@@ -86,11 +92,12 @@ def render_shard_task(jobs: list[dict], out_dir: str, threads: int) -> list[dict
     return records
 
 
-def _read_record(path: Path, name: str) -> dict | None:
-    """The record a render task left at ``path`` for shard ``name``; None if there is
-    none (or it is not one: a record is written atomically, so that means not ours)."""
+def _read_record(where: Location, path: str, name: str) -> dict | None:
+    """The record a render task left at ``path`` (in ``where``) for shard ``name``; None
+    if there is none (or it is not one: a record is written atomically, so that means
+    not ours)."""
     try:
-        record = json.loads(path.read_text())
+        record = json.loads(where.read_bytes(path))
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) and record.get("name") == name else None
@@ -176,7 +183,7 @@ def generate_dataset(config: GenerationConfig) -> State[dict]:
 
 def _generate(config: GenerationConfig) -> State[dict]:
     logger = get_run_logger()
-    out = Path(config.out)
+    out = location(config.out)
     manifest, todo, done = dataset.prepare(config)
     logger.info("%s: %d shards planned, %d up to date, %d to render", out,
                 len(todo) + len(done), len(done), len(todo))
@@ -190,7 +197,7 @@ def _generate(config: GenerationConfig) -> State[dict]:
     shards = manifest["shards"]
     rendered = {job.name for job in todo}
     summary = {
-        "out": str(out), "manifest": str(out / "manifest.json"),
+        "out": out.url, "manifest": out.join("manifest.json"),
         "shards": len(shards), "clips": sum(s["samples"] for s in shards),
         "frames": sum(s["samples"] for s in shards) * config.scene.frames,
         "rendered_shards": len(todo), "kept_shards": len(done),
@@ -228,21 +235,20 @@ def _render(config: GenerationConfig, manifest: dict, jobs: list[dict]) -> dict:
     on a LocalCluster, the workers' environment): Prefect in a Dask worker would
     otherwise start a temporary server of its own."""
     import queue
-    import shutil
     import threading
 
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    out = Path(config.out)
+    out = location(config.out)
     threads = config.render_threads or dataset.worker_threads(config.workers)
     runner_task = render_shard_task.with_options(
         retries=config.retries, retry_delay_seconds=exponential_backoff(backoff_factor=1),
         retry_jitter_factor=0)
     progress_id = create_progress_artifact(progress=0.0, key="generate-progress",
                                            description=f"shards rendered into {out}")
-    records_dir = out / RECORDS_DIR
-    shutil.rmtree(records_dir, ignore_errors=True)   # a killed run's: never trusted
-    (records_dir / COMMITTED).mkdir(parents=True)
+    out.delete_prefix(RECORDS_DIR)                  # a killed run's: never trusted
+    if out.local is not None:
+        (out.local / RECORDS_DIR / COMMITTED).mkdir(parents=True)
     wanted = {job["name"] for job in jobs}
     committed: set[str] = set()
 
@@ -257,14 +263,14 @@ def _render(config: GenerationConfig, manifest: dict, jobs: list[dict]) -> dict:
     def commit_recorded() -> None:
         # O(records not yet seen) per look: a seen record moves to committed/ (where a
         # retry of its task still finds it), so the directory listed stays small.
-        for entry in sorted(os.scandir(records_dir), key=lambda e: e.name):
-            name = entry.name.removesuffix(".json")
-            if entry.name.startswith(".") or not entry.is_file() or name == entry.name:
-                continue                        # a record being written, or committed/
-            record = _read_record(Path(entry.path), name)
+        for entry in sorted(out.listing(RECORDS_DIR)):   # files only: not committed/
+            name = entry.removesuffix(".json")
+            if entry.startswith(".") or name == entry:
+                continue                        # a record being written
+            record = _read_record(out, f"{RECORDS_DIR}/{entry}", name)
             if record is not None:
                 commit(record)
-                os.replace(entry.path, records_dir / COMMITTED / entry.name)
+                out.move(f"{RECORDS_DIR}/{entry}", f"{RECORDS_DIR}/{COMMITTED}/{entry}")
 
     api_url = _flow_api_url()
     failures = []
@@ -273,7 +279,9 @@ def _render(config: GenerationConfig, manifest: dict, jobs: list[dict]) -> dict:
                 make_task_runner(config, api_url) as runner:
             chunks = chunk_jobs(jobs, config.max_tasks_per_flow)
             futures = [runner.submit(runner_task, {"jobs": chunk, "out_dir": str(out),
-                                                   "threads": threads}) for chunk in chunks]
+                                                   "threads": threads, "device": config.device,
+                                                   "workers_per_gpu": config.workers_per_gpu})
+                       for chunk in chunks]
             by_future = dict(zip(futures, chunks, strict=True))
             finished: queue.Queue = queue.Queue()
             threading.Thread(target=lambda: [finished.put(f) for f in as_completed(futures)],
@@ -296,7 +304,7 @@ def _render(config: GenerationConfig, manifest: dict, jobs: list[dict]) -> dict:
                 for record in records:
                     commit(record)
     finally:
-        shutil.rmtree(records_dir, ignore_errors=True)
+        out.delete_prefix(RECORDS_DIR)
     if failures:
         raise dataset.RenderError("render failed for " + "; ".join(failures))
     return manifest
@@ -307,7 +315,7 @@ def _render(config: GenerationConfig, manifest: dict, jobs: list[dict]) -> dict:
 SHEET_ARTIFACT_BYTES = 150_000
 
 
-def _contact_sheet_artifact(out: Path) -> None:
+def _contact_sheet_artifact(out: Location) -> None:
     """A sheet of the first clip (RGB | depth | instance | semantic | normals), written
     next to the shards and embedded in a markdown artifact for a person to look at.
     Cosmetic: any failure (a full disk, say) is a warning, never a failed run after
@@ -318,14 +326,17 @@ def _contact_sheet_artifact(out: Path) -> None:
 
     from generation.contact_sheet import contact_sheet, find_clip, save_sheet, sheet_png
     logger = get_run_logger()
-    path = out / "contact_sheet.png"
+    path = out.join("contact_sheet.png")
     try:
-        sheet = contact_sheet(find_clip(out, None))
+        sheet = contact_sheet(find_clip(out.url, None))
         png = sheet_png(sheet, SHEET_ARTIFACT_BYTES)
         try:
-            save_sheet(sheet, path)
+            if out.remote:
+                out.write_bytes("contact_sheet.png", sheet_png(sheet, 1 << 30))
+            else:
+                save_sheet(sheet, path)
             where = f"`{path}`"
-        except ValueError as exc:
+        except (ValueError, OSError) as exc:
             logger.warning("contact sheet not written (the shards are fine): %s", exc)
             where = f"(not written to `{path}`: see the run's log)"
         create_markdown_artifact(

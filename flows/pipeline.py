@@ -72,8 +72,9 @@ def force_stage(cfg: ExperimentConfig, stage: str) -> None:
         from generation.manifest import read_manifest
         # Without its manifest every shard renders again; only a manifest of ours (one
         # that lists shards) is removed.
-        if read_manifest(Path(cfg.generation.out)) is not None:
-            (Path(cfg.generation.out) / "manifest.json").unlink()
+        if read_manifest(cfg.generation.out) is not None:
+            from generation.storage import Location  # a directory or an s3:// prefix
+            Location(cfg.generation.out).delete("manifest.json")
         # asked for by name: its shards are replaced (each as its new one is committed)
         cfg.generation = cfg.generation.model_copy(update={"overwrite": True})
         return

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 
 import typer
 
+from training.commands import SetOpt
+
 if TYPE_CHECKING:
     from prefect import Flow
     from prefect.deployments.runner import RunnerDeployment
@@ -97,6 +99,7 @@ def register(app: typer.Typer) -> None:
             None, "--flow", help=f"serve only this flow (repeatable; {', '.join(FLOW_NAMES)})"),
         name: str = typer.Option("serve", help="deployment name: runs are <flow>/<name>"),
         limit: int | None = typer.Option(None, min=1, help="flow runs executed at once"),
+        sets: list[str] | None = SetOpt,
     ) -> None:
         """Serve the flows as deployments from this process (Ctrl-C stops)."""
         from prefect import serve
@@ -104,7 +107,8 @@ def register(app: typer.Typer) -> None:
 
         from flows.cli import console, fail, load_or_exit
 
-        experiment = load_or_exit(config, {}) if config is not None else None
+        experiment = (load_or_exit(config, {}, sets)
+                      if config is not None or sets else None)
         if not PREFECT_API_URL.value():
             fail("no Prefect server to serve on: start one (`prefect server start`) and set "
                  "PREFECT_API_URL (e.g. http://127.0.0.1:4200/api)")

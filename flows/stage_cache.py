@@ -12,6 +12,9 @@ States of an output directory for a key:
 - ``stale``: made with another key (or never): cleared before the stage runs, so a
   changed config never resumes an old run. Only a directory carrying a record is
   cleared; a non-empty one without it is someone else's and is refused.
+
+An output "directory" may also be an object-store prefix (``s3://bucket/ds``; see
+``generation.storage``): the record is then the object ``PREFIX/.stage.json``.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from generation.manifest import write_json_atomic
+from generation.storage import Location
 
 RECORD = ".stage.json"
 REPO = Path(__file__).resolve().parents[1]
@@ -49,19 +53,20 @@ def stage_key(stage: str, section: Any, upstream: dict[str, str], code: str) -> 
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def read_record(out_dir: Path) -> dict | None:
+def read_record(out_dir) -> dict | None:
     try:
-        return json.loads((Path(out_dir) / RECORD).read_text())
-    except (OSError, json.JSONDecodeError):
+        return json.loads(Location(out_dir).read_bytes(RECORD))
+    except (OSError, ValueError):
         return None
 
 
-def state(out_dir: Path, key: str) -> str:
+def state(out_dir, key: str) -> str:
     record = read_record(out_dir)
     if record is None or record.get("key") != key:
         return "stale"
+    where = Location(out_dir)
     if record.get("status") == "done" and all(
-            (Path(out_dir) / p).exists() for p in record.get("outputs", [])):
+            where.exists(p) for p in record.get("outputs", [])):
         return "done"
     return "resumable"
 
@@ -80,6 +85,12 @@ def foreign(out_dir: Path) -> str | None:
     """Why ``out_dir`` must not be used as a stage's output, or None: a missing or empty
     directory, or one with a stage record, is fine; anything else belongs to someone
     else, and clearing it for a stale stage would delete their files."""
+    if Location(out_dir).remote:
+        where = Location(out_dir)
+        if is_stage_dir(out_dir) or not where.fs.find(where.root, maxdepth=None):
+            return None
+        return (f"{where} already holds objects that are not a pvit stage output (no "
+                f"{RECORD}); choose a new or empty prefix")
     out_dir = Path(out_dir)
     if not out_dir.exists():
         return None
@@ -97,9 +108,16 @@ def begin(out_dir: Path, key: str, clear_files: bool = True) -> None:
     the shard directory whose own manifest decides what to keep). Only a directory with
     a stage record is ever cleared: any other non-empty one raises ``ForeignDirectory``
     (the CLI refuses it before any work; this is the check for every other caller)."""
-    out_dir = Path(out_dir)
     if clear_files and (problem := foreign(out_dir)):
         raise ForeignDirectory(problem)
+    where = Location(out_dir)
+    if where.remote:
+        if state(out_dir, key) == "stale" and clear_files and where.exists():
+            where.fs.rm(where.root, recursive=True)
+        where.makedirs()
+        where.write_bytes(RECORD, json.dumps({"key": key, "status": "running"}).encode())
+        return
+    out_dir = Path(out_dir)
     if state(out_dir, key) == "stale" and clear_files and out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -110,13 +128,13 @@ def invalidate(out_dir: Path) -> bool:
     """Make a stage's output stale (``--force``) without deleting anything here: its own
     ``begin`` clears the directory, with the same check as any stale one. Returns
     whether there was a stage record to invalidate."""
-    out_dir = Path(out_dir)
     if not is_stage_dir(out_dir):
         return False
-    write_json_atomic(out_dir / RECORD, {"key": None, "status": "forced"})
+    Location(out_dir).write_bytes(RECORD, json.dumps({"key": None, "status": "forced"}).encode())
     return True
 
 
 def finish(out_dir: Path, key: str, summary: dict, outputs: list[str]) -> None:
-    write_json_atomic(Path(out_dir) / RECORD, {"key": key, "status": "done", "summary": summary,
-                                               "outputs": outputs})
+    Location(out_dir).write_bytes(RECORD, (json.dumps(
+        {"key": key, "status": "done", "summary": summary, "outputs": outputs},
+        indent=2, sort_keys=True) + "\n").encode())

@@ -80,6 +80,13 @@ class GenerationConfig(BaseModel):
     # output does not depend on it (shards stay byte-identical).
     render_threads: Optional[int] = Field(None, gt=0, le=1024)
     retries: int = Field(2, ge=0, le=20)    # re-runs of a crashed render worker
+    # Cycles device: auto = OptiX, then CUDA, then CPU (generation/devices.py). Recorded
+    # per shard, not part of the spec hash: labels are the same on every device and RGB
+    # differs by sampling noise only (docs/generation.md, "Render devices").
+    device: Literal["auto", "cpu", "cuda", "optix"] = "auto"
+    # Render workers pinned to the same GPU (consecutive shards share one); `workers`
+    # is still how many shards render at once, so set it to GPUs x workers_per_gpu.
+    workers_per_gpu: int = Field(1, gt=0, le=64)
     task_runner: Literal["threads", "processes", "dask"] = "threads"
     dask_address: Optional[str] = None      # existing Dask scheduler; None = LocalCluster
     # Replace a dataset made with another spec (``--overwrite``); without it such a run

@@ -59,13 +59,17 @@ def contact_sheet(clip: dict, max_frames: int = 4, min_tile: int = 128) -> np.nd
     return np.concatenate([header, sheet], axis=0)
 
 
-def find_clip(directory: Path, key: str | None) -> dict:
-    manifest = read_manifest(directory)
+def find_clip(directory, key: str | None) -> dict:
+    """The clip ``key`` (default: the first) of a dataset (a path or an object URL)."""
+    from generation.storage import Location
+    where = Location(directory)
+    manifest = read_manifest(where)
     if manifest is None or not manifest["shards"]:
-        raise ValueError(f"no shards listed in {Path(directory) / 'manifest.json'}")
+        raise ValueError(f"no shards listed in {where.join('manifest.json')}")
     for record in manifest["shards"]:
         if key is None or key in record.get("keys", []):
-            for clip in read_shard(Path(directory) / record["name"]):
+            name = record["name"]
+            for clip in read_shard(where.local / name if where.local else where.join(name)):
                 if key is None or clip["key"] == key:
                     return clip
     raise ValueError(f"sample {key!r} not found in {directory}")
@@ -112,4 +116,4 @@ def sheet_png(sheet: np.ndarray, max_bytes: int) -> bytes:
 
 def write_contact_sheet(directory: Path, out: Path, key: str | None = None) -> Path:
     _check_target(Path(out))                  # before reading any shard
-    return save_sheet(contact_sheet(find_clip(Path(directory), key)), out)
+    return save_sheet(contact_sheet(find_clip(directory, key)), out)

@@ -24,7 +24,6 @@ import logging
 import os
 import re
 import shutil
-import stat
 import subprocess
 import sys
 import time
@@ -39,12 +38,15 @@ from generation.manifest import (
     MANIFEST_NAME,
     append_journal,
     journal_exists,
+    location,
     new_manifest,
     read_manifest,
     remove_journal,
     sha256_file,
-    write_json_atomic,
+    sha256_object,
+    write_manifest,
 )
+from generation.storage import Location, Meta, scratch_dir
 
 SHARD_PATTERN = "shard-{:06d}.tar"
 SHARD_RE = re.compile(r"shard-\d{6}\.tar")
@@ -110,8 +112,8 @@ def prepare(cfg: GenerationConfig) -> tuple[dict, list[ShardJob], list[ShardJob]
     every planned shard is in the manifest: here when nothing is left to render, else
     by the ``commit`` of the last one, so a failed run never costs the old shards. Both
     that and shards about to be rendered over are logged as warnings naming them."""
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = location(cfg.out)
+    out.makedirs()
     jobs = plan(cfg)
     old = read_manifest(out)
     dataset = {"scenes": cfg.scenes, "scenes_per_shard": cfg.scenes_per_shard, "seed": cfg.seed}
@@ -122,26 +124,27 @@ def prepare(cfg: GenerationConfig) -> tuple[dict, list[ShardJob], list[ShardJob]
     old_records = _records_by_name(old) if same_spec else {}
     done, todo = [], []
     replaced: dict[str, list[str]] = {}   # reason -> existing shard files to render over
-    rehashed = False                      # a kept record got a new mtime_ns
+    rehashed = False                      # a kept record got a new mtime_ns / etag
+    files = out.listing()                 # size and mtime/ETag of each: one listing
     for job in jobs:
-        path = out / job.name
         record = old_records.get(job.name)
-        mtime = record.get("mtime_ns") if record is not None else None
-        reason = _why_not_done(record, job, path)
+        version = _version(record) if record is not None else None
+        reason = _why_not_done(record, job, files.get(job.name), out)
         if reason is None:
-            rehashed |= record["mtime_ns"] != mtime
+            rehashed |= _version(record) != version
             # jobs come in name order: appending keeps ``shards`` sorted, O(1) each
             manifest["shards"].append(record)
             done.append(job)
             continue
         todo.append(job)
-        if path.is_file():
+        if job.name in files:
             if old is None:
                 reason = "no readable manifest"
             elif not same_spec:
                 reason = "the scene spec or renderer changed"
             replaced.setdefault(reason, []).append(job.name)
-    _remove_leftovers(out, todo)
+    if out.local is not None:   # an object store has no temporary objects to leave
+        _remove_leftovers(out.local, todo)
     if replacing is not None and todo:
         # Shards of the old spec still on disk, until each is rendered over (then it is in
         # ``shards``) or, beyond the plan, removed at the end (docs/dataset-format.md).
@@ -152,9 +155,9 @@ def prepare(cfg: GenerationConfig) -> tuple[dict, list[ShardJob], list[ShardJob]
     # The journal (a killed run's commits) was folded in by read_manifest; compact it
     # into manifest.json, then drop it. Nothing to write when nothing changed.
     if rehashed or manifest != old or journal_exists(out):
-        write_json_atomic(out / MANIFEST_NAME, manifest)
+        write_manifest(out, manifest)
     remove_journal(out)
-    stale = _stale_shards(out, {job.name for job in jobs})
+    stale = _stale_shards(out, {job.name for job in jobs}, files)
     if stale and todo:
         log.warning("%s: %s beyond the %d planned will be removed once those are rendered",
                     out, _name_list(stale), len(jobs))
@@ -199,17 +202,24 @@ def _records_by_name(manifest: dict | None) -> dict[str, dict]:
     return {s["name"]: s for s in shards if isinstance(s, dict) and isinstance(s.get("name"), str)}
 
 
-def _why_not_done(record: dict | None, job: ShardJob, path: Path) -> str | None:
-    """None when ``record`` proves ``path`` is ``job``'s shard; else why it renders again.
+def _version(record: dict):
+    return record.get("mtime_ns"), record.get("etag")
+
+
+def _why_not_done(record: dict | None, job: ShardJob, meta: Meta | None,
+                  out: Location) -> str | None:
+    """None when ``record`` proves the file ``meta`` describes is ``job``'s shard; else
+    why it renders again.
     A record missing a field (hand-edited, or written by other code) counts as not done:
     rendering it again repairs the dataset instead of crashing every run on it.
 
     Decided from metadata, without reading the shard: the file's size and mtime
-    (``os.stat``) must equal the record's ``bytes`` and ``mtime_ns`` (taken at
-    ``commit``). A file whose size matches but whose mtime does not (touched, copied
-    without its times, or a record from before mtimes were kept) is hashed once: kept,
-    with its new mtime recorded, if the sha256 still matches, since hashing costs far
-    less than rendering. Damage that keeps size and mtime is ``pvit verify``'s to find
+    (one directory listing) must equal the record's ``bytes`` and ``mtime_ns`` (taken
+    at ``commit``); on an object store, size and ETag (``etag``). A file whose size
+    matches but whose mtime/ETag does not (touched, copied without its times, or a
+    record from before these were kept) is hashed once: kept, with its new mtime/ETag
+    recorded, if the sha256 still matches, since hashing costs far less than
+    rendering. Damage that keeps size and mtime is ``pvit verify``'s to find
     (the full sha256 check)."""
     if record is None:
         return "not in the manifest"
@@ -217,19 +227,16 @@ def _why_not_done(record: dict | None, job: ShardJob, path: Path) -> str | None:
         return "its manifest record is incomplete"
     if record["seeds"] != job.seeds or record["keys"] != job.keys:
         return "its scenes changed (seed or scenes_per_shard)"
-    try:
-        st = path.stat()
-    except FileNotFoundError:
+    if meta is None:
         return "missing"
-    if not stat.S_ISREG(st.st_mode):
-        return "missing"
-    if st.st_size != record["bytes"]:
+    if meta.size != record["bytes"]:
         return "its size does not match the manifest"
-    if record.get("mtime_ns") == st.st_mtime_ns:
+    field, version = ("etag", meta.etag) if out.remote else ("mtime_ns", meta.mtime_ns)
+    if version is not None and record.get(field) == version:
         return None
-    if sha256_file(path) != record["sha256"]:
+    if sha256_object(out, job.name) != record["sha256"]:
         return "its sha256 does not match the manifest"
-    record["mtime_ns"] = st.st_mtime_ns
+    record[field] = version
     return None
 
 
@@ -254,15 +261,15 @@ def _remove_leftovers(out: Path, todo: list[ShardJob]) -> None:
             path.unlink(missing_ok=True)
 
 
-def _stale_shards(out: Path, wanted: set[str]) -> list[str]:
+def _stale_shards(out: Location, wanted: set[str], files: dict | None = None) -> list[str]:
     """Shard files (our exact naming; ``shard-old.tar`` is a user's) not in ``wanted``."""
-    return sorted(p.name for p in out.iterdir()
-                  if SHARD_RE.fullmatch(p.name) and p.name not in wanted and p.is_file())
+    files = out.listing() if files is None else files
+    return sorted(name for name in files if SHARD_RE.fullmatch(name) and name not in wanted)
 
 
-def _remove_stale(out: Path, names: list[str], planned: int) -> None:
+def _remove_stale(out: Location, names: list[str], planned: int) -> None:
     for name in names:
-        (out / name).unlink(missing_ok=True)
+        out.delete(name)
     log.warning("%s: removed %s beyond the %d planned", out, _name_list(names), planned)
 
 
@@ -277,11 +284,19 @@ def worker_threads(workers: int) -> int:
 
 
 def render_shard(job: ShardJob, out_dir: Path, *, threads: int = 0,
-                 log_dir: Path | None = None, on_scene=None) -> dict:
+                 log_dir: Path | None = None, on_scene=None, device: str = "auto",
+                 workers_per_gpu: int = 1) -> dict:
     """Render one shard in a fresh worker process and rename it into place.
 
     Returns the shard's manifest record. Raises ``RenderError`` naming the seeds if the
-    worker dies or fails; no partial shard is ever left under the final name."""
+    worker dies or fails; no partial shard is ever left under the final name. For an
+    object-store ``out_dir`` the shard is rendered on local scratch and uploaded (see
+    ``_render_and_upload``)."""
+    where = location(out_dir)
+    if where.remote:
+        return _render_and_upload(job, where, threads=threads, log_dir=log_dir,
+                                  on_scene=on_scene, device=device,
+                                  workers_per_gpu=workers_per_gpu)
     out_dir = Path(out_dir)
     final = out_dir / job.name
     stamp = f".{job.name}.{os.getpid()}.{time.monotonic_ns()}"
@@ -300,12 +315,15 @@ def render_shard(job: ShardJob, out_dir: Path, *, threads: int = 0,
         scratch.mkdir()
         job_path.write_text(json.dumps({"scene": job.scene, "seeds": job.seeds,
                                         "keys": job.keys, "out": str(tmp), "threads": threads,
-                                        "scratch": str(scratch)}))
+                                        "scratch": str(scratch), "device": device}))
+        from generation.devices import worker_env  # one GPU per worker process
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3",
+               **worker_env(device, job.index, workers_per_gpu)}
         log_path, log = _open_attempt_log(log_dir, Path(job.name).stem)
         with log:
             proc = subprocess.Popen([sys.executable, "-m", "generation.render_worker", job_path],
                                     stdout=subprocess.PIPE, stderr=log, text=True,
-                                    env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+                                    env=env)
             for line in proc.stdout:
                 try:
                     event = json.loads(line)
@@ -330,7 +348,31 @@ def render_shard(job: ShardJob, out_dir: Path, *, threads: int = 0,
     return {"name": job.name, "sha256": digest, "samples": len(job.seeds), "seeds": job.seeds,
             "keys": job.keys, "bytes": size,
             "worker_seconds": round(time.perf_counter() - t0, 3),
-            "render_seconds": round(done_event["scenes_s"], 3)}
+            "render_seconds": round(done_event["scenes_s"], 3),
+            "device": done_event.get("device", "cpu")}   # the worker's resolved device
+
+
+def _render_and_upload(job: ShardJob, out: Location, *, log_dir: Path | None,
+                       **kwargs) -> dict:
+    """An object store's shard: rendered into a local scratch directory (``PVIT_SCRATCH``
+    or the system's temp dir), then uploaded under its final name in one PUT (or a
+    multipart upload, visible only once complete), so a reader never sees part of it;
+    the record carries the object's ETag for the next run's keep check. Worker logs stay
+    on this machine (``log_dir``, default ``SCRATCH/pvit-logs/BUCKET_PREFIX``)."""
+    scratch = scratch_dir(f"pvit-{Path(job.name).stem}-")
+    if log_dir is None:
+        base = Path(os.environ.get("PVIT_SCRATCH") or scratch.parent)
+        log_dir = base / "pvit-logs" / out.root.replace("/", "_")
+    try:
+        record = render_shard(job, scratch, log_dir=log_dir, **kwargs)
+        meta = out.upload(scratch / job.name, job.name)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if meta.size != record["bytes"]:
+        raise RenderError(f"{job.label}: the upload to {out.join(job.name)} holds {meta.size} "
+                          f"bytes, not {record['bytes']}")
+    record["etag"] = meta.etag
+    return record
 
 
 def _open_attempt_log(log_dir: Path, stem: str):
@@ -377,11 +419,13 @@ def commit(out_dir: Path, manifest: dict, record: dict) -> int:
 
     Once the manifest holds every planned shard, shard files beyond the plan (a lowered
     scene count) are removed, with a warning naming them; see ``prepare``."""
-    out_dir = Path(out_dir)
-    try:
-        record["mtime_ns"] = os.stat(out_dir / record["name"]).st_mtime_ns
-    except FileNotFoundError:
-        record.pop("mtime_ns", None)   # no file: the next prepare finds it missing
+    out_dir = location(out_dir)
+    if out_dir.local is not None:
+        try:
+            record["mtime_ns"] = os.stat(out_dir.local / record["name"]).st_mtime_ns
+        except FileNotFoundError:
+            record.pop("mtime_ns", None)   # no file: the next prepare finds it missing
+    # (on an object store the upload's ETag is in the record already, see render_shard)
     written = append_journal(out_dir, manifest.get("spec_hash"), record)
     shards = manifest["shards"]
     shards.append(record)
@@ -404,7 +448,7 @@ def compact(out_dir: Path, manifest: dict) -> dict:
     (atomic replace), remove the journal, and return the manifest with ``shards``
     sorted and de-duplicated. See ``generation.manifest.compact``."""
     from generation.manifest import compact as compact_manifest
-    return compact_manifest(Path(out_dir), manifest)
+    return compact_manifest(location(out_dir), manifest)
 
 
 def job_from_dict(data: dict) -> ShardJob:

@@ -12,6 +12,15 @@ with a warning and proceeds. Where flock is unavailable the holder's pid is chec
 instead. A lock from another host cannot be checked from here: the run refuses, naming
 the holder, and ``--break-lock`` removes it.
 
+On an object store (``s3://``, ``gs://``) the lock is the object ``PREFIX/.pvit.lock``
+with the same JSON, created with a conditional PUT (``If-None-Match: *``, s3fs's
+``mode="create"``): the store itself refuses the second creator, so two runs cannot
+both take it. There is no flock: a lock of this host whose pid is gone is stale and is
+removed (a run on another host that took the lock in the instant between that check and
+the delete would lose it: the one race left, and only after a writer died), and
+``--break-lock`` removes another host's. The holder removes the object at the end only
+if it still holds its own content (its ``token``).
+
 Within one process the lock is re-entrant (the CLI takes it before Prefect starts, so a
 second writer fails fast with one line; the flow then takes it again for deployments
 and ``pvit serve``, which do not pass through the CLI).
@@ -32,6 +41,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from generation.manifest import WriteError
+from generation.storage import Location, is_remote
 
 LOCK_NAME = ".pvit.lock"
 
@@ -165,6 +175,8 @@ def acquire(out: Path, *, owner: str = "pvit generate", break_lock: bool = False
     """Take the lock of dataset directory ``out`` (creating the directory), or raise
     ``LockError`` naming the holder. See the module docstring."""
     warn = warn or log.warning
+    if is_remote(out):
+        return _acquire_object(Location(out), owner=owner, break_lock=break_lock, warn=warn)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / LOCK_NAME
@@ -208,8 +220,77 @@ def acquire(out: Path, *, owner: str = "pvit generate", break_lock: bool = False
     raise LockError(f"{out}: could not take the lock {path} (it kept changing hands)")
 
 
+def _hint(holder: dict, host: str, where: str) -> str:
+    if holder.get("host") == host:
+        return "wait for it to finish or stop it"
+    if holder:
+        return "wait for it to finish; if it is no longer running, rerun with --break-lock"
+    return f"the lock file is unreadable; if no run writes here, remove {where}"
+
+
+def _acquire_object(out: Location, *, owner: str, break_lock: bool,
+                    warn: Callable[[str], None]) -> None:
+    """``acquire`` on an object store: see the module docstring."""
+    key = out.join(LOCK_NAME)
+    with _held_guard:
+        if key in _held:
+            _held[key][0] += 1
+            return
+    out.makedirs()                     # the bucket exists and answers: else one line
+    host = socket.gethostname()
+    info = {"owner": owner, "host": host, "pid": os.getpid(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "token": f"{host}-{os.getpid()}-{time.time_ns()}"}
+    for _ in range(5):
+        if out.create_bytes(LOCK_NAME, (json.dumps(info) + "\n").encode()):
+            with _held_guard:
+                _held[key] = [1, info["token"]]
+            return
+        try:
+            holder = json.loads(out.read_bytes(LOCK_NAME))
+            holder = holder if isinstance(holder, dict) else {}
+        except FileNotFoundError:
+            continue                    # released meanwhile: try again
+        except (OSError, ValueError):
+            holder = {}
+        if holder.get("host") == host and not _pid_alive(holder.get("pid")):
+            out.delete(LOCK_NAME)
+            warn(f"{out}: removed the stale lock of {_describe(holder)}: that process is "
+                 "no longer running")
+            continue
+        if break_lock and holder.get("host") != host:
+            out.delete(LOCK_NAME)
+            warn(f"{out}: --break-lock removed the lock of {_describe(holder)}")
+            continue
+        raise LockError(f"{out} is being written by {_describe(holder)} (lock {key}): "
+                        f"{_hint(holder, host, key)}")
+    raise LockError(f"{out}: could not take the lock {key} (it kept changing hands)")
+
+
+def _release_object(out: Location) -> None:
+    key = out.join(LOCK_NAME)
+    with _held_guard:
+        entry = _held.get(key)
+        if entry is None:
+            return
+        entry[0] -= 1
+        if entry[0] > 0:
+            return
+        del _held[key]
+    try:
+        holder = json.loads(out.read_bytes(LOCK_NAME))
+    except (OSError, ValueError):
+        return
+    # Only our own lock: a --break-lock elsewhere may have replaced it.
+    if isinstance(holder, dict) and holder.get("token") == entry[1]:
+        out.delete(LOCK_NAME)
+
+
 def release(out: Path) -> None:
     """Give back one hold of ``out``'s lock; the last one removes the lock file."""
+    if is_remote(out):
+        _release_object(Location(out))
+        return
     path = Path(out) / LOCK_NAME
     key = str(path.resolve())
     with _held_guard:

@@ -6,20 +6,24 @@ below. ``Blender45`` subclasses Kubric's ``Blender`` view and fixes each one, so
 rest of Kubric (scene observers, keyframing, the Z/Normal/Cryptomatte/Vector passes
 of the auxiliary view layer) is used as it is.
 
-| Blender 4.x change                                   | symptom in Kubric                    | fix here                         |
-|------------------------------------------------------|--------------------------------------|----------------------------------|
-| Principled BSDF inputs renamed (``Specular`` ->      | KeyError for every object with a     | ``_add_principled_material``:    |
-| ``Specular IOR Level``, ``Transmission`` ->          | ``PrincipledBSDFMaterial``           | binds Kubric's traits to the new |
-| ``Transmission Weight``, ``Emission`` ->             |                                      | sockets; ``specular_tint`` (a    |
-| ``Emission Color``); ``Specular Tint`` is a colour;  |                                      | float) becomes a colour between  |
-| ``Transmission Roughness`` removed                   |                                      | white and the base colour        |
-| AOV output node ``name`` -> ``aov_name``             | object coordinates silently all 0    | ``_fix_object_coordinates_aov``  |
-| ``import_scene.obj`` -> ``wm.obj_import``;           | .obj assets fail to load             | ``_add_file_object``             |
-| ``Mesh.use_auto_smooth`` removed (4.1)               |                                      |                                  |
-| cryptomatte EXR channels lowercase on 4.5            | KeyError ``CryptoObject00.R`` in     | ``read_exr_layers`` matches      |
-| (``CryptoObject00.r``)                               | post-processing                      | channel names case-insensitively |
-| default view transform AgX                           | colours differ from Kubric datasets  | ``view_transform="Filmic"``      |
-| NLM denoiser removed                                 | denoising setting ignored            | OpenImageDenoise, set explicitly |
+Blender 4.x change -> symptom in Kubric -> fix here:
+
+- Principled BSDF inputs renamed (``Specular`` -> ``Specular IOR Level``,
+  ``Transmission`` -> ``Transmission Weight``, ``Emission`` -> ``Emission Color``);
+  ``Specular Tint`` is a colour; ``Transmission Roughness`` removed -> KeyError for
+  every object with a ``PrincipledBSDFMaterial`` -> ``_add_principled_material`` binds
+  Kubric's traits to the new sockets; ``specular_tint`` (a float) becomes a colour
+  between white and the base colour.
+- AOV output node ``name`` -> ``aov_name`` -> object coordinates silently all 0 ->
+  ``_fix_object_coordinates_aov``.
+- ``import_scene.obj`` -> ``wm.obj_import``; ``Mesh.use_auto_smooth`` removed (4.1) ->
+  .obj assets fail to load -> ``_add_file_object``.
+- cryptomatte EXR channels lowercase on 4.5 (``CryptoObject00.r``) -> KeyError
+  ``CryptoObject00.R`` in post-processing -> ``read_exr_layers`` matches channel names
+  case-insensitively.
+- default view transform AgX -> colours differ from Kubric datasets ->
+  ``view_transform="Filmic"``.
+- NLM denoiser removed -> denoising setting ignored -> OpenImageDenoise, set explicitly.
 
 Each fix has a test in ``tests/generation/test_kubric_compat.py`` that checks the
 label it affects. Bpy 5.0 replaced the compositor node-tree API: stay on 4.5 LTS.
@@ -34,6 +38,7 @@ from pathlib import Path
 from typing import Sequence
 
 import bpy  # noqa: F401  (import order: bpy before kubric's renderer)
+import cv2
 import numpy as np
 import OpenEXR
 from kubric import core
@@ -57,13 +62,18 @@ _AXIS = {"X": "X", "Y": "Y", "Z": "Z", "-X": "NEGATIVE_X", "-Y": "NEGATIVE_Y",
 class Blender45(Blender):
     """Kubric's Blender view with the Blender 4.5 fixes applied (see module docstring).
 
-    Extra arguments: ``view_transform`` (default "Filmic", Kubric's look) and
-    ``denoiser`` ("OPENIMAGEDENOISE" is the only CPU denoiser left in 4.x).
+    Extra arguments: ``view_transform`` (default "Filmic", Kubric's look),
+    ``denoiser`` ("OPENIMAGEDENOISE" is the only CPU denoiser left in 4.x) and
+    ``one_call`` (render every frame in one animation render call).
     """
 
     def __init__(self, scene: core.Scene, *, view_transform: str = "Filmic",
-                 denoiser: str = "OPENIMAGEDENOISE", **kwargs):
+                 denoiser: str = "OPENIMAGEDENOISE", one_call: bool = False, **kwargs):
         super().__init__(scene, **kwargs)
+        # One animation render call for all frames instead of Kubric's call per frame
+        # (same bytes, less per-call work). Cycles' persistent data was tried too: it
+        # crashed Blender 4.5 (malloc: invalid size) on a render after a scene reset.
+        self.one_call = one_call
         self._fix_object_coordinates_aov()
         self.blender_scene.view_settings.view_transform = view_transform
         self.blender_scene.view_settings.look = "None"
@@ -150,19 +160,62 @@ class Blender45(Blender):
         obj.observe(KeyframeSetter(blender_obj, "scale"), "scale", type="keyframe")
         return blender_obj
 
+    # -- Kubric's render loop, timed ---------------------------------------------------
+    def render(self, frames: Sequence[int] | None = None, ignore_missing_textures: bool = False,
+               return_layers: Sequence[str] = ("rgba", "segmentation")) -> dict:
+        """Kubric's ``render`` (one Cycles render per frame, writing the PNG and the
+        multilayer EXR, then ``postprocess``), with ``self.timings``:
+        ``render_calls_s`` (Cycles: scene sync, sampling, the auxiliary layer, compositor
+        and file writes) and ``pass_io_s`` (reading the files back, Kubric's
+        post-processors). ``benchmarks/render.py`` splits the first further."""
+        import time
+        if not ignore_missing_textures:
+            self._check_missing_textures()
+        self.set_exr_output_path(self.scratch_dir / "exr" / "frame_")
+        if frames is None:
+            frames = range(self.scene.frame_start, self.scene.frame_end + 1)
+        t0 = time.perf_counter()
+        scene = bpy.context.scene
+        if self.one_call and list(frames) == list(range(scene.frame_start, scene.frame_end + 1)):
+            # one animation render: Blender appends the frame number (frame_0001.png)
+            scene.render.filepath = str(Path(self.scratch_dir) / "images" / "frame_")
+            bpy.ops.render.render(animation=True)
+        else:
+            for frame_nr in frames:
+                scene.frame_set(frame_nr)
+                scene.render.filepath = str(
+                    Path(self.scratch_dir) / "images" / f"frame_{frame_nr:04d}.png")
+                bpy.ops.render.render(animation=False, write_still=True)
+        t1 = time.perf_counter()
+        out = self.postprocess(self.scratch_dir, return_layers=return_layers)
+        self.timings = {"render_calls_s": t1 - t0, "pass_io_s": time.perf_counter() - t1}
+        return out
+
     # -- fix: cryptomatte channel case ---------------------------------------------
     def postprocess(self, from_dir, return_layers: Sequence[str]):
         """Same contract as Kubric's: stacks per-frame layers; reads EXRs with
         ``read_exr_layers`` (channel names matched case-insensitively)."""
-        from kubric import file_io
         from_dir = Path(from_dir)
         stacks: dict[str, list] = {key: [] for key in return_layers}
         for exr_path in sorted((from_dir / "exr").glob("*.exr")):
             layers = read_exr_layers(exr_path)
-            layers["rgba"] = file_io.read_png(from_dir / "images" / (exr_path.stem + ".png"))
+            layers["rgba"] = read_png(from_dir / "images" / (exr_path.stem + ".png"))
             for key in return_layers:
                 stacks[key].append(self.post_processors[key](layers, self.scene))
         return {key: np.stack(v, axis=0) for key, v in stacks.items() if v}
+
+
+def read_png(path: Path) -> np.ndarray:
+    """The PNG's pixels exactly as ``kubric.file_io.read_png`` returns them (H, W, C,
+    uint8/uint16, RGB(A) order), decoded by OpenCV: Kubric's pure-Python ``pypng``
+    decoder took ~40 ms per 128 px frame, about a tenth of a frame's whole cost."""
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise ValueError(f"{path}: not a readable PNG")
+    if image.ndim == 2:
+        return image[..., None]
+    order = [2, 1, 0, 3][:image.shape[-1]] if image.shape[-1] in (3, 4) else slice(None)
+    return np.ascontiguousarray(image[..., order])
 
 
 def _bind(obj: core.Asset, trait: str, socket, converter=None) -> None:

@@ -6,9 +6,11 @@ take the config as a run parameter), so a location with a scheme the project doe
 handle must be refused before anything opens it, and shards are opened as files (see
 ``shard_url``) so that no path reaches ``gopen`` as a raw string.
 
-Accepted: a plain path (``data/shards``, ``/data/shards``) and ``file:`` URLs of
-absolute paths (``file:///data/shards``). A relative path that starts like a scheme
-(``pipe:x``) is refused, because webdataset would read it as one.
+Accepted: a plain path (``data/shards``, ``/data/shards``), ``file:`` URLs of
+absolute paths (``file:///data/shards``) and object-store prefixes (``s3://bucket/ds``,
+``gs://bucket/ds``, opened through fsspec, see ``generation.storage``). A relative path
+that starts like another scheme (``pipe:x``) is refused, because webdataset would read
+it as one.
 """
 
 from __future__ import annotations
@@ -16,37 +18,16 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from urllib.parse import urlparse
-from urllib.request import url2pathname
 
-# Reserved for object storage; refused until the readers and writers can use it.
-OBJECT_STORES = ("s3", "gs")
+# One parser for every location (generation/storage.py); re-exported for the callers
+from generation.storage import OBJECT_STORES, LocationError, canonical, parse  # noqa: F401
 
 
-class LocationError(ValueError):
-    """A dataset location the project cannot (or must not) open; one line."""
-
-
-def dataset_path(location: str | os.PathLike) -> Path:
-    """The local directory named by ``location``; raises ``LocationError`` otherwise."""
-    if not isinstance(location, (str, os.PathLike)):
-        raise LocationError(f"expected a directory path, got {location!r}")
-    text = os.fspath(location)
-    # urlparse is what gopen uses to pick a handler, so this sees the scheme it would
-    url = urlparse(text)
-    if not url.scheme:
-        return Path(text)
-    # typer's Path options collapse file:///x to file:/x; both name the same file
-    if url.scheme == "file":
-        if url.netloc in ("", "localhost") and url.path.startswith("/"):
-            return Path(url2pathname(url.path))
-        raise LocationError(f"{text!r}: a file: URL must name an absolute local path "
-                            "(file:///data/shards)")
-    if url.scheme in OBJECT_STORES:
-        raise LocationError(f"{text!r}: object storage ({url.scheme}://) is not supported yet; "
-                            "use a local directory")
-    raise LocationError(f"{text!r} is not a dataset location: scheme '{url.scheme}:' is not "
-                        "supported (use a local path or a file:///absolute/path URL)")
+def dataset_path(location: str | os.PathLike) -> Path | str:
+    """The dataset named by ``location``: a local ``Path``, or the canonical URL
+    (``s3://bucket/prefix``, ``gs://...``) of an object-store prefix; raises
+    ``LocationError`` for any other scheme (``pipe:``, ``https:``...)."""
+    return canonical(location)
 
 
 def shard_url(path: str | os.PathLike) -> str:

@@ -12,6 +12,12 @@ the journal into ``manifest.json`` (atomic replace, then the journal is removed)
 reader never sees less than what was committed. A journal line names the manifest's
 ``spec_hash``: lines of another spec (a journal left by a compaction that was killed
 before removing it) are ignored, as is a torn last line of a killed run.
+
+On an object store (``s3://``, ``gs://``; see ``generation.storage``) nothing can be
+appended to, so each committed shard is one object of its own,
+``manifest.journal/NNNNNNNNNNNNNNNNNNNN-PID-NAME.json`` (a nanosecond stamp first, so a
+listing is in commit order): one PUT per commit, O(1) as locally, folded and removed
+the same way.
 """
 
 from __future__ import annotations
@@ -19,12 +25,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from importlib import metadata
 from pathlib import Path
+from urllib.parse import urlparse
+
+from generation.storage import (  # noqa: F401 - WriteError: re-exported for callers
+    OBJECT_STORES,
+    Location,
+    WriteError,
+    write_local_atomic,
+)
 
 MANIFEST_NAME = "manifest.json"
 JOURNAL_NAME = "manifest.journal.jsonl"
-FORMAT_VERSION = 1
+JOURNAL_PREFIX = "manifest.journal"      # its object-store form: one object per record
+FORMAT_VERSION = 2  # the shard format: generation.shard_format.FORMAT_VERSION
 
 
 def versions() -> dict:
@@ -64,49 +80,31 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-class WriteError(OSError):
-    """A file could not be written (full disk, quota, read-only): ``str()`` is one line
-    naming the file and the cause, e.g. ``cannot write D/manifest.json: No space left on
-    device``. An ``OSError``, so callers that catch those still do."""
-
-    def __str__(self) -> str:
-        return f"cannot write {self.filename}: {self.strerror}"
+def location(directory) -> Location:
+    """``directory`` (a path, a URL or a ``Location``) as a ``Location``."""
+    return directory if isinstance(directory, Location) else Location(directory)
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Replace ``path`` with ``data`` as JSON: written and fsynced under a temporary name,
-    then renamed, so readers (and a crash) see the old file or the new one, never part
-    of one. On failure the temporary file is removed and ``WriteError`` raised."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())   # a rename that outlives the data would leave 0 bytes
-        os.replace(tmp, path)
-    except BaseException as exc:
-        # A full disk fails the write (or the flush at close): never leave the empty or
-        # truncated temporary behind.
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        if isinstance(exc, OSError) and not isinstance(exc, WriteError):
-            raise WriteError(exc.errno, exc.strerror or str(exc), str(path)) from exc
-        raise
+def write_json_atomic(path, data: dict) -> None:
+    """Replace ``path`` (a local path, or an object URL) with ``data`` as JSON: written
+    and fsynced under a temporary name, then renamed (one PUT on object stores), so
+    readers (and a crash) see the old file or the new one, never part of one. On
+    failure the temporary file is removed and ``WriteError`` raised."""
+    text = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+    name = os.fspath(path)
+    if urlparse(name).scheme in OBJECT_STORES:   # anything else is a local file name
+        Location(os.path.dirname(name)).write_bytes(os.path.basename(name), text)
+    else:
+        write_local_atomic(Path(path), text)
 
 
 def read_manifest(directory: Path) -> dict | None:
     """The manifest of ``directory``, or None when there is none (or it is unreadable,
     in which case every shard is treated as unknown and rendered again)."""
-    path = Path(directory) / MANIFEST_NAME
-    if not path.is_file():
-        return None
+    where = location(directory)
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        manifest = json.loads(where.read_bytes(MANIFEST_NAME))
+    except (OSError, ValueError):   # none (FileNotFoundError), a directory, not JSON
         return None
     if not isinstance(manifest, dict) or "shards" not in manifest:
         return None
@@ -122,9 +120,14 @@ def append_journal(directory: Path, spec_hash: str | None, record: dict) -> int:
     before returning: O(1) whatever the manifest holds. Returns the bytes written. On
     failure (a full disk) the journal is cut back to what it held, so no torn line is
     left by this process, and ``WriteError`` is raised naming the journal."""
-    path = Path(directory) / JOURNAL_NAME
+    where = location(directory)
     line = (json.dumps({"spec_hash": spec_hash, "shard": record}, sort_keys=True,
                        separators=(",", ":")) + "\n").encode()
+    if where.remote:
+        name = f"{time.time_ns():020d}-{os.getpid()}-{record.get('name')}.json"
+        where.write_bytes(f"{JOURNAL_PREFIX}/{name}", line)
+        return len(line)
+    path = where.local / JOURNAL_NAME
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     except OSError as exc:
@@ -155,9 +158,13 @@ def read_journal(directory: Path, spec_hash: str | None) -> list[dict]:
     """The shard records journaled for the manifest with ``spec_hash``, in commit
     order. Lines that do not decode (a killed run's torn last line) or that belong to
     another spec are skipped: such a shard is then just not known, and renders again."""
-    path = Path(directory) / JOURNAL_NAME
+    where = location(directory)
     try:
-        data = path.read_bytes()
+        if where.remote:
+            data = b"".join(where.read_bytes(f"{JOURNAL_PREFIX}/{name}")
+                            for name in sorted(where.listing(JOURNAL_PREFIX)))
+        else:
+            data = (where.local / JOURNAL_NAME).read_bytes()
     except OSError:   # none (the usual case), or unreadable: nothing journaled is known
         return []
     records = []
@@ -185,12 +192,19 @@ def fold_journal(manifest: dict, records: list[dict]) -> dict:
     return manifest
 
 
-def journal_exists(directory: Path) -> bool:
-    return (Path(directory) / JOURNAL_NAME).exists()
+def journal_exists(directory) -> bool:
+    where = location(directory)
+    if where.remote:
+        return bool(where.listing(JOURNAL_PREFIX))
+    return (where.local / JOURNAL_NAME).exists()
 
 
-def remove_journal(directory: Path) -> None:
-    (Path(directory) / JOURNAL_NAME).unlink(missing_ok=True)
+def remove_journal(directory) -> None:
+    where = location(directory)
+    if where.remote:
+        where.delete_prefix(JOURNAL_PREFIX)
+    else:
+        (where.local / JOURNAL_NAME).unlink(missing_ok=True)
 
 
 def compact(directory: Path, manifest: dict) -> dict:
@@ -199,9 +213,28 @@ def compact(directory: Path, manifest: dict) -> dict:
     leaves a journal whose records are already in the manifest: folding them again is
     a no-op."""
     fold_journal(manifest, read_journal(directory, manifest.get("spec_hash")))
-    write_json_atomic(Path(directory) / MANIFEST_NAME, manifest)
+    write_manifest(directory, manifest)
     remove_journal(directory)
     return manifest
+
+
+def write_manifest(directory, manifest: dict) -> None:
+    """``DIR/manifest.json`` replaced atomically (see ``write_json_atomic``)."""
+    where = location(directory)
+    where.write_bytes(MANIFEST_NAME, (json.dumps(manifest, indent=2, sort_keys=True)
+                                      + "\n").encode())
+
+
+def sha256_object(directory, name: str, chunk: int = 1 << 20) -> str:
+    """sha256 of ``name`` in ``directory`` (a path or an object store), streamed."""
+    where = location(directory)
+    if not where.remote:
+        return sha256_file(where.local / name, chunk)
+    digest = hashlib.sha256()
+    with where.open(name) as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def new_manifest(spec: dict, spec_hash: str, classes: list[str], dataset: dict) -> dict:

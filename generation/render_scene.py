@@ -43,12 +43,19 @@ def _quiet_fd(fd: int = 1):
 
 
 def render_clip(cfg: SceneConfig, seed: int, key: str, *, scratch_root: Path | None = None,
-                labels_on: bool = True, threads: int = 0) -> tuple[dict, dict]:
+                labels_on: bool = True, threads: int = 0,
+                device: str = "cpu", frames: list[int] | None = None) -> tuple[dict, dict]:
     """Render scene ``seed``; returns (clip dict, timings in seconds).
 
     ``labels_on=False`` renders RGB only (used by the label-overhead benchmark);
-    ``threads > 0`` caps Blender's render threads (several workers share the cores)."""
-    import kubric as kb  # heavy (TensorFlow); imported once per worker process
+    ``threads > 0`` caps Blender's render threads (several workers share the cores);
+    ``device`` is a resolved Cycles device (``generation.devices``: cpu, cuda, optix);
+    ``frames`` (RGB only) renders just those frame numbers (benchmark reference images).
+
+    Timings: ``build_s`` (Blender reset + recipe + physics; ``setup_s`` of it is the
+    renderer's set-up), ``render_s`` (the render call: ``render_calls_s`` in Cycles,
+    ``pass_io_s`` reading the passes back), ``labels_s`` (our label post-processing)."""
+    import kubric as kb  # TensorFlow (not in the render worker: see render_worker.py)
 
     from generation.assets import load_manifest
     from generation.kubric_compat import Blender45
@@ -63,8 +70,14 @@ def render_clip(cfg: SceneConfig, seed: int, key: str, *, scratch_root: Path | N
         scene = kb.Scene(resolution=(res, res), frame_start=1, frame_end=cfg.frames,
                          frame_rate=cfg.fps, step_rate=240)
         with _quiet_fd():
+            # one animation render: the same bytes as Kubric's per-frame loop
+            # (tests/generation/test_kubric_compat.py), less per-call work
             renderer = Blender45(scene, scratch_dir=scratch, samples_per_pixel=cfg.spp,
-                                 use_denoising=cfg.denoise, adaptive_sampling=False)
+                                 use_denoising=cfg.denoise, adaptive_sampling=False,
+                                 one_call=True)
+        timings["setup_s"] = time.perf_counter() - t0
+        from generation.devices import use_device
+        use_device(device)
         if threads > 0:
             import bpy
             bpy.context.scene.render.threads_mode = "FIXED"
@@ -88,11 +101,15 @@ def render_clip(cfg: SceneConfig, seed: int, key: str, *, scratch_root: Path | N
                 if cfg.object_coordinates:
                     layers += ["object_coordinates"]
             with _quiet_fd():
-                out = renderer.render(return_layers=tuple(layers))
+                out = renderer.render(frames=frames if not labels_on else None,
+                                      return_layers=tuple(layers))
             timings["render_s"] = time.perf_counter() - t1
+            timings.update(renderer.timings)
             if not labels_on:
                 return {"key": key, "rgb": out["rgba"][..., :3]}, timings
+            t2 = time.perf_counter()
             clip = _clip_from_render(out, scene, content, cfg, seed, key, classes)
+            timings["labels_s"] = time.perf_counter() - t2
         return clip, timings
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

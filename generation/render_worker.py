@@ -23,6 +23,37 @@ import time
 from pathlib import Path
 
 
+def use_gfile_without_tensorflow() -> None:
+    """Kubric imports TensorFlow (5-8 s per worker, most of its start-up) only for
+    ``tf.io.gfile.GFile`` and ``tf.io.gfile.copy`` (file_io, AssetSource, the renderer's
+    and simulator's save_state). In the worker those two come from fsspec instead (the
+    files are local; fsspec also reads remote URLs as gfile did). Only this process,
+    which imports nothing else that wants TensorFlow, gets the stand-in; a process that
+    already imported TensorFlow keeps it."""
+    if "tensorflow" in sys.modules:
+        return
+    import importlib.machinery
+    import shutil
+    import types
+
+    import fsspec
+
+    def copy(src, dst, overwrite: bool = False) -> None:
+        if not overwrite and fsspec.core.url_to_fs(str(dst))[0].exists(str(dst)):
+            raise FileExistsError(str(dst))
+        with fsspec.open(str(src), "rb") as fin, fsspec.open(str(dst), "wb") as fout:
+            shutil.copyfileobj(fin, fout)
+
+    gfile = types.SimpleNamespace(GFile=lambda name, mode="r": fsspec.open(str(name), mode),
+                                  copy=copy)
+    stand_in = types.ModuleType("tensorflow", "tf.io.gfile for Kubric, on fsspec")
+    stand_in.io = types.SimpleNamespace(gfile=gfile)
+    # etils (Kubric's paths) asks importlib whether TensorFlow exists; it then still uses
+    # plain os calls for local paths
+    stand_in.__spec__ = importlib.machinery.ModuleSpec("tensorflow", None)
+    sys.modules["tensorflow"] = stand_in
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
@@ -30,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     job = json.loads(Path(argv[0]).read_text())
     t_start = time.perf_counter()
+    try:  # the interpreter's own start, before main(), for the benchmark's breakdown
+        import psutil  # (installed with dask[distributed])
+        interpreter_s = time.time() - psutil.Process().create_time()
+    except ImportError:
+        interpreter_s = 0.0
 
     from generation.config import SceneConfig
     from generation.render_scene import render_clip
@@ -37,7 +73,21 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = SceneConfig.model_validate(job["scene"])
     import bpy  # noqa: F401  (import cost is part of the worker's start-up)
+    use_gfile_without_tensorflow()
+    import kubric  # noqa: F401  (counted as start-up, not as scene 1's build)
+
+    from generation import devices
     threads = int(job.get("threads", 0))
+    requested = job.get("device", "auto")
+    try:
+        # asked once per worker; the parent pinned this process to its GPU
+        device = devices.resolve(requested, devices.probe() if requested != "cpu" else {})
+    except devices.DeviceError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    gpus = os.environ.get("CUDA_VISIBLE_DEVICES", "(all)")
+    print(f"render device: {device} (requested {requested}; CUDA_VISIBLE_DEVICES={gpus})",
+          file=sys.stderr, flush=True)
     # The parent's per-shard scratch directory (removed by the next run if this one is
     # killed); None = the system temp dir.
     scratch = Path(job["scratch"]) if job.get("scratch") else None
@@ -45,21 +95,29 @@ def main(argv: list[str] | None = None) -> int:
     crash_seed = os.environ.get("PVIT_CRASH_ON_SEED")
     raise_seed = os.environ.get("PVIT_RAISE_ON_SEED")
 
-    clips, render_s = [], 0.0
+    clips, render_s, scene_timings = [], 0.0, []
     for seed, key in zip(job["seeds"], job["keys"], strict=True):
         if crash_seed is not None and int(crash_seed) == seed:
             os._exit(3)
         if raise_seed is not None and int(raise_seed) == seed:
             raise RuntimeError(f"injected failure on seed {seed}")
         clip, timings = render_clip(cfg, seed, key, labels_on=job.get("labels", True),
-                                    threads=threads, scratch_root=scratch)
+                                    threads=threads, scratch_root=scratch, device=device)
         render_s += timings["build_s"] + timings["render_s"]
         clips.append(clip)
+        scene_timings.append(timings)
         print(json.dumps({"event": "scene", "seed": seed, "key": key, **timings}), flush=True)
 
+    t_write = time.perf_counter()
     if job.get("labels", True):
         write_shard(Path(job["out"]), clips)
+    write_s = time.perf_counter() - t_write
+    # for benchmarks/render.py's breakdown (the shard's log keeps it)
+    print("timings " + json.dumps({"interpreter_s": interpreter_s,
+                                   "startup_s": t_ready - t_start, "scenes": scene_timings,
+                                   "write_s": write_s}), file=sys.stderr, flush=True)
     print(json.dumps({"event": "done", "startup_s": t_ready - t_start, "scenes_s": render_s,
+                      "device": device,
                       "total_s": time.perf_counter() - t_start}), flush=True)
     return 0
 

@@ -25,8 +25,9 @@ class SpecChanged(ValueError):
     naming the changed fields."""
 
     def __init__(self, out: Path, changes: list[str], shards: int, hint: str = HINT):
-        self.out, self.changes, self.shards = Path(out), changes, shards
-        super().__init__(f"{out} holds {shards} shard{'s' if shards != 1 else ''} made with "
+        from generation.storage import canonical
+        self.out, self.changes, self.shards = canonical(out), changes, shards
+        super().__init__(f"{self.out} holds {shards} shard{'s' if shards != 1 else ''} made with "
                          f"another spec ({'; '.join(changes)}): {hint}")
 
 
@@ -69,12 +70,11 @@ def changes(old: dict, cfg: GenerationConfig) -> list[str]:
     return found
 
 
-def existing_shards(out: Path) -> list[str]:
+def existing_shards(out) -> list[str]:
+    """Shard files in ``out`` (a directory or an object-store prefix): one listing."""
     from generation.dataset import SHARD_RE
-    out = Path(out)
-    if not out.is_dir():
-        return []
-    return sorted(p.name for p in out.iterdir() if SHARD_RE.fullmatch(p.name) and p.is_file())
+    from generation.storage import Location
+    return sorted(name for name in Location(out).listing() if SHARD_RE.fullmatch(name))
 
 
 def check(cfg: GenerationConfig, hint: str = HINT) -> None:
@@ -83,10 +83,10 @@ def check(cfg: GenerationConfig, hint: str = HINT) -> None:
     directory listing; touches nothing."""
     if cfg.overwrite:
         return
-    shards = existing_shards(Path(cfg.out))
+    shards = existing_shards(cfg.out)
     if not shards:
         return                      # nothing on disk to lose
-    old = read_manifest(Path(cfg.out))
+    old = read_manifest(cfg.out)
     # Shard files that no manifest accounts for (someone else's, or a manifest lost or
     # corrupted) would be rendered over and removed like a changed spec's: same refusal.
     found = (["no readable manifest.json says how they were made"] if old is None

@@ -5,20 +5,22 @@ every sample decodes, shapes match the spec (frames, resolution), and labels are
 range (finite positive depth or +inf sky, ids known, classes in the list, unit
 normals, a proper camera). Per dataset: every planned shard (``dataset`` in the
 manifest) is there, and no ``*.tar`` is unlisted. Returns the problems found, one
-line each; a damaged shard never stops the others from being checked.
+line each; a damaged shard never stops the others from being checked. The dataset may
+be a local directory or an object-store prefix (``s3://bucket/ds``): objects are
+streamed, never downloaded whole.
 """
 
 from __future__ import annotations
 
 import tarfile
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 
 from generation.dataset import SHARD_PATTERN
-from generation.manifest import MANIFEST_NAME, read_manifest, sha256_file
+from generation.manifest import MANIFEST_NAME, read_manifest, sha256_object
 from generation.shard_format import FormatError, read_shard
+from generation.storage import Location, LocationError
 
 
 def check_clip(clip: dict, spec: dict, classes: list[str]) -> list[str]:
@@ -60,17 +62,23 @@ class NotADataset(ValueError):
     """The path is not a shard directory at all: bad input (exit 2), not bad data."""
 
 
-def verify_dataset(directory: Path) -> dict[str, list[str]]:
+def verify_dataset(directory) -> dict[str, list[str]]:
     """Problems per shard name (``"manifest"`` and ``"dataset"`` for dataset-level
     ones); empty when valid. Every shard is checked whatever the others hold."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise NotADataset(f"{directory}: " + ("not a directory" if directory.exists()
-                                              else "no such directory"))
-    if not (directory / MANIFEST_NAME).is_file():
-        raise NotADataset(f"{directory}: no {MANIFEST_NAME}, so not a shard directory")
+    where = Location(directory)
+    if where.local is not None and not where.local.is_dir():
+        raise NotADataset(f"{where}: " + ("not a directory" if where.local.exists()
+                                          else "no such directory"))
+    try:
+        files = where.listing()
+    except LocationError as exc:   # no fsspec implementation for it (gcsfs missing)
+        raise NotADataset(str(exc)) from None
+    except OSError as exc:   # an object store that does not answer, or refuses us
+        raise NotADataset(f"{where}: cannot list it: {exc}") from None
+    if MANIFEST_NAME not in files:
+        raise NotADataset(f"{where}: no {MANIFEST_NAME}, so not a shard directory")
     problems: dict[str, list[str]] = defaultdict(list)
-    manifest = read_manifest(directory)
+    manifest = read_manifest(where)
     if manifest is None or not isinstance(manifest["shards"], list):
         return {"manifest": [f"{MANIFEST_NAME} is not readable JSON with a list of shards"]}
     spec, classes = manifest.get("spec"), manifest.get("classes")
@@ -83,31 +91,34 @@ def verify_dataset(directory: Path) -> dict[str, list[str]]:
         if not isinstance(name, str):
             problems["manifest"].append(f"shard record {index} has no name")
             continue
-        found, clips = check_shard(directory / name, record, spec, classes)
+        found, clips = check_shard(where, name, record, spec, classes)
         problems[name].extend(found)
         listed[name] = 0 if found else clips
     if not listed:
         problems["manifest"].append("manifest lists no shards")
     check_planned(manifest.get("dataset"), listed, problems)
     # training reads every *.tar of the directory, so an unlisted one would be trained on
-    for extra in sorted(p.name for p in directory.glob("*.tar") if p.name not in listed):
+    for extra in sorted(n for n in files if n.endswith(".tar") and n not in listed):
         problems[extra].append("shard file is not listed in the manifest")
     return {name: p for name, p in problems.items() if p}
 
 
-def check_shard(path: Path, record: dict, spec: dict | None, classes: list | None
-                ) -> tuple[list[str], int]:
-    """(problems of one shard, clips decoded). Never raises on bad data: a damaged
-    shard is one more line, and the caller goes on with the next shard."""
+def check_shard(where: Location, name: str, record: dict, spec: dict | None,
+                classes: list | None) -> tuple[list[str], int]:
+    """(problems of shard ``name`` of ``where``, clips decoded). Never raises on bad
+    data: a damaged shard is one more line, and the caller goes on with the next shard."""
     found = [f"manifest record has no {field}" for field in ("sha256", "samples")
              if field not in record]
-    if not path.is_file():
+    if not where.is_file(name):
         return found + ["missing"], 0
-    if "sha256" in record and sha256_file(path) != record["sha256"]:
-        found.append("sha256 does not match the manifest")
+    try:
+        if "sha256" in record and sha256_object(where, name) != record["sha256"]:
+            found.append("sha256 does not match the manifest")
+    except OSError as exc:
+        return found + [f"cannot be read: {exc}"], 0
     keys = []
     try:
-        for clip in read_shard(path):
+        for clip in read_shard(where.local / name if where.local else where.join(name)):
             keys.append(clip["key"])
             if spec is not None and classes is not None:
                 found.extend(check_clip(clip, spec, classes))

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from training.heads import split_legacy_dense_heads
 from training.model import PromptonomyViT, create_model
 
 FORMAT = "pvit-checkpoint/1"
@@ -61,6 +62,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             got = "missing" if key not in state else f"a {type(state[key]).__name__}"
             raise CheckpointError(f"checkpoint: {path} is damaged: '{key}' is {got}, "
                                   f"not a {kind.__name__}")
+    # written before the dense heads had one upsampling map per tap (same function)
+    state["model"] = split_legacy_dense_heads(state["model"])
     return state
 
 
@@ -81,8 +84,12 @@ def check_compatible(state: dict[str, Any], model_name: str, model_kwargs: dict[
     """Fail with a sentence, not a shape traceback, when ``state`` was made for another
     size or variant (``keys``: which model arguments must agree)."""
     if state["model_name"] != model_name:
-        raise CheckpointError(f"checkpoint: {path} is a {state['model_name']} model, "
-                              f"this run builds {model_name}")
+        from training.model import list_models, model_family
+
+        theirs = state["model_name"]
+        family = f" ({model_family(theirs)})" if theirs in list_models() else ""
+        raise CheckpointError(f"checkpoint: {path} is a {theirs}{family} model, this run "
+                              f"builds {model_name} ({model_family(model_name)})")
     for key in keys:
         theirs, ours = state["model_kwargs"].get(key), model_kwargs.get(key)
         if theirs != ours:

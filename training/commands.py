@@ -18,7 +18,14 @@ import typer
 from rich.console import Console
 
 DataFormatOpt = typer.Option(None, "--data-format", help="ssv2 | list")
-MODEL_HELP = "pvit_test | pvit_tiny | pvit_small | pvit_base"
+MODEL_HELP = ("pvit_test | pvit_tiny | pvit_small | pvit_base | mvitv2_s | videomae_vit_s | "
+              "videomae_vit_b")
+INIT_FORMAT_HELP = ("format of --init: pvit | timm_image | torchvision_mvit | videomae | "
+                    "videomae_hf [default: pvit if it is one, else timm_image]")
+# every command takes it (flows/cli.py too); keys are the file's, dotted from the top
+SET_HELP = ("override any key of the experiment file: section.key=value (repeatable; the "
+            "value is YAML, e.g. null, 1e-4, [depth, pose]; unknown keys are errors)")
+SetOpt = typer.Option(None, "--set", help=SET_HELP, metavar="KEY=VALUE")
 err_console = Console(stderr=True)
 
 
@@ -27,12 +34,13 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _stage_config(stage: str, config: Path, overrides: dict[str, Any]):
+def _stage_config(stage: str, config: Optional[Path], overrides: dict[str, Any],
+                  sets: Optional[list[str]] = None):
     from flows.experiment import ConfigError, load_experiment
 
     try:
         dotted = {f"{stage}.{k}": v for k, v in overrides.items()}
-        return load_experiment(config, dotted).require(stage)
+        return load_experiment(config, dotted, sets).require(stage)
     except ConfigError as exc:
         _fail(str(exc))
 
@@ -42,6 +50,7 @@ def _train(stage: str, cfg) -> None:
 
     from training import train
     from training.checkpoint import CheckpointError
+    from training.synthetic_data import ShardDecodeError
 
     try:
         train.preflight(stage, cfg)
@@ -58,7 +67,12 @@ def _train(stage: str, cfg) -> None:
             bar.update(task, completed=record["step"], total=record["total_steps"],
                        loss=record["loss/total"])
 
-        summary = run(cfg, progress=progress)
+        try:
+            summary = run(cfg, progress=progress)
+        except ShardDecodeError as exc:  # bad data met while training: one line, exit 1
+            bar.stop()
+            err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
     if summary.get("checkpoint"):  # rank 0 only
         shown = {k: v for k, v in summary.items() if k != "skipped_paths"}
         typer.echo(json.dumps(shown, indent=2))
@@ -71,11 +85,15 @@ def pretrain(
     model: Optional[str] = typer.Option(None, help=MODEL_HELP),
     variant: Optional[str] = typer.Option(None, help="mt | pvit"),
     synthetic: Optional[Path] = typer.Option(None, help="shard directory"),
+    init: Optional[Path] = typer.Option(None, help="initial weights (see --init-format)"),
+    init_format: Optional[str] = typer.Option(None, help=INIT_FORMAT_HELP),
+    sets: Optional[list[str]] = SetOpt,
 ) -> None:
     """Prompt pretraining on synthetic shards (all task heads)."""
     cfg = _stage_config("pretrain", config, {
         "out": out and str(out), "epochs": epochs, "model": model, "variant": variant,
-        "synthetic": synthetic and str(synthetic)})
+        "synthetic": synthetic and str(synthetic), "init": init and str(init),
+        "init_format": init_format}, sets)
     _train("pretrain", cfg)
 
 
@@ -86,15 +104,18 @@ def finetune(
     model: Optional[str] = typer.Option(None, help=MODEL_HELP),
     variant: Optional[str] = typer.Option(None, help="vit | mt | pvit"),
     synthetic: Optional[Path] = typer.Option(None, help="shard directory mixed into batches"),
-    init: Optional[Path] = typer.Option(None, help="pretrain checkpoint or image weights"),
+    init: Optional[Path] = typer.Option(None, help="pretrain checkpoint or other weights"),
+    init_format: Optional[str] = typer.Option(None, help=INIT_FORMAT_HELP),
     data_format: Optional[str] = DataFormatOpt,
     data_root: Optional[Path] = typer.Option(None, help="downstream data set root"),
+    sets: Optional[list[str]] = SetOpt,
 ) -> None:
     """Downstream training with synthetic batches mixed in (synthetic_ratio)."""
     cfg = _stage_config("finetune", config, {
         "out": out and str(out), "epochs": epochs, "model": model, "variant": variant,
         "synthetic": synthetic and str(synthetic), "init": init and str(init),
-        "data_format": data_format, "data_root": data_root and str(data_root)})
+        "init_format": init_format, "data_format": data_format,
+        "data_root": data_root and str(data_root)}, sets)
     _train("finetune", cfg)
 
 
@@ -107,6 +128,7 @@ def evaluate(
     out: Optional[Path] = typer.Option(None, help="result JSON [default: next to the checkpoint]"),
     temporal_clips: Optional[int] = typer.Option(None, help="clips per video (multi-view)"),
     spatial_crops: Optional[int] = typer.Option(None, help="crops per clip, 1 or 3"),
+    sets: Optional[list[str]] = SetOpt,
 ) -> None:
     """Top-1 / top-5, single view and multi-view, written as JSON."""
     from pydantic import ValidationError
@@ -116,8 +138,9 @@ def evaluate(
     from training.evaluate import run_evaluate
 
     section: dict[str, Any] = {}
-    if config is not None:
-        cfg = _stage_config("evaluate", config, {})  # validates the file, then flags win
+    if config is not None or sets:
+        # validates the file and --set; then this command's flags win
+        cfg = _stage_config("evaluate", config, {}, sets)
         section = cfg.model_dump(exclude_unset=True)
     flags = {"checkpoint": str(checkpoint), "data_format": data_format,
              "data_root": data_root and str(data_root), "split": split, "out": out and str(out),

@@ -20,6 +20,9 @@ Variant = Literal["vit", "mt", "pvit"]
 Task = Literal["depth", "normals", "segmentation", "pose"]
 DataFormat = Literal["ssv2", "list"]
 Sampling = Literal["stride", "segments"]
+# where ``init`` came from (one converter each, training/convert.py); None: a pvit
+# checkpoint when the file carries our format marker, else timm image weights
+InitFormat = Literal["pvit", "timm_image", "torchvision_mvit", "videomae", "videomae_hf"]
 
 SYNTHETIC_TASKS: tuple[str, ...] = ("depth", "normals", "segmentation", "pose")
 
@@ -44,7 +47,9 @@ class _TrainStage(BaseModel):
     out: str = "runs/pretrain"  # run directory: config.yaml, metrics.jsonl, checkpoints
     seed: int = 0
     # --- model ---
-    model: str = "pvit_tiny"  # a registered size: pvit_test, pvit_tiny, pvit_small, pvit_base
+    # a registered model (training/model.py): pvit_test, pvit_tiny, pvit_small, pvit_base,
+    # mvitv2_s (the paper's backbone), videomae_vit_s, videomae_vit_b
+    model: str = "pvit_tiny"
     variant: Variant = "pvit"  # vit: no prompts/heads; mt: heads on CLS; pvit: prompts
     num_frames: int = Field(16, ge=1)  # the paper's 16x4 clips
     img_size: int = Field(224, ge=16)  # the paper's 224 crops
@@ -105,6 +110,9 @@ class _TrainStage(BaseModel):
             raise ValueError(f"tasks: variant '{self.variant}' needs at least one synthetic task")
         if len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"tasks: duplicate entries in {self.tasks}")
+        if self.init_format and not self.init:
+            raise ValueError(f"init_format: '{self.init_format}' names the format of init, "
+                             "which is not set")
         return self
 
     def model_kwargs(self, num_classes: int, num_seg_classes: int) -> dict[str, Any]:
@@ -122,7 +130,9 @@ class _TrainStage(BaseModel):
 class PretrainConfig(_TrainStage):
     """Prompt pretraining on synthetic shards: all heads, no downstream task."""
 
-    init: Optional[str] = None  # image timm weights (.safetensors / .pth) or None (scratch)
+    # a video checkpoint (see init_format), image timm weights, or None (scratch)
+    init: Optional[str] = None
+    init_format: Optional[InitFormat] = None
 
     @model_validator(mode="after")
     def _check_pretrain(self) -> "PretrainConfig":
@@ -138,8 +148,10 @@ class FinetuneConfig(_TrainStage):
     """Downstream training with synthetic batches mixed in (the paper's joint recipe)."""
 
     out: str = "runs/finetune"
-    # pretrain checkpoint (.pt), image timm weights (.safetensors/.pth), or None (scratch)
+    # pretrain checkpoint (.pt), a video checkpoint (init_format), image timm weights
+    # (.safetensors/.pth), or None (scratch)
     init: Optional[str] = None
+    init_format: Optional[InitFormat] = None
     data_format: DataFormat = "list"  # ssv2: labels/*.json + videos/<id>.webm; list: `path label`
     data_root: Optional[str] = None  # required: root of the downstream data set
     videos_dir: str = "videos"  # SSv2 only: the folder of <id>.webm under data_root
@@ -150,6 +162,9 @@ class FinetuneConfig(_TrainStage):
     # synthetic clips per real clip in a batch; the paper's supplement uses 64+64 (1.0)
     synthetic_ratio: float = Field(1.0, ge=0, le=3)  # the paper caps synthetic at 3x real
     lr: float = Field(7e-5, gt=0)  # the paper's SSv2 learning rate
+    # the paper's control (benchmarks/ablation.py pvit_shuffled): each synthetic clip is
+    # trained on another clip's labels, so label statistics stay and meaning goes
+    shuffle_synthetic_labels: bool = False
 
     @model_validator(mode="after")
     def _check_finetune(self) -> "FinetuneConfig":

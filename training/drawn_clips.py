@@ -67,4 +67,7 @@ def write_shards(directory: Path, shards: int = 2, clips_per_shard: int = 4, **k
         clips = [make_clip(f"clip{s:02d}{i:03d}", seed=100 * s + i, **kw)
                  for i in range(clips_per_shard)]
         write_shard(directory / f"shard-{s:05d}.tar", clips)
+    # training reads what a manifest lists (generation/dataset_index.py)
+    from generation.dataset_index import write_index
+    write_index(directory, [f"shard-{s:05d}.tar" for s in range(shards)], CLASSES)
     return directory

@@ -44,6 +44,7 @@ def evaluate_model(model: torch.nn.Module, records: list[VideoRecord], *, num_fr
                         collate_fn=collate_videos, **loader_worker_kwargs(num_workers))
     model.eval()
     top1 = top5 = seen = 0
+    correct: list[bool] = []  # per scored clip, in record order
     skipped: list[str] = []
     for batch in loader:
         skipped += batch["skipped"]
@@ -54,14 +55,16 @@ def evaluate_model(model: torch.nn.Module, records: list[VideoRecord], *, num_fr
         scores = model(views.flatten(0, 1)).float().softmax(-1).view(b, v, -1).mean(1)
         label = batch["label"].to(device)
         ranked = scores.topk(min(5, scores.shape[-1]), dim=-1).indices
-        top1 += (ranked[:, 0] == label).sum().item()
+        hits = ranked[:, 0] == label
+        correct += hits.tolist()
+        top1 += hits.sum().item()
         top5 += (ranked == label[:, None]).any(-1).sum().item()
         seen += b
     if not seen:  # a score over no clips is no score (run_evaluate checks this up front)
         raise ValueError(f"data_root: no clip to score: all {len(skipped)} videos were "
                          "skipped as undecodable")
     return {"top1": 100.0 * top1 / max(seen, 1), "top5": 100.0 * top5 / max(seen, 1),
-            "clips": seen, "views_per_clip": temporal_clips * spatial_crops,
+            "clips": seen, "correct": correct, "views_per_clip": temporal_clips * spatial_crops,
             "skipped_videos": len(skipped), "skipped_paths": skipped}
 
 

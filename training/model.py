@@ -1,68 +1,72 @@
-"""PromptonomyViT: the training model and the registry of named sizes.
+"""PromptonomyViT: the training model and the registry of named models.
 
-``create_model(name, **overrides)`` is the only way in (as in timm). Sizes register a
-dict of architecture arguments; everything else (variant, clip shape, tasks) comes in
-as overrides from the stage config.
+``create_model(name, **overrides)`` is the only way in (as in timm). A registered name
+gives a backbone family (``training.backbones``) and its architecture arguments;
+everything else (variant, clip shape, tasks) comes in as overrides from the stage
+config. The PViT wrapper is a subclass of the family's class (``pvit_class``), so the
+state dict keeps the family's own names plus ``task_heads.*``, and the exported model
+(``training.convert.export_inference``) is the family's class without the heads.
 
 Variants (one switch, for the paper's ablation):
 - ``vit``: backbone + classifier; no prompts, no synthetic heads.
-- ``mt``: synthetic task heads read the CLS token; no prompts.
+- ``mt``: synthetic task heads read the pooled token (CLS); no prompts.
 - ``pvit``: one (or ``prompts_per_task``) learned token per task; each head reads its
   own task's prompt token(s), averaged.
+Heads are built from the backbone's ``feature_info`` and ``dense_taps`` only.
 """
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from training.heads import DenseHead, PoseHead
-from training.video_vit import VideoViT
+from training.backbones import dense_tap_indices, get_family  # noqa: F401 (re-exported)
+from training.heads import DenseHead, PoseHead, clip_frames
 
 DENSE_CHANNELS = {"depth": 1, "normals": 3}  # segmentation: one channel per class
 VARIANTS = ("vit", "mt", "pvit")
 
 
-def dense_tap_indices(depth: int) -> list[int]:
-    """0-based blocks whose patch tokens feed the dense heads: the paper's layers 2, 12
-    and 15 of 16, scaled to ``depth``."""
-    return [max(0, round(depth * k / 16) - 1) for k in (2, 12, 15)]
+class PromptonomyViT(nn.Module):
+    """A backbone family + training-only synthetic task heads. ``forward`` gives class
+    logits; ``forward_train`` gives the logits and every task's prediction. Not built
+    directly: ``pvit_class(family)`` puts it in front of a family's class."""
 
-
-class PromptonomyViT(VideoViT):
-    """VideoViT + training-only synthetic task heads. ``forward`` gives class logits;
-    ``forward_train`` gives the logits and every task's prediction."""
+    family: str
 
     def __init__(self, variant: str = "pvit", tasks: tuple[str, ...] | list[str] = (),
                  prompts_per_task: int = 1, label_size: int = 56, pose_slots: int = 8,
-                 num_seg_classes: int = 2, head_drop_rate: float = 0.1, **vit_kwargs: Any):
+                 num_seg_classes: int = 2, head_drop_rate: float = 0.1, **backbone_kwargs: Any):
         if variant not in VARIANTS:
             raise ValueError(f"variant: unknown '{variant}', choose from {VARIANTS}")
         tasks = list(tasks) if variant != "vit" else []
         num_prompts = len(tasks) * prompts_per_task if variant == "pvit" else 0
-        super().__init__(num_prompts=num_prompts, **vit_kwargs)
+        super().__init__(num_prompts=num_prompts, **backbone_kwargs)
+        # what export_inference rebuilds the bare backbone from
+        self.backbone_kwargs = dict(num_prompts=num_prompts, **backbone_kwargs)
         self.variant, self.tasks, self.prompts_per_task = variant, tasks, prompts_per_task
-        self.tap_indices = dense_tap_indices(len(self.blocks))
-        tubelet = self.patch_embed.proj.kernel_size[0]
-        num_frames = self.grid_size[0] * tubelet
+        self.tap_indices = list(self.dense_taps)
+        taps = [self.feature_info[i] for i in self.tap_indices]
+        width = self.num_features  # prompts and the pooled token leave with the last width
         heads: dict[str, nn.Module] = {}
         for task in tasks:
             if task == "pose":
-                heads[task] = PoseHead(self.embed_dim, num_frames, pose_slots, drop=head_drop_rate)
+                heads[task] = PoseHead(width, clip_frames(taps[0]), pose_slots,
+                                       drop=head_drop_rate)
             else:
                 channels = num_seg_classes if task == "segmentation" else DENSE_CHANNELS[task]
-                heads[task] = DenseHead(self.embed_dim, self.grid_size, tubelet, channels,
-                                        label_size)
+                heads[task] = DenseHead(taps, width, channels, label_size)
         self.task_heads = nn.ModuleDict(heads)
         # one dropout on the tapped tokens, shared by the dense heads (the paper's
         # "upsample, dropout, concatenate"; once instead of once per head)
         self.tap_drop = nn.Dropout(head_drop_rate)
 
-    def task_token(self, cls: torch.Tensor, prompts: torch.Tensor, task: str) -> torch.Tensor:
+    def task_token(self, pooled: torch.Tensor, prompts: torch.Tensor, task: str) -> torch.Tensor:
         if self.variant == "mt":
-            return cls
+            return pooled
         i = self.tasks.index(task) * self.prompts_per_task
         return prompts[:, i:i + self.prompts_per_task].mean(dim=1)
 
@@ -72,14 +76,21 @@ class PromptonomyViT(VideoViT):
         tokens, taps = self.forward_intermediates(x, self.tap_indices if need_taps else None)
         if need_taps:  # a repeated index (shallow nets) appears once in taps
             by_index = dict(zip(sorted(set(self.tap_indices)), taps, strict=True))
-            taps = self.tap_drop(torch.cat([by_index[i] for i in self.tap_indices], dim=-1))
+            taps = [self.tap_drop(by_index[i]) for i in self.tap_indices]
         out = {"logits": self.forward_head(tokens)}
         if tasks and self.tasks:
-            cls, _, prompts = self.split_tokens(tokens)
+            pooled, _, prompts = self.split_tokens(tokens)
             for task, head in self.task_heads.items():
-                token = self.task_token(cls, prompts, task)
+                token = self.task_token(pooled, prompts, task)
                 out[task] = head(token) if task == "pose" else head(taps, token)
         return out
+
+
+@lru_cache(maxsize=None)
+def pvit_class(family: str) -> type[PromptonomyViT]:
+    """``PromptonomyViT`` over the family's class (one class per family)."""
+    base = get_family(family)
+    return type(f"PromptonomyViT_{family}", (PromptonomyViT, base), {"family": family})
 
 
 # --- registry -----------------------------------------------------------------------
@@ -87,7 +98,8 @@ _MODEL_ARGS: dict[str, dict[str, Any]] = {}
 
 
 def register_model(fn: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
-    _MODEL_ARGS[fn.__name__] = fn()
+    """``fn`` returns its family's arguments; ``family`` (default ``vit``) names it."""
+    _MODEL_ARGS[fn.__name__] = {"family": "vit", **fn()}
     return fn
 
 
@@ -101,8 +113,14 @@ def model_args(name: str) -> dict[str, Any]:
     return dict(_MODEL_ARGS[name])
 
 
+def model_family(name: str) -> str:
+    return model_args(name)["family"]
+
+
 def create_model(name: str, **overrides: Any) -> PromptonomyViT:
-    return PromptonomyViT(**{**model_args(name), **overrides})
+    args = model_args(name)
+    family = args.pop("family")
+    return pvit_class(family)(**{**args, **overrides})
 
 
 @register_model
@@ -125,3 +143,29 @@ def pvit_small() -> dict[str, Any]:
 @register_model
 def pvit_base() -> dict[str, Any]:
     return dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)  # ViT-B widths
+
+
+# VideoMAE's ViTs: fixed sin-cos positions, mean pooling + fc_norm, 2x16x16 tubelets
+_VIDEOMAE = dict(patch_size=16, tubelet_size=2, pos_embed="sincos", global_pool="avg")
+
+
+@register_model
+def videomae_vit_s() -> dict[str, Any]:
+    return dict(embed_dim=384, depth=12, num_heads=6, **_VIDEOMAE)
+
+
+@register_model
+def videomae_vit_b() -> dict[str, Any]:
+    return dict(embed_dim=768, depth=12, num_heads=12, **_VIDEOMAE)
+
+
+@register_model
+def mvitv2_s() -> dict[str, Any]:
+    """The paper's backbone: torchvision's MViTv2-S (16 blocks, 96 -> 768 channels)."""
+    return dict(family="mvit")
+
+
+@register_model
+def mvitv2_test() -> dict[str, Any]:
+    """For tests: the mvit family with 4 small blocks (torchvision's MViT class)."""
+    return dict(family="mvit", arch="test", img_size=32, num_frames=4)

@@ -2,7 +2,8 @@
 
 Pipeline, per epoch pass (what flows between the stages):
 
-    shard urls --split_by_node--> this rank's shards --split_by_worker--> this worker's
+    shard urls (from the manifest: generation.dataset_index.open_dataset)
+    --split_by_node--> this rank's shards --split_by_worker--> this worker's
     shards --shardshuffle--> open, expand tar, group by key --> raw samples (bytes)
     --shuffle(buffer)--> decode_sample (generation.shard_format) --> clip dicts
     --SceneTransform--> tensors (video + scene targets)
@@ -14,11 +15,16 @@ DataLoader worker; ``synthetic_batches`` batches it for one epoch.
 flips, and applies the *same* geometry to RGB and every label map (a flip also negates
 the normals' x and mirrors object poses). Its randomness is a pure function of
 (seed, epoch, pass, clip key), so a resumed run sees the very same clips.
+
+Shards are local paths or object URLs (``s3://bucket/ds/shard-000000.tar``), opened here
+through ``generation.storage.open_file`` (fsspec for object stores, streamed), never
+through webdataset's ``gopen``, which runs a ``pipe:`` URL as a shell command. A shard
+that does not decode stops the run with ``ShardDecodeError``: one line naming the shard
+and the member (or the sample) that failed.
 """
 
 from __future__ import annotations
 
-import tarfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +37,9 @@ import webdataset as wds
 from torch.utils.data import DataLoader
 from webdataset import tariterators
 
-from generation.locations import shard_url
-from generation.shard_format import CLASSES, decode_sample
+from generation.dataset_index import DatasetIndex, open_dataset
+from generation.shard_format import CLASSES, FormatError, decode_sample
+from generation.storage import open_file
 from training.loader_workers import loader_worker_kwargs
 
 # timm ViT (ImageNet) normalisation, so image-pretrained weights see familiar inputs
@@ -41,25 +48,27 @@ RGB_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1, 1)
 NON_OBJECT_CLASSES = ("background", "floor")  # not pose targets
 
 
-def shard_urls(directory: str | Path) -> list[str]:
-    """The ``*.tar`` shards of a directory, sorted (order matters for node splitting)."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"synthetic: no such shard directory {directory}")
-    urls = sorted(str(p) for p in directory.glob("*.tar"))
-    if not urls:
-        raise FileNotFoundError(f"synthetic: no .tar shards in {directory}")
-    return urls
+class ShardDecodeError(RuntimeError):
+    """A shard failed to decode during training; ``str()`` is one line naming the shard
+    and the member. Raised in a DataLoader worker, it reaches the main process wrapped
+    in torch's traceback text: ``str()`` finds the line again."""
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        marker = f"{type(self).__name__}: "
+        lines = [line.split(marker, 1)[1] for line in text.splitlines() if marker in line]
+        return lines[-1] if lines else text.splitlines()[0] if text else ""
 
 
-def count_clips(urls: list[str]) -> int:
-    """Clips in the shards, from tar headers only (no member is read)."""
-    keys = set()
-    for url in urls:
-        with tarfile.open(url, "r:") as tar:
-            for info in tar:
-                keys.add((url, info.name.rsplit("/", 1)[-1].split(".", 1)[0]))
-    return len(keys)
+def synthetic_index(location: str | Path) -> DatasetIndex:
+    """The dataset training reads: what its manifest lists (see ``open_dataset``)."""
+    return open_dataset(location)
+
+
+def shard_urls(location: str | Path) -> list[str]:
+    """The shards the manifest of ``location`` lists, in name order (order matters for
+    node splitting); unlisted ``*.tar`` files are ignored with a warning."""
+    return open_dataset(location).urls
 
 
 def normalize_rgb(frames: torch.Tensor) -> torch.Tensor:
@@ -194,27 +203,62 @@ class SceneTransform:
         }
 
 
+def _shard_members(url: str) -> Iterator[dict]:
+    """The members of one shard (``{"fname", "data", "__url__"}``), streamed; a shard
+    that cannot be opened or read (truncated, not a tar) is a ``ShardDecodeError``
+    naming it and the last member read."""
+    last = None
+    try:
+        with open_file(url) as stream:
+            for member in tariterators.tar_file_iterator(stream):
+                last = member["fname"]
+                yield {**member, "__url__": url}
+    except ShardDecodeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any reader error: one line naming the shard
+        where = f"after member {last}" if last else "at its first member"
+        raise ShardDecodeError(f"synthetic: shard {url} does not decode {where}: "
+                               f"{_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _open_tar_samples(urls: Iterable[dict]) -> Iterator[dict]:
     """``{"url"}`` dicts -> raw samples. webdataset's own grouping lower-cases member
     suffixes (``K.npy`` would become ``k.npy``), so the stages are chained here with
     ``lcase=False`` to hand ``decode_sample`` the names the writer wrote."""
-    files = tariterators.tar_file_expander(tariterators.url_opener(urls))
-    return tariterators.group_by_keys(files, lcase=False)
+    for entry in urls:
+        yield from tariterators.group_by_keys(_shard_members(entry["url"]), lcase=False)
+
+
+def decode_or_name(sample: dict) -> dict:
+    """``decode_sample``, with a failure turned into one line naming the shard and the
+    sample (the decoder's message names the member)."""
+    try:
+        return decode_sample(sample)
+    except Exception as exc:  # noqa: BLE001 - any decoder error: one line naming the shard
+        what = _first_line(exc)
+        if not isinstance(exc, FormatError):   # FormatError's message names the member
+            what = f"sample {sample.get('__key__')!r}: {what}"
+        raise ShardDecodeError(f"synthetic: shard {sample.get('__url__')}: {what}") from None
 
 
 def synthetic_dataset(urls: list[str], transform: SceneTransform, seed: int,
                       shuffle_buffer: int, split_by_node: bool = True) -> wds.DataPipeline:
     """One pass over the shards, shuffled by ``seed`` (see the module docstring)."""
     return wds.DataPipeline(
-        # {"url": file URL} per shard, in sorted order. URLs built here from the paths:
-        # webdataset's gopen runs a path starting with "pipe:" as a shell command.
-        wds.SimpleShardList([shard_url(u) for u in urls]),
+        # {"url": path or object URL} per shard, in sorted order, opened by
+        # _open_tar_samples (never by gopen, which runs "pipe:..." as a shell command)
+        wds.SimpleShardList(list(urls)),
         *([wds.split_by_node] if split_by_node else []),  # this rank's shards
         wds.split_by_worker,  # this DataLoader worker's shards
         wds.shuffle(len(urls), initial=len(urls), seed=seed),  # shardshuffle: all shards
         _open_tar_samples,  # raw samples: {"__key__", "rgb.npy": bytes, ...}
         wds.shuffle(shuffle_buffer, initial=shuffle_buffer, seed=seed),  # bytes: cheap to hold
-        wds.map(decode_sample),  # clip dicts (generation.shard_format)
+        wds.map(decode_or_name),  # clip dicts (generation.shard_format)
         wds.map(transform),  # model-ready tensors
     )
 

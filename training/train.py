@@ -37,6 +37,7 @@ from training.checkpoint import (
 )
 from training.config import FinetuneConfig, PretrainConfig
 from training.convert import (
+    SOURCE_CONVERTERS,
     CheckpointMismatch,
     export_inference,
     image_to_video,
@@ -48,7 +49,7 @@ from training.loader_workers import loader_worker_kwargs
 from training.losses import compute_losses
 from training.model import PromptonomyViT, create_model
 from training.run_files import MetricsLog, plot_loss_curve, write_config, write_summary
-from training.synthetic_data import SceneTransform, count_clips, shard_urls, synthetic_batches
+from training.synthetic_data import SceneTransform, synthetic_batches, synthetic_index
 from training.video_data import (
     VideoClips,
     VideoRecord,
@@ -141,9 +142,10 @@ def preflight(stage: str, cfg: PretrainConfig | FinetuneConfig) -> None:
             # bad labels, or a split none of whose videos decode, are bad input like a
             # missing split: found here, before training, so exit 2 like the rest
             _, num_classes = _real_records(cfg)
+        classes = CLASSES  # no synthetic data: the built-in list (the head is unused)
         if stage == "pretrain" or cfg.synthetic_batch_size:
-            shard_urls(cfg.synthetic)
-        kwargs = cfg.model_kwargs(num_classes=num_classes, num_seg_classes=len(CLASSES))
+            classes = synthetic_index(cfg.synthetic).classes  # the manifest is the contract
+        kwargs = cfg.model_kwargs(num_classes=num_classes, num_seg_classes=len(classes))
         last = Path(cfg.out) / "checkpoints" / "last.pt"
         if last.is_file():  # a resume must be of this very model and config
             state = load_checkpoint(last)
@@ -171,25 +173,33 @@ def _real_records(cfg: FinetuneConfig) -> tuple[list[VideoRecord], int]:
 
 def _initial_weights(cfg: PretrainConfig | FinetuneConfig, model: PromptonomyViT,
                      model_kwargs: dict[str, Any]) -> Optional[dict[str, torch.Tensor]]:
-    """Weights named by ``cfg.init``: a pvit checkpoint (pretrain -> finetune) or image
-    timm weights (inflated); None trains from scratch."""
+    """Weights named by ``cfg.init``, read as ``cfg.init_format`` says: a pvit checkpoint
+    (pretrain -> finetune), torchvision MViT, VideoMAE (repository or HF) or, by default
+    for files without our marker, timm image weights (inflated); None: from scratch."""
     if not cfg.init:
         return None
     if not Path(cfg.init).is_file():
         raise CheckpointError(f"init: no such file {cfg.init}")
+    fmt = cfg.init_format
     if is_pvit_checkpoint(cfg.init):
+        if fmt not in (None, "pvit"):
+            raise CheckpointError(f"init: {cfg.init} is a pvit checkpoint, not init_format "
+                                  f"'{fmt}'")
         state = load_checkpoint(cfg.init)
         check_compatible(state, cfg.model, model_kwargs, SAME_ARCH, cfg.init)
         return pretrain_to_finetune(state["model"], model)
+    if fmt == "pvit":
+        raise CheckpointError(f"init: {cfg.init} is not a pvit checkpoint (init_format 'pvit')")
     try:
         weights = read_weights(cfg.init)
     except CheckpointMismatch:  # its own message says only "KeyError" or the like
         raise CheckpointError(f"init: {cfg.init} is not a checkpoint or weights file "
                               "(a pvit .pt, a torch state dict or .safetensors)") from None
+    convert = SOURCE_CONVERTERS.get(fmt or "timm_image", image_to_video)
     try:
-        return image_to_video(weights, model)
+        return convert(weights, model)
     except CheckpointMismatch as exc:  # weights of another architecture: name the file
-        raise CheckpointError(f"init: {cfg.init}: {exc}") from None
+        raise CheckpointError(f"init: {cfg.init} (model {cfg.model}): {exc}") from None
 
 
 def _run(stage: str, cfg: PretrainConfig | FinetuneConfig, progress: Progress,
@@ -210,13 +220,14 @@ def _run(stage: str, cfg: PretrainConfig | FinetuneConfig, progress: Progress,
         # checked again here: Prefect tasks call run_finetune without the preflight
         real_records, num_classes = _real_records(cfg)
     synthetic_bs = cfg.synthetic_batch_size if finetune else cfg.batch_size
-    urls = shard_urls(cfg.synthetic) if synthetic_bs else []
+    index = synthetic_index(cfg.synthetic) if synthetic_bs else None
+    urls = index.urls if index else []
     if finetune:
         steps_per_epoch = len(epoch_batches(len(real_records), cfg.batch_size, epoch=0,
                                             seed=cfg.seed, shuffle=True,
                                             world_size=dist.world_size))
     else:
-        steps_per_epoch = max(1, count_clips(urls) // (cfg.batch_size * dist.world_size))
+        steps_per_epoch = max(1, index.clips // (cfg.batch_size * dist.world_size))
     total_steps = steps_per_epoch * cfg.epochs
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
     scene = SceneTransform(num_frames=cfg.num_frames, img_size=cfg.img_size,
@@ -225,7 +236,8 @@ def _run(stage: str, cfg: PretrainConfig | FinetuneConfig, progress: Progress,
                            flip=cfg.flip, train=True)
 
     # --- model: resume > init > scratch ----------------------------------------------
-    model_kwargs = cfg.model_kwargs(num_classes=num_classes, num_seg_classes=len(CLASSES))
+    seg_classes = len(index.classes) if index else len(CLASSES)  # from the manifest
+    model_kwargs = cfg.model_kwargs(num_classes=num_classes, num_seg_classes=seg_classes)
     model = create_model(cfg.model, **model_kwargs)
     last = ckpt_dir / "last.pt"
     resume = load_checkpoint(last) if last.is_file() else None
@@ -308,7 +320,8 @@ def _run(stage: str, cfg: PretrainConfig | FinetuneConfig, progress: Progress,
                 continue
             if real is not None:
                 skipped.update(real["skipped"])
-            video, targets = _assemble(real, synth, device)
+            shuffle = _label_shuffle(cfg, synth, step)
+            video, targets = _assemble(real, synth, device, shuffle)
             if video is None:  # every real video failed and there is no synthetic part
                 step += 1
                 continue
@@ -398,9 +411,24 @@ def _epoch_iterators(cfg, finetune, real_records, urls, scene, synthetic_bs, epo
     return real_iter, synth_iter
 
 
-def _assemble(real: Optional[dict], synth: Optional[dict], device: torch.device
+def _label_shuffle(cfg, synth: Optional[dict], step: int) -> Optional[torch.Tensor]:
+    """The ablation control ``shuffle_synthetic_labels``: a permutation of the synthetic
+    clips of this batch whose labels each clip is given (seeded by run seed and step, so
+    every run of a seed sees the same pairing); None = labels stay with their clips."""
+    if synth is None or not getattr(cfg, "shuffle_synthetic_labels", False):
+        return None
+    n = synth["video"].shape[0]
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    # a derangement would be stricter; a random permutation is what the paper's control
+    # does, and at batch sizes >= 8 few clips keep their own labels
+    return torch.randperm(n, generator=gen)
+
+
+def _assemble(real: Optional[dict], synth: Optional[dict], device: torch.device,
+              shuffle: Optional[torch.Tensor] = None
               ) -> tuple[Optional[torch.Tensor], dict[str, torch.Tensor]]:
-    """One model input: real clips first, then synthetic; targets say which is which."""
+    """One model input: real clips first, then synthetic; targets say which is which.
+    ``shuffle`` reorders the synthetic targets (not the clips): see ``_label_shuffle``."""
     videos, labels, synthetic = [], [], []
     if real is not None and "video" in real:
         videos.append(real["video"])
@@ -412,7 +440,8 @@ def _assemble(real: Optional[dict], synth: Optional[dict], device: torch.device
         videos.append(synth["video"])
         labels.append(torch.full((n,), -1, dtype=torch.long))
         synthetic.append(torch.ones(n, dtype=torch.bool))
-        targets = {k: synth[k].to(device, non_blocking=True) for k in SCENE_KEYS}
+        targets = {k: (synth[k] if shuffle is None else synth[k][shuffle])
+                   .to(device, non_blocking=True) for k in SCENE_KEYS}
     if not videos:
         return None, {}
     targets["label"] = torch.cat(labels).to(device)
@@ -446,7 +475,10 @@ def _finish(stage, cfg, model, run_dir, ckpt_dir, last, epoch_losses, skipped, s
                                 img_size=cfg.img_size, stride=cfg.frame_stride,
                                 sampling=cfg.sampling, batch_size=cfg.batch_size,
                                 num_workers=cfg.num_workers, device=device)
-        summary.update(top1=result["top1"], top5=result["top5"], val_clips=result["clips"])
+        summary.update(top1=result["top1"], top5=result["top5"], val_clips=result["clips"],
+                       # per validation clip, in split order: what paired comparisons
+                       # between runs (benchmarks/ablation.py) resample
+                       val_correct=result["correct"])
         summary["skipped_videos"] += result["skipped_videos"]
         summary["skipped_paths"] = sorted(set(summary["skipped_paths"])
                                           | set(result["skipped_paths"]))

@@ -74,6 +74,8 @@ BAD = [
     ({"generation": {"scene": {"assets": ["teapot"]}}}, "unknown asset(s) ['teapot']"),
     ({"generation": {"scene": {"min_objects": 5, "max_objects": 2}}}, "min_objects"),
     ({"generation": {"scene": {"recipe": "nope"}}}, "unknown recipe 'nope'"),
+    ({"generation": {"device": "metal"}}, "generation.device"),
+    ({"generation": {"workers_per_gpu": 0}}, "generation.workers_per_gpu"),
 ]
 
 
@@ -94,6 +96,8 @@ def test_bad_config_is_one_line_exit_2_and_writes_nothing(tmp_path, data, messag
     (["--scenes", "-1"], "generation.scenes"),
     (["--resolution", "0"], "generation.scene.resolution"),
     (["--scenes-per-shard", "0"], "generation.scenes_per_shard"),
+    (["--device", "gpu"], "generation.device"),
+    (["--workers-per-gpu", "0"], "generation.workers_per_gpu"),
 ])
 def test_bad_flags_exit_2(tmp_path, flags, message):
     cfg = write_config(tmp_path / "c.yaml", tmp_path / "out")
@@ -110,3 +114,13 @@ def test_unwritable_output_and_missing_config(tmp_path):
     assert result.returncode == 2 and "generation.out" in result.stderr
     result = pvit("generate", tmp_path / "missing.yaml")
     assert result.returncode == 2 and "config file not found" in result.stderr
+
+
+def test_device_is_not_part_of_the_spec():
+    """A device change re-renders nothing (docs/generation.md, "Render devices")."""
+    from generation.config import GenerationConfig
+    from generation.dataset import plan
+    cpu = GenerationConfig(device="cpu", workers_per_gpu=2)
+    auto = GenerationConfig()
+    assert auto.device == "auto" and auto.workers_per_gpu == 1
+    assert [j.spec_hash for j in plan(cpu)] == [j.spec_hash for j in plan(auto)]

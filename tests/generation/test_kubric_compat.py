@@ -89,7 +89,8 @@ def test_obj_asset_imports_unrotated():
         scene += pyramid
         obj_file = Path(pyramid.render_filename)
         expected = np.array([[float(x) for x in line.split()[1:]]
-                             for line in obj_file.read_text().splitlines() if line.startswith("v ")])
+                             for line in obj_file.read_text().splitlines()
+                             if line.startswith("v ")])
         mesh = bpy.data.objects[pyramid.uid].data
         got = np.array([v.co[:] for v in mesh.vertices])
     assert got.shape == expected.shape
@@ -151,3 +152,49 @@ def test_openimagedenoise_replaces_nlm_and_denoises():
         return np.abs(lap).mean()
 
     assert floor_noise(True) < 0.5 * floor_noise(False)
+
+
+def test_png_reader_returns_what_kubrics_reader_returns(tmp_path):
+    from kubric import file_io
+
+    from generation.kubric_compat import read_png
+    rng = np.random.default_rng(0)
+    for shape, dtype in (((5, 7, 4), np.uint8), ((5, 7, 3), np.uint8), ((6, 4, 1), np.uint16),
+                         ((6, 4, 3), np.uint16)):
+        data = rng.integers(0, np.iinfo(dtype).max, shape, endpoint=True).astype(dtype)
+        path = tmp_path / f"{len(shape)}_{shape[-1]}_{dtype.__name__}.png"
+        file_io.write_png(data, path)
+        ours, kubrics = read_png(path), file_io.read_png(path)
+        assert ours.dtype == kubrics.dtype and np.array_equal(ours, kubrics)
+        assert np.array_equal(ours, data)
+
+
+def test_one_animation_render_equals_the_per_frame_loop():
+    """render_clip's setting (one render call for all frames) gives exactly the bytes
+    of Kubric's one-call-per-frame loop, RGB and every pass."""
+    import kubric as kb
+
+    from generation.kubric_compat import Blender45
+
+    def render(**options):
+        scene = kb.Scene(resolution=(RES, RES), frame_start=1, frame_end=3)
+        renderer = Blender45(scene, scratch_dir=tempfile.mkdtemp(), samples_per_pixel=2,
+                             use_denoising=False, **options)
+        scene += kb.Cube(name="floor", scale=(10, 10, 0.5), position=(0, 0, -0.5),
+                         static=True, material=kb.PrincipledBSDFMaterial())
+        cube = kb.Cube(name="cube", scale=0.6, position=(0, 0, 0.6),
+                       material=kb.PrincipledBSDFMaterial(color=kb.Color(0.8, 0.2, 0.1)))
+        scene += cube
+        scene += kb.DirectionalLight(name="sun", position=(2, -3, 6), look_at=(0, 0, 0))
+        scene.camera = kb.PerspectiveCamera(name="camera", position=(0, -6, 4),
+                                            look_at=(0, 0, 0.5))
+        for frame, x in ((1, -1.0), (2, 0.0), (3, 1.0)):   # the cube moves
+            cube.position = (x, 0, 0.6)
+            cube.keyframe_insert("position", frame)
+        return renderer.render(return_layers=("rgba", "z", "normal_float", "segmentation"))
+
+    loop, one = render(), render(one_call=True)
+    assert loop["rgba"].shape == (3, RES, RES, 4)
+    assert not np.array_equal(loop["segmentation"][0], loop["segmentation"][2])   # it moved
+    for key in loop:
+        assert np.array_equal(loop[key], one[key]), key

@@ -61,7 +61,8 @@ def test_box_corners_rotate_with_the_object():
     quarter = Quaternion(axis=[0, 0, 1], angle=np.pi / 2).elements
     corners = labels.box_corners(bounds, [0.5, 0.5, 0.5], [10, 0, 0], quarter)
     assert corners.shape == (8, 3)
-    assert np.allclose(corners.min(0), [9, -0.5, -1.5]) and np.allclose(corners.max(0), [11, 0.5, 1.5])
+    assert np.allclose(corners.min(0), [9, -0.5, -1.5])
+    assert np.allclose(corners.max(0), [11, 0.5, 1.5])
 
 
 def test_visibility_and_id_remap():

@@ -1,6 +1,7 @@
 """Dataset locations never reach a shell: webdataset's gopen runs ``pipe:CMD`` with
 ``shell=True``, and a location is a config value or a flag of a deployment run."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -25,13 +26,23 @@ def test_paths_and_file_urls_are_local_directories(location, path):
     assert dataset_path(location) == path
 
 
+@pytest.mark.parametrize("location, url", [
+    ("s3://bucket/shards", "s3://bucket/shards"),
+    ("s3://bucket/shards/", "s3://bucket/shards"),
+    ("s3:/bucket/shards", "s3://bucket/shards"),     # what typer's Path makes of s3://
+    ("gs://bucket/a/b", "gs://bucket/a/b"),
+])
+def test_object_store_urls_are_kept_as_urls(location, url):
+    assert dataset_path(location) == url
+
+
 @pytest.mark.parametrize("location, message", [
     (PIPE, "scheme 'pipe:' is not supported"),
     ("pipe:x", "scheme 'pipe:' is not supported"),      # ambiguous: a file or a command
     ("PIPE:x", "scheme 'pipe:' is not supported"),      # schemes are case-insensitive
     ("https://example.com/shards", "scheme 'https:' is not supported"),
-    ("s3://bucket/shards", "object storage (s3://) is not supported yet"),
-    ("gs://bucket/shards", "object storage (gs://) is not supported yet"),
+    ("s3://bucket/shards?x=1", "takes no ?query"),
+    ("s3://", "names a bucket and a prefix"),
     ("file://otherhost/shards", "absolute local path"),
     (3, "expected a directory path"),
 ])
@@ -87,8 +98,17 @@ def test_shard_paths_that_look_like_urls_are_opened_as_files(tmp_path, monkeypat
         assert [c["key"] for c in webdataset_pipeline([name])] == ["scene0000000", "scene0000001"]
         assert [c["key"] for c in read_shard(Path(name))] == ["scene0000000", "scene0000001"]
 
-    directory = Path("pipe:touch PWNED;d")
+    # a dataset location that reads as a command is refused; a shard name that does is
+    # opened as the file it names
+    from generation.dataset_index import DatasetError
+    with pytest.raises(DatasetError, match="scheme 'pipe:' is not supported"):
+        shard_urls(Path("pipe:touch PWNED;d"))
+    directory = Path("data")
     write_shards(directory, shards=1, clips_per_shard=2, frames=4, size=32)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    (directory / "shard-00000.tar").rename(directory / PIPE)
+    manifest["shards"][0]["name"] = PIPE
+    (directory / "manifest.json").write_text(json.dumps(manifest))
     transform = SceneTransform(num_frames=4, img_size=32, label_size=16, depth_max_m=10.0,
                                pose_slots=3, crop_scale=(1.0, 1.0), flip=False, train=True,
                                seed=0)
@@ -96,3 +116,16 @@ def test_shard_paths_that_look_like_urls_are_opened_as_files(tmp_path, monkeypat
                                      shuffle_buffer=2, split_by_node=False))
     assert len(samples) == 2 and samples[0]["video"].shape == (3, 4, 32, 32)
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_an_object_store_without_its_package_is_one_line(tmp_path):
+    import importlib.util
+    if importlib.util.find_spec("gcsfs") is not None:
+        pytest.skip("gcsfs is installed here")
+    for args in (["verify", "gs://bucket/ds"],
+                 ["generate", write_config(tmp_path / "c.yaml", "gs://bucket/ds")]):
+        result = pvit(*args, cwd=tmp_path)
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr, result.stderr
+        lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        assert len(lines) == 1 and "gs:// needs the gcsfs package" in lines[0], lines

@@ -1,11 +1,21 @@
 import io
 import json
+import re
+import subprocess
+import sys
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
+import zstandard
 
+from generation import manifest
 from generation import shard_format as sf
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "dataset-format.md"
+ARRAYS = ("rgb", "depth", "instance_seg", "semantic_seg", "normal", "K", "world_to_camera")
+OPTIONAL = ("forward_flow", "backward_flow", "object_coordinates")
 
 
 def make_clip(key="scene0000001", t=2, h=6, w=5, n=3, seed=0):
@@ -35,14 +45,67 @@ def make_clip(key="scene0000001", t=2, h=6, w=5, n=3, seed=0):
     }
 
 
+def assert_same_bits(a: np.ndarray, b: np.ndarray, name: str) -> None:
+    """Equal dtype, shape and bytes: stricter than array_equal (-0.0, NaN payloads)."""
+    assert (a.dtype, a.shape) == (b.dtype, b.shape), name
+    assert a.tobytes() == b.tobytes(), f"{name} differs"
+
+
 def assert_clips_equal(a, b):
     assert a["key"] == b["key"]
-    for name in ("rgb", "depth", "instance_seg", "semantic_seg", "normal", "K", "world_to_camera"):
-        assert a[name].dtype == b[name].dtype, name
-        np.testing.assert_array_equal(a[name], b[name])
+    # (wds.map re-attaches "__key__" to what decode_sample returns)
+    assert set(a) == {k for k in b if not k.startswith("__")}
+    for name in (*ARRAYS, *OPTIONAL):
+        if name in a:
+            assert_same_bits(np.asarray(a[name]), b[name], name)
+    assert set(a["instances"]) == set(b["instances"])
     for name in a["instances"]:
-        np.testing.assert_array_equal(a["instances"][name], b["instances"][name])
+        assert_same_bits(np.asarray(a["instances"][name]), b["instances"][name], name)
     assert a["meta"] == b["meta"]
+
+
+def write_format1_shard(path, clips):
+    """A format 1 shard as the old writer made it, built with tarfile + np.save only."""
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for clip in clips:
+            members = {f"{n}.npy": clip[n] for n in ARRAYS + OPTIONAL if n in clip}
+            members.update({f"inst_{n}.npy": v for n, v in clip["instances"].items()})
+            for name in sorted(members):
+                buf = io.BytesIO()
+                np.save(buf, members[name], allow_pickle=False)
+                add_member(tar, f"{clip['key']}.{name}", buf.getvalue())
+            add_member(tar, f"{clip['key']}.meta.json", json.dumps(clip["meta"]).encode())
+
+
+def add_member(tar, name, data):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def docs_reader():
+    """The reading example of docs/dataset-format.md, as a function of the shard path."""
+    text = DOCS.read_text()
+    section = text[text.index("## Reading a shard without this project"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert '"DIR/shard-000000.tar"' in code and len(code.splitlines()) <= 20
+
+    def read(path):
+        scope = {}
+        # the example ends by picking scene0000000's depth; the shard may not hold it
+        exec(code.replace('"DIR/shard-000000.tar"', repr(str(path)))
+             .split("depth = clips")[0], scope)
+        return scope["clips"]
+    return read
+
+
+def assert_docs_read_the_clip(members: dict, clip: dict):
+    for name in (*ARRAYS, *OPTIONAL):
+        if name in clip:
+            assert_same_bits(clip[name], members[name], name)
+    for name, value in clip["instances"].items():
+        assert_same_bits(value, members[f"inst_{name}"], name)
+    assert members["meta"] == clip["meta"]
 
 
 def test_round_trip_is_lossless(tmp_path):
@@ -54,23 +117,6 @@ def test_round_trip_is_lossless(tmp_path):
         assert_clips_equal(a, b)
     assert back[0]["instance_seg"][0, 0, 1] == 300
     assert np.isinf(back[0]["depth"][0, 0, 0])
-
-
-def test_plain_tarfile_and_numpy_read_the_same_arrays(tmp_path):
-    """What docs/dataset-format.md promises: no webdataset needed to read a shard."""
-    clip = make_clip()
-    sf.write_shard(tmp_path / "s.tar", [clip])
-    with tarfile.open(tmp_path / "s.tar") as tar:
-        names = tar.getnames()
-        assert all(n.startswith("scene0000001.") for n in names)
-        depth = np.load(io.BytesIO(tar.extractfile("scene0000001.depth.npy").read()),
-                        allow_pickle=False)
-        ids = np.load(io.BytesIO(tar.extractfile("scene0000001.inst_id.npy").read()),
-                      allow_pickle=False)
-        meta = json.loads(tar.extractfile("scene0000001.meta.json").read())
-    np.testing.assert_array_equal(depth, clip["depth"])
-    np.testing.assert_array_equal(ids, clip["instances"]["id"])
-    assert meta == clip["meta"]
 
 
 def test_webdataset_pipeline_yields_clips(tmp_path):
@@ -92,6 +138,58 @@ def test_same_clips_give_the_same_bytes(tmp_path):
         assert {m.mtime for m in tar.getmembers()} == {0}
 
 
+def test_members_are_named_by_their_codec(tmp_path):
+    sf.write_shard(tmp_path / "s.tar", [make_clip()])
+    with tarfile.open(tmp_path / "s.tar") as tar:
+        names = sorted(tar.getnames())
+    expected = sorted(f"scene0000001.{f.name}" for f in sf.FIELDS if not f.optional)
+    assert names == expected
+    assert "scene0000001.depth.npy.zst" in names and "scene0000001.meta.json" in names
+    assert manifest.FORMAT_VERSION == sf.FORMAT_VERSION == 2
+
+
+def test_the_documented_reader_reads_every_field(tmp_path):
+    """docs/dataset-format.md's example (tarfile + numpy + zstandard) gives every array
+    exactly, for format 2 and format 1 shards."""
+    read = docs_reader()
+    clip = make_clip()
+    clip["forward_flow"] = np.random.default_rng(1).normal(size=(2, 6, 5, 2)).astype(np.float32)
+    sf.write_shard(tmp_path / "v2.tar", [clip])
+    write_format1_shard(tmp_path / "v1.tar", [clip])
+    for name in ("v2.tar", "v1.tar"):
+        members = read(tmp_path / name)
+        assert list(members) == ["scene0000001"]
+        assert_docs_read_the_clip(members["scene0000001"], clip)
+
+
+def test_the_zstd_tool_unpacks_a_member_to_its_npy(tmp_path):
+    """Members are plain zstd frames: the command line tool gives back the .npy file."""
+    clip = make_clip()
+    data = sf.encode_clip(clip)["depth.npy.zst"]
+    (tmp_path / "depth.npy.zst").write_bytes(data)
+    subprocess.run(["zstd", "-q", "-d", str(tmp_path / "depth.npy.zst")], check=True)
+    assert_same_bits(np.load(tmp_path / "depth.npy", allow_pickle=False), clip["depth"], "d")
+
+
+def test_format1_shards_are_still_read(tmp_path):
+    clips = [make_clip(f"scene{i:07d}", seed=i) for i in range(2)]
+    write_format1_shard(tmp_path / "old.tar", clips)
+    for a, b in zip(clips, sf.read_shard(tmp_path / "old.tar"), strict=True):
+        assert_clips_equal(a, b)
+    for a, b in zip(clips, sf.webdataset_pipeline([tmp_path / "old.tar"]), strict=True):
+        assert_clips_equal(a, b)
+
+
+def test_compression_is_pinned():
+    """Level, threads, checksum and content size are fixed in the frame header, so no
+    machine default (cores, zstd's own defaults) can change the bytes."""
+    data = sf.encode_clip(make_clip())["rgb.npy.zst"]
+    params = zstandard.get_frame_parameters(data)
+    assert params.has_checksum and params.dict_id == 0
+    assert params.content_size == len(sf._npy_bytes(make_clip()["rgb"]))
+    assert sf.ZSTD_LEVEL == 9
+
+
 def test_bad_clips_are_rejected(tmp_path):
     with pytest.raises(sf.FormatError, match="key"):
         sf.encode_clip(make_clip(key="scene.1"))
@@ -99,22 +197,108 @@ def test_bad_clips_are_rejected(tmp_path):
     clip["instance_seg"] = clip["instance_seg"].astype(np.uint8)  # the lossy cast
     with pytest.raises(sf.FormatError, match="instance_seg"):
         sf.encode_clip(clip)
+    clip = make_clip()
+    del clip["normal"]
+    with pytest.raises(sf.FormatError, match="no normal"):
+        sf.encode_clip(clip)
 
 
-def test_corrupt_member_is_a_format_error():
+@pytest.mark.parametrize("damage", ["flip", "truncate", "append", "garbage"])
+def test_corrupt_compressed_member_is_one_line_naming_it(damage):
     sample = sf.encode_clip(make_clip())
-    sample["depth.npy"] = b"not an npy"
-    with pytest.raises(sf.FormatError, match="depth"):
+    data = bytearray(sample["normal.npy.zst"])
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x40
+    elif damage == "truncate":
+        del data[len(data) // 2:]
+    elif damage == "append":
+        data += b"\0\0\0\0"
+    else:
+        data = bytearray(b"not zstd at all")
+    sample["normal.npy.zst"] = bytes(data)
+    with pytest.raises(sf.FormatError) as err:
         sf.decode_sample(sample)
-    del sample["depth.npy"]
-    with pytest.raises(sf.FormatError, match="missing member depth.npy"):
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith("sample 'scene0000001': normal.npy.zst: not valid zstd data")
+
+
+def test_corrupt_npy_inside_a_good_frame_is_a_format_error():
+    sample = sf.encode_clip(make_clip())
+    sample["depth.npy.zst"] = zstandard.ZstdCompressor().compress(b"not an npy")
+    with pytest.raises(sf.FormatError, match="depth.npy.zst: not a readable .npy"):
+        sf.decode_sample(sample)
+    del sample["depth.npy.zst"]
+    with pytest.raises(sf.FormatError, match="missing member depth.npy.zst"):
+        sf.decode_sample(sample)
+
+
+def test_a_field_stored_twice_is_refused():
+    sample = sf.encode_clip(make_clip())
+    sample["depth.npy"] = sf._npy_bytes(make_clip()["depth"])
+    with pytest.raises(sf.FormatError, match="both depth.npy.zst and depth.npy"):
         sf.decode_sample(sample)
 
 
 def test_pickled_npy_is_refused():
-    sample = sf.encode_clip(make_clip())
     buf = io.BytesIO()
     np.save(buf, np.array([{"evil": 1}], dtype=object), allow_pickle=True)
-    sample["K.npy"] = buf.getvalue()
-    with pytest.raises(sf.FormatError, match="K"):
+    sample = sf.encode_clip(make_clip())
+    sample["K.npy.zst"] = zstandard.ZstdCompressor().compress(buf.getvalue())
+    with pytest.raises(sf.FormatError, match="K.npy.zst"):
         sf.decode_sample(sample)
+    sample = sf.encode_clip(make_clip())   # format 1 member
+    del sample["K.npy.zst"]
+    sample["K.npy"] = buf.getvalue()
+    with pytest.raises(sf.FormatError, match="K.npy"):
+        sf.decode_sample(sample)
+
+
+# --- real renders (Blender): the format must be exact on what the renderer makes ------
+@pytest.mark.blender
+def test_real_render_round_trips_bit_for_bit(rendered_clip, tmp_path):
+    """Every field of a real clip (flow and object coordinates included) comes back with
+    the same dtype, shape and bits, through the writer, webdataset and the docs' code."""
+    clip = rendered_clip
+    assert all(name in clip for name in OPTIONAL)
+    sf.write_shard(tmp_path / "s.tar", [clip])
+    assert_clips_equal(clip, next(sf.read_shard(tmp_path / "s.tar")))
+    assert_clips_equal(clip, next(iter(sf.webdataset_pipeline([tmp_path / "s.tar"]))))
+    assert_docs_read_the_clip(docs_reader()(tmp_path / "s.tar")[clip["key"]], clip)
+    # and the members are compressed: every big array is stored smaller than its .npy
+    with tarfile.open(tmp_path / "s.tar") as tar:
+        sizes = {m.name.split(".", 1)[1]: m.size for m in tar}
+    for name in ("rgb", "depth", "normal", "instance_seg", "semantic_seg"):
+        assert sizes[f"{name}.npy.zst"] < 0.8 * len(sf._npy_bytes(clip[name])), name
+
+
+@pytest.mark.blender
+def test_real_render_gives_the_same_bytes_twice(rendered_clip, tmp_path):
+    sf.write_shard(tmp_path / "a.tar", [rendered_clip])
+    sf.write_shard(tmp_path / "b.tar", [rendered_clip])
+    assert (tmp_path / "a.tar").read_bytes() == (tmp_path / "b.tar").read_bytes()
+    assert sf.encode_clip(rendered_clip) == sf.encode_clip(rendered_clip)
+    # and in a fresh process (its own zstd contexts, hash seed and thread defaults)
+    code = ("import sys; from generation import shard_format as sf; "
+            "sf.write_shard(sys.argv[2], sf.read_shard(sys.argv[1]))")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "a.tar"), str(tmp_path / "c.tar")],
+                   check=True, cwd=Path(__file__).resolve().parents[2])
+    assert (tmp_path / "c.tar").read_bytes() == (tmp_path / "a.tar").read_bytes()
+
+
+@pytest.mark.blender
+def test_a_damaged_member_of_a_real_shard_is_one_line_naming_it(rendered_clip, tmp_path):
+    """A flipped byte inside depth.npy.zst on disk: reading stops with one line naming
+    the member (a FormatError, which ``pvit verify`` reports for the shard)."""
+    path = tmp_path / "s.tar"
+    sf.write_shard(path, [rendered_clip])
+    with tarfile.open(path) as tar:
+        info = tar.getmember(f"{rendered_clip['key']}.depth.npy.zst")
+    raw = bytearray(path.read_bytes())
+    raw[info.offset_data + info.size // 2] ^= 0x01
+    path.write_bytes(bytes(raw))
+    with pytest.raises(sf.FormatError, match=r"scene0000007'?: depth\.npy\.zst: not valid"):
+        list(sf.read_shard(path))
+    with pytest.raises(sf.FormatError) as err:
+        list(sf.read_shard(path))
+    assert "\n" not in str(err.value)   # what `pvit verify` prints after "bad: <shard>: "

@@ -96,7 +96,7 @@ def test_tar_files_the_manifest_does_not_list_are_reported(tmp_path):
     ("file", "not a directory"),
     ("empty", "no manifest.json"),
     ("pipe:touch PWNED;w", "scheme 'pipe:' is not supported"),
-    ("s3://bucket/shards", "object storage (s3://) is not supported yet"),
+    ("https://example.com/shards", "scheme 'https:' is not supported"),
 ])
 def test_a_path_that_is_not_a_dataset_is_bad_input(tmp_path, location, message):
     (tmp_path / "file").write_text("not a directory")

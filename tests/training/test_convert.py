@@ -47,10 +47,10 @@ def test_inflated_embedding_repeats_the_image_tokens_at_every_time_step():
     image = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         want = image_model._pos_embed(image_model.patch_embed(image))  # [1, 1+16, D]
-        got = video._embed(static_clip(image, 8))  # [1, 1 + 4*16 + 1, D]
+        got = video._embed(static_clip(image, 8))  # [1, 1 + 1 + 4*16, D]: CLS, prompt, patches
     torch.testing.assert_close(got[:, 0], want[:, 0])
     for t in range(4):
-        torch.testing.assert_close(got[:, 1 + 16 * t: 1 + 16 * (t + 1)], want[:, 1:],
+        torch.testing.assert_close(got[:, 2 + 16 * t: 2 + 16 * (t + 1)], want[:, 1:],
                                    atol=1e-5, rtol=1e-4)
 
 
@@ -80,6 +80,12 @@ def test_pretrain_to_finetune_keeps_prompts_and_heads_and_adds_a_classifier():
                                pre.task_heads["depth"].out.weight)
     torch.testing.assert_close(fine.head.weight, head_before)  # new classifier, untouched
     assert fine.pos_embed_temporal.shape == (1, 4, 32)  # 2 steps resampled to 4
+
+
+def test_image_weights_do_not_fit_other_families():
+    mvit = create_model("mvitv2_s", variant="vit", num_classes=0, num_frames=4, img_size=32)
+    with pytest.raises(CheckpointMismatch, match="mvit family"):
+        image_to_video(image_vit().state_dict(), mvit)
 
 
 def test_pretrain_to_finetune_rejects_another_variant():

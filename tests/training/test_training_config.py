@@ -56,3 +56,22 @@ def test_vit_variant_needs_no_synthetic_batches():
     assert half.synthetic_batch_size == 4
     with pytest.raises(ValidationError):
         EvaluateConfig(data_root="x", spatial_crops=4)
+
+
+def test_paper_and_videomae_configs_hold_the_papers_recipe():
+    paper = load_experiment(DEMO.with_name("paper_ssv2.yaml")).require("finetune")
+    assert (paper.model, paper.init_format, paper.variant) == ("mvitv2_s", "torchvision_mvit",
+                                                                "pvit")
+    assert (paper.num_frames, paper.img_size, paper.frame_stride) == (16, 224, 4)
+    assert (paper.lr, paper.epochs, paper.synthetic_batch_size * 8) == (7e-5, 100, 64)
+    assert paper.loss_weights == LossWeights()  # the paper's weights
+    mae = load_experiment(DEMO.with_name("videomae_s_ssv2.yaml")).require("finetune")
+    assert (mae.model, mae.init_format) == ("videomae_vit_s", "videomae")
+
+
+def test_init_format_names_a_known_source_and_needs_init():
+    with pytest.raises(ValidationError, match="init_format"):
+        FinetuneConfig(data_root="x", init_format="caffe", init="w.pth")
+    with pytest.raises(ValidationError, match="init_format"):
+        FinetuneConfig(data_root="x", init_format="videomae")
+    assert FinetuneConfig(data_root="x", init="w.pth", init_format="videomae_hf").init

@@ -1,0 +1,387 @@
+"""A dataset location: a local directory or an object-store prefix, behind one small API.
+
+Everything that reads or writes a dataset (manifest, journal, lock, shards, stage
+records) goes through a ``Location``, so the same code serves ``data/synthetic``,
+``file:///data/synthetic``, ``s3://bucket/ds`` and ``gs://bucket/ds``. Object stores are
+reached through fsspec (``s3fs``/``gcsfs``, optional extras); credentials and endpoints
+come from the usual places: ``AWS_*`` variables (``AWS_ENDPOINT_URL`` for a non-AWS
+server), ``FSSPEC_S3_*``/``FSSPEC_GS_*`` variables and fsspec's config files.
+
+What "atomic" means here:
+- local: written and fsynced under a temporary name (``.NAME.PID.tmp``), then renamed;
+- object store: one PUT (or a multipart upload, which the store shows only once it is
+  completed), so a reader sees the old object or the new one, never part of one. No
+  temporary objects are needed, and none are left by a killed run.
+
+Cheap metadata (``Meta``): size plus the local file's ``mtime_ns`` or the object's ETag;
+a listing of the location gives both for every object in one request per 1,000 objects,
+which is what lets a rerun decide what is kept without reading shard bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Optional
+from urllib.parse import urlparse
+from urllib.request import url2pathname
+
+OBJECT_STORES = ("s3", "gs")
+# the package (and the project's extra) that provides each store's fsspec implementation
+EXTRAS = {"s3": ("s3fs", "s3"), "gs": ("gcsfs", "gcs")}
+
+
+class LocationError(ValueError):
+    """A dataset location the project cannot (or must not) open; one line."""
+
+
+class WriteError(OSError):
+    """A file could not be written (full disk, quota, read-only, no such bucket):
+    ``str()`` is one line naming the file and the cause, e.g. ``cannot write
+    D/manifest.json: No space left on device``. An ``OSError``, so callers that catch
+    those still do."""
+
+    def __str__(self) -> str:
+        return f"cannot write {self.filename}: {self.strerror}"
+
+
+@dataclass(frozen=True)
+class Meta:
+    """Cheap metadata of one file or object: its size and a version that changes
+    whenever its bytes are replaced (``mtime_ns`` locally, the ETag on object stores)."""
+
+    size: int
+    mtime_ns: Optional[int] = None
+    etag: Optional[str] = None
+
+
+def parse(location: str | os.PathLike) -> tuple[str, str]:
+    """``(scheme, path)`` of a location: ``("", local path)`` for local directories and
+    file: URLs, ``("s3", "bucket/prefix")`` for object stores. Raises ``LocationError``
+    for anything else (``pipe:``, ``https:``...): webdataset's ``gopen`` would run a
+    ``pipe:`` location as a shell command."""
+    if not isinstance(location, (str, os.PathLike)):
+        raise LocationError(f"expected a directory path or URL, got {location!r}")
+    text = os.fspath(location)
+    url = urlparse(text)
+    if not url.scheme:
+        return "", text
+    # typer's Path options (and pathlib) collapse file:///x to file:/x and s3://b/p to
+    # s3:/b/p; both spellings name the same place
+    if url.scheme == "file":
+        if url.netloc in ("", "localhost") and url.path.startswith("/"):
+            return "", url2pathname(url.path)
+        raise LocationError(f"{text!r}: a file: URL must name an absolute local path "
+                            "(file:///data/shards)")
+    if url.scheme in OBJECT_STORES:
+        if url.query or url.fragment or url.params:
+            raise LocationError(f"{text!r}: an object-store URL takes no ?query or #fragment")
+        path = f"{url.netloc}/{url.path.lstrip('/')}" if url.netloc else url.path.lstrip("/")
+        path = path.rstrip("/")
+        if not path or path.startswith("/") or "//" in path:
+            raise LocationError(f"{text!r}: an object-store URL names a bucket and a prefix "
+                                f"({url.scheme}://bucket/datasets/name)")
+        return url.scheme, path
+    raise LocationError(f"{text!r} is not a dataset location: scheme '{url.scheme}:' is not "
+                        "supported (use a local path, a file:///absolute/path URL, "
+                        "s3://bucket/prefix or gs://bucket/prefix)")
+
+
+def is_remote(location: str | os.PathLike) -> bool:
+    return parse(location)[0] != ""
+
+
+def canonical(location: str | os.PathLike) -> Path | str:
+    """A local ``Path``, or the canonical URL (``s3://bucket/prefix``) of an object store."""
+    scheme, path = parse(location)
+    return Path(path) if not scheme else f"{scheme}://{path}"
+
+
+_filesystems: dict[tuple[str, int], object] = {}
+
+
+def filesystem(scheme: str):
+    """The fsspec filesystem of ``scheme``, without a listings cache: another process
+    (a render worker, a second run) changes the bucket, so a cached listing would lie."""
+    key = (scheme, os.getpid())   # a forked DataLoader worker needs its own event loop
+    if key not in _filesystems:
+        import fsspec
+        try:
+            _filesystems[key] = fsspec.filesystem(scheme, use_listings_cache=False)
+        except ImportError:
+            package, extra = EXTRAS[scheme]
+            raise LocationError(f"{scheme}:// needs the {package} package (pip install "
+                                f"{package}, or the project's '{extra}' extra)") from None
+    return _filesystems[key]
+
+
+def _store_error(exc: Exception, where: str) -> OSError:
+    """A store's failure (no credentials, endpoint down, access denied) as an ``OSError``
+    with one line naming the location: botocore's exceptions are not ``OSError``s."""
+    if isinstance(exc, OSError):
+        return exc
+    return OSError(errno.EIO, f"{where}: {_first_line(exc)}")
+
+
+def _os_error(exc: Exception, name: str) -> WriteError:
+    code = getattr(exc, "errno", None) or errno.EIO
+    return WriteError(code, getattr(exc, "strerror", None) or _first_line(exc), name)
+
+
+class Location:
+    """One dataset directory or object prefix. Names passed to its methods are relative
+    (``manifest.json``, ``.render-records/x.json``) and use ``/``."""
+
+    def __init__(self, location: str | os.PathLike):
+        self.scheme, self.root = parse(location)
+        self.remote = bool(self.scheme)
+        self.local: Optional[Path] = None if self.remote else Path(self.root)
+
+    # --- names -------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        """The location as a user would write it (a path, or ``s3://bucket/prefix``)."""
+        return f"{self.scheme}://{self.root}" if self.remote else str(self.local)
+
+    def __str__(self) -> str:
+        return self.url
+
+    def __repr__(self) -> str:
+        return f"Location({self.url!r})"
+
+    def join(self, name: str) -> str:
+        """Path (local) or URL (object store) of ``name`` here."""
+        return f"{self.url}/{name}" if self.remote else str(self.local / name)
+
+    def child(self, name: str) -> "Location":
+        return Location(self.join(name))
+
+    def _key(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    @property
+    def fs(self):
+        return filesystem(self.scheme)
+
+    # --- reading -----------------------------------------------------------------------
+    def exists(self, name: str = "") -> bool:
+        if not self.remote:
+            return (self.local / name).exists() if name else self.local.exists()
+        try:
+            return self.fs.exists(self._key(name) if name else self.root)
+        except Exception as exc:  # noqa: BLE001 - see _store_error
+            raise _store_error(exc, self.join(name) if name else self.url) from None
+
+    def is_file(self, name: str) -> bool:
+        if not self.remote:
+            return (self.local / name).is_file()
+        try:
+            return self.fs.isfile(self._key(name))
+        except Exception as exc:  # noqa: BLE001 - see _store_error
+            raise _store_error(exc, self.join(name)) from None
+
+    def read_bytes(self, name: str) -> bytes:
+        """The bytes of ``name``; ``FileNotFoundError`` when there is none."""
+        if not self.remote:
+            return (self.local / name).read_bytes()
+        try:
+            return self.fs.cat_file(self._key(name))
+        except Exception as exc:  # noqa: BLE001 - see _store_error
+            raise _store_error(exc, self.join(name)) from None
+
+    def open(self, name: str, mode: str = "rb") -> IO[bytes]:
+        """A binary file object for reading (seekable; object stores read in blocks)."""
+        if not self.remote:
+            return open(self.local / name, mode)
+        return self.fs.open(self._key(name), mode)
+
+    def meta(self, name: str) -> Optional[Meta]:
+        """Size and version of the regular file ``name``, or None when there is none."""
+        if not self.remote:
+            try:
+                st = (self.local / name).stat()
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+            import stat
+            return Meta(st.st_size, mtime_ns=st.st_mtime_ns) if stat.S_ISREG(st.st_mode) else None
+        try:
+            info = self.fs.info(self._key(name))
+        except FileNotFoundError:
+            return None
+        except Exception as exc:  # noqa: BLE001 - see _store_error
+            raise _store_error(exc, self.join(name)) from None
+        return _meta(info) if info.get("type") == "file" else None
+
+    def listing(self, prefix: str = "") -> dict[str, Meta]:
+        """Regular files directly under ``prefix`` (a sub-directory name, or the location
+        itself): name -> ``Meta``. One request per 1,000 objects on object stores."""
+        if not self.remote:
+            directory = self.local / prefix if prefix else self.local
+            found = {}
+            try:
+                entries = list(os.scandir(directory))
+            except (FileNotFoundError, NotADirectoryError):
+                return {}
+            for entry in entries:
+                try:
+                    if entry.is_file():     # a symlink to a file counts, as os.stat sees it
+                        st = entry.stat()
+                        found[entry.name] = Meta(st.st_size, mtime_ns=st.st_mtime_ns)
+                except OSError:             # removed meanwhile, or a dangling link
+                    continue
+            return found
+        base = self._key(prefix) if prefix else self.root
+        try:
+            entries = self.fs.ls(base, detail=True, refresh=True)
+        except FileNotFoundError:
+            return {}
+        except Exception as exc:  # noqa: BLE001 - see _store_error
+            raise _store_error(exc, self.url) from None
+        return {entry["name"].rstrip("/").rsplit("/", 1)[-1]: _meta(entry)
+                for entry in entries if entry.get("type") == "file"}
+
+    # --- writing -----------------------------------------------------------------------
+    def makedirs(self) -> None:
+        """Create the directory (locally); on object stores, check that the bucket exists
+        (prefixes need no creating)."""
+        if not self.remote:
+            self.local.mkdir(parents=True, exist_ok=True)
+            return
+        bucket = self.root.split("/", 1)[0]
+        try:
+            found = self.fs.exists(bucket)
+        except Exception as exc:  # noqa: BLE001 - credentials, endpoint: one line
+            raise WriteError(errno.EIO, f"cannot reach the bucket: {_first_line(exc)}",
+                             self.url) from None
+        if not found:
+            raise WriteError(errno.ENOENT, f"no such bucket '{bucket}'", self.url)
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Replace ``name`` with ``data`` atomically (see the module docstring); on failure
+        nothing is left under a temporary name and ``WriteError`` names the file."""
+        if not self.remote:
+            write_local_atomic(self.local / name, data)
+            return
+        try:
+            self.fs.pipe_file(self._key(name), data)
+        except Exception as exc:  # noqa: BLE001 - any store error: one line naming it
+            raise _os_error(exc, self.join(name)) from None
+
+    def create_bytes(self, name: str, data: bytes) -> bool:
+        """Create ``name`` with ``data`` only if it does not exist; False when it does.
+        On object stores a conditional PUT (``If-None-Match: *``): the store decides,
+        so two writers can never both succeed."""
+        if self.local is not None:
+            raise NotImplementedError("local exclusive creation is dataset_lock's (hard link)")
+        try:
+            self.fs.pipe_file(self._key(name), data, mode="create")
+        except (FileExistsError, OSError) as exc:
+            if isinstance(exc, FileExistsError) or "PreconditionFailed" in str(exc) or \
+                    "412" in str(exc) or "Precondition" in str(exc):
+                return False
+            raise _os_error(exc, self.join(name)) from None
+        return True
+
+    def upload(self, local_path: Path, name: str) -> Meta:
+        """Put the locally written file ``local_path`` at ``name``; returns its metadata.
+        Locally a rename (same filesystem: the caller writes next to the target)."""
+        if not self.remote:
+            target = self.local / name
+            os.replace(local_path, target)
+            return self.meta(name)
+        try:
+            self.fs.put_file(str(local_path), self._key(name))
+        except Exception as exc:  # noqa: BLE001 - any store error: one line naming it
+            raise _os_error(exc, self.join(name)) from None
+        meta = self.meta(name)
+        if meta is None:
+            raise WriteError(errno.EIO, "the upload left no object", self.join(name))
+        return meta
+
+    def delete(self, name: str) -> None:
+        """Remove ``name``; nothing when it is not there."""
+        if not self.remote:
+            (self.local / name).unlink(missing_ok=True)
+            return
+        try:
+            self.fs.rm_file(self._key(name))
+        except FileNotFoundError:
+            pass
+
+    def move(self, name: str, new_name: str) -> None:
+        """Rename (local) or copy then delete (object stores: each step is atomic)."""
+        if not self.remote:
+            os.replace(self.local / name, self.local / new_name)
+            return
+        self.fs.copy(self._key(name), self._key(new_name))
+        self.delete(name)
+
+    def delete_prefix(self, prefix: str) -> None:
+        """Remove everything under ``prefix`` (a sub-directory)."""
+        if not self.remote:
+            import shutil
+            shutil.rmtree(self.local / prefix, ignore_errors=True)
+            return
+        try:
+            self.fs.rm(self._key(prefix), recursive=True)
+        except FileNotFoundError:
+            pass
+
+
+def open_file(path: str | os.PathLike, mode: str = "rb") -> IO[bytes]:
+    """Open a local path or an object URL (``s3://bucket/ds/shard-000000.tar``) for
+    reading. A ``Path`` object is always a local file (whatever its name holds); a
+    string is parsed, and any scheme but file:, s3: and gs: is a ``LocationError``
+    (never a shell, see ``parse``)."""
+    if isinstance(path, os.PathLike):
+        return open(path, mode)
+    scheme, where = parse(path)
+    if not scheme:
+        return open(where, mode)
+    return filesystem(scheme).open(where, mode)
+
+
+def _meta(info: dict) -> Meta:
+    etag = info.get("ETag") or info.get("etag") or info.get("generation") or info.get("md5Hash")
+    return Meta(int(info.get("size") or 0), etag=str(etag).strip('"') if etag else None)
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def write_local_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path``: fsynced under ``.NAME.PID.tmp`` next to it, then
+    renamed (a rename that outlives the data would leave 0 bytes). On failure the
+    temporary file is removed and ``WriteError`` raised naming ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        # A full disk fails the write (or the flush at close): never leave the empty or
+        # truncated temporary behind.
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        if isinstance(exc, OSError) and not isinstance(exc, WriteError):
+            raise WriteError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        raise
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A fresh local directory for files on their way to an object store (a shard before
+    its upload): ``PVIT_SCRATCH`` if set (a node's fast local disk), else the system's."""
+    base = os.environ.get("PVIT_SCRATCH") or None
+    if base:
+        Path(base).mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=base))

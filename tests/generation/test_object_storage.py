@@ -1,0 +1,284 @@
+"""Datasets on an object store, against a real S3 API server on 127.0.0.1 (moto's server
+mode, started and stopped here, as the s3fs project tests itself): the storage module,
+the manifest journal, the dataset lock, the rerun's keep check, ``pvit verify`` on a
+bucket, and (slow, real Blender) the whole chain through the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import REPO, TINY_SCENE, pvit
+
+from generation import dataset
+from generation.config import GenerationConfig
+from generation.dataset_lock import LockError, acquire, release
+from generation.manifest import (
+    JOURNAL_PREFIX,
+    MANIFEST_NAME,
+    append_journal,
+    compact,
+    journal_exists,
+    new_manifest,
+    read_manifest,
+    sha256_file,
+    write_manifest,
+)
+from generation.shard_format import CLASSES, write_shard
+from generation.storage import Location, WriteError, filesystem
+from training.drawn_clips import make_clip
+
+BUCKET = "pvit-test"
+
+
+@pytest.fixture(scope="module")
+def s3_env():
+    """A moto S3 server on a free port of 127.0.0.1, with a bucket; the environment that
+    points botocore (here and in subprocesses) at it."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+           "AWS_EC2_METADATA_DISABLED": "true"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    from generation import storage
+    storage._filesystems.clear()
+    filesystem("s3").clear_instance_cache()
+    storage._filesystems.clear()
+    filesystem("s3").mkdir(BUCKET)
+    try:
+        yield {**os.environ, **env}
+    finally:
+        storage._filesystems.clear()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.stop()
+
+
+@pytest.fixture
+def prefix(s3_env, request):
+    """A fresh ``s3://`` prefix per test."""
+    return f"s3://{BUCKET}/{request.node.name[:40].replace('[', '-').replace(']', '')}"
+
+
+def test_writes_are_whole_objects_listed_with_size_and_etag(prefix, tmp_path):
+    where = Location(prefix)
+    where.makedirs()
+    where.write_bytes("a.json", b"one")
+    where.write_bytes("sub/b.json", b"two")
+    assert where.read_bytes("a.json") == b"one"
+    listing = where.listing()
+    assert set(listing) == {"a.json"}                    # files directly under it only
+    assert listing["a.json"].size == 3 and listing["a.json"].etag
+    assert set(where.listing("sub")) == {"b.json"}
+    before = listing["a.json"].etag
+    where.write_bytes("a.json", b"uno")                  # same size, new bytes: new ETag
+    after = where.meta("a.json")
+    assert after.size == 3 and after.etag != before
+
+    local = tmp_path / "shard.tar"
+    local.write_bytes(b"x" * 10_000)
+    meta = where.upload(local, "shard-000000.tar")
+    assert meta.size == 10_000 and where.read_bytes("shard-000000.tar") == local.read_bytes()
+    where.delete("a.json")
+    assert where.meta("a.json") is None and not where.exists("a.json")
+    where.delete("a.json")                               # gone already: no error
+
+
+def test_a_write_that_fails_names_the_object_and_leaves_nothing(s3_env, tmp_path):
+    where = Location("s3://no-such-bucket/ds")
+    with pytest.raises(WriteError) as info:
+        where.makedirs()
+    assert "no such bucket 'no-such-bucket'" in str(info.value)
+    with pytest.raises(WriteError) as info:
+        where.write_bytes("manifest.json", b"{}")
+    assert str(info.value).startswith("cannot write s3://no-such-bucket/ds/manifest.json")
+    assert "\n" not in str(info.value)
+
+
+def test_exclusive_create_refuses_the_second_writer(prefix):
+    where = Location(prefix)
+    assert where.create_bytes("lock", b"first")
+    assert not where.create_bytes("lock", b"second")
+    assert where.read_bytes("lock") == b"first"
+
+
+def test_the_journal_is_one_object_per_commit_folded_by_readers_and_compaction(prefix):
+    manifest = new_manifest({"frames": 2}, "h1", list(CLASSES), {"scenes": 4,
+                                                                 "scenes_per_shard": 2})
+    write_manifest(prefix, manifest)
+    append_journal(prefix, "h1", {"name": "shard-000001.tar", "samples": 2})
+    append_journal(prefix, "h1", {"name": "shard-000000.tar", "samples": 2})
+    append_journal(prefix, "other", {"name": "shard-000009.tar", "samples": 2})  # not ours
+    assert len(Location(prefix).listing(JOURNAL_PREFIX)) == 3
+    folded = read_manifest(prefix)
+    assert [s["name"] for s in folded["shards"]] == ["shard-000000.tar", "shard-000001.tar"]
+    assert json.loads(Location(prefix).read_bytes(MANIFEST_NAME))["shards"] == []
+    compact(prefix, manifest)
+    assert not journal_exists(prefix)
+    stored = json.loads(Location(prefix).read_bytes(MANIFEST_NAME))
+    assert [s["name"] for s in stored["shards"]] == ["shard-000000.tar", "shard-000001.tar"]
+
+
+HOLD = """
+import sys, time
+from generation.dataset_lock import acquire
+acquire(sys.argv[1], owner="holder")
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def test_the_lock_object_refuses_a_second_writer_and_a_dead_ones_is_recovered(prefix, s3_env):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, prefix], cwd=REPO, env=s3_env,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(LockError) as info:
+            acquire(prefix, owner="second")
+        message = str(info.value)
+        assert f"is being written by holder (pid {holder.pid}" in message
+        assert "\n" not in message
+        stored = json.loads(Location(prefix).read_bytes(".pvit.lock"))
+        assert {"owner", "host", "pid", "started"} <= set(stored)
+    finally:
+        holder.kill()
+        holder.wait()
+    warnings = []
+    acquire(prefix, owner="third", warn=warnings.append)      # its pid is gone: stale
+    assert len(warnings) == 1 and "removed the stale lock of holder" in warnings[0]
+    assert json.loads(Location(prefix).read_bytes(".pvit.lock"))["owner"] == "third"
+    release(prefix)
+    assert not Location(prefix).exists(".pvit.lock")
+
+
+def _tiny_config(prefix, scenes=4):
+    return GenerationConfig(out=prefix, scenes=scenes, scenes_per_shard=2,
+                            scene={**TINY_SCENE, "frames": 2, "resolution": 16})
+
+
+def _commit_drawn_shards(cfg, tmp_path):
+    """What render tasks do for ``cfg`` (on an object store), with drawn clips: each
+    shard written locally, uploaded, then committed to the journal."""
+    manifest, todo, done = dataset.prepare(cfg)
+    where = Location(cfg.out)
+    for job in todo:
+        local = tmp_path / job.name
+        write_shard(local, [make_clip(k, seed=s % 1000, frames=2, size=16)
+                            for k, s in zip(job.keys, job.seeds, strict=True)])
+        record = {"name": job.name, "sha256": sha256_file(local), "samples": len(job.seeds),
+                  "seeds": job.seeds, "keys": job.keys, "bytes": local.stat().st_size}
+        record["etag"] = where.upload(local, job.name).etag
+        dataset.commit(cfg.out, manifest, record)
+    dataset.compact(cfg.out, manifest)
+    return todo, done
+
+
+def test_a_rerun_keeps_objects_from_size_and_etag_and_renders_a_replaced_one(prefix, tmp_path):
+    cfg = _tiny_config(prefix)
+    todo, done = _commit_drawn_shards(cfg, tmp_path)
+    assert len(todo) == 2 and not done
+    manifest, todo, done = dataset.prepare(cfg)
+    assert not todo and len(done) == 2
+    assert all(s["etag"] for s in manifest["shards"])
+
+    where = Location(prefix)
+    data = bytearray(where.read_bytes("shard-000001.tar"))
+    data[-2000] ^= 0xFF                                  # same size, other bytes
+    where.write_bytes("shard-000001.tar", bytes(data))
+    manifest, todo, done = dataset.prepare(cfg)
+    assert [job.name for job in todo] == ["shard-000001.tar"]
+    assert [job.name for job in done] == ["shard-000000.tar"]
+
+
+def test_verify_on_a_bucket_names_the_corrupted_object(prefix, tmp_path, s3_env):
+    cfg = _tiny_config(prefix)
+    _commit_drawn_shards(cfg, tmp_path)
+    ok = pvit("verify", prefix, env=s3_env)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stderr.startswith(f"ok: {prefix}")
+    sheet = pvit("show", prefix, "--out", tmp_path / "sheet.png", "--sample", "scene0000003",
+                 env=s3_env)
+    assert sheet.returncode == 0 and (tmp_path / "sheet.png").stat().st_size > 0, sheet.stderr
+    where = Location(prefix)
+    where.write_bytes("shard-000000.tar", where.read_bytes("shard-000000.tar")[:3000])
+    bad = pvit("verify", prefix, env=s3_env)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr, bad.stderr
+    lines = bad.stderr.strip().splitlines()
+    assert any(line.startswith("bad: shard-000000.tar: sha256 does not match") for line in lines)
+    assert not any("shard-000001.tar" in line for line in lines), lines
+
+    empty = pvit("verify", f"s3://{BUCKET}/nothing-here", env=s3_env)
+    assert empty.returncode == 2 and empty.stderr.count("\n") == 1
+    assert "no manifest.json" in empty.stderr
+
+
+def test_training_streams_the_listed_objects_of_a_bucket(prefix, tmp_path):
+    from generation.dataset_index import DatasetError, open_dataset
+    from training.synthetic_data import SceneTransform, synthetic_dataset
+
+    cfg = _tiny_config(prefix)
+    _commit_drawn_shards(cfg, tmp_path)
+    where = Location(prefix)
+    where.write_bytes("other.tar", where.read_bytes("shard-000000.tar"))   # unlisted copy
+    warnings = []
+    index = open_dataset(prefix, warn=warnings.append)
+    assert index.urls == [f"{prefix}/shard-000000.tar", f"{prefix}/shard-000001.tar"]
+    assert index.clips == 4 and len(warnings) == 1 and "other.tar" in warnings[0]
+    transform = SceneTransform(num_frames=2, img_size=16, label_size=8, depth_max_m=10.0,
+                               pose_slots=3, train=False)
+    samples = list(synthetic_dataset(index.urls, transform, seed=0, shuffle_buffer=2,
+                                     split_by_node=False))
+    assert len(samples) == 4 and samples[0]["video"].shape == (3, 2, 16, 16)
+
+    where.delete("shard-000001.tar")
+    with pytest.raises(DatasetError, match="shard-000001.tar is listed in the manifest but"):
+        open_dataset(prefix)
+
+
+@pytest.mark.slow
+@pytest.mark.blender
+def test_generate_to_a_bucket_rerun_verify_and_pretrain_from_it(prefix, tmp_path, s3_env):
+    """The chain through the real CLI: generate into s3:// -> a rerun renders nothing ->
+    verify passes -> a corrupted object is named -> pretrain streams the bucket."""
+    scene = {**TINY_SCENE, "resolution": 32, "frames": 2, "spp": 1}
+    config = tmp_path / "exp.yaml"
+    config.write_text(yaml.safe_dump({
+        "generation": {"out": prefix, "scenes": 2, "scenes_per_shard": 1, "workers": 2,
+                       "retries": 0, "scene": scene},
+        "pretrain": {"model": "pvit_test", "num_frames": 4, "img_size": 32,
+                     "label_size": 16, "pose_slots": 3, "num_workers": 0, "batch_size": 2,
+                     "epochs": 1, "out": str(tmp_path / "pre"), "synthetic": prefix}}))
+    env = {**s3_env, "PVIT_SCRATCH": str(tmp_path / "scratch")}
+    first = pvit("generate", config, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "(2 rendered, 0 kept)" in first.stderr
+    where = Location(prefix)
+    names = set(where.listing())
+    assert {"manifest.json", "shard-000000.tar", "shard-000001.tar"} <= names
+    assert not where.exists(".pvit.lock") and not where.listing(JOURNAL_PREFIX)
+    assert not list((tmp_path / "scratch").glob("pvit-shard-*"))   # scratch cleaned up
+
+    again = pvit("generate", config, env=env)
+    assert again.returncode == 0 and "(0 rendered, 2 kept)" in again.stderr, again.stderr
+
+    assert pvit("verify", prefix, env=env).returncode == 0
+    pre = pvit("pretrain", config, env=env)
+    assert pre.returncode == 0, pre.stderr[-3000:]
+    assert (tmp_path / "pre" / "checkpoints" / "final.pt").is_file()
+
+    data = bytearray(where.read_bytes("shard-000001.tar"))
+    data[len(data) // 2] ^= 0xFF
+    where.write_bytes("shard-000001.tar", bytes(data))
+    bad = pvit("verify", prefix, env=env)
+    assert bad.returncode == 1, bad.stderr
+    assert "bad: shard-000001.tar: sha256 does not match the manifest" in bad.stderr
