@@ -17,26 +17,46 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from generation.locations import dataset_path
 
 Variant = Literal["vit", "mt", "pvit"]
-Task = Literal["depth", "normals", "segmentation", "pose"]
 DataFormat = Literal["ssv2", "list"]
 Sampling = Literal["stride", "segments"]
 # where ``init`` came from (one converter each, training/convert.py); None: a pvit
 # checkpoint when the file carries our format marker, else timm image weights
 InitFormat = Literal["pvit", "timm_image", "torchvision_mvit", "videomae", "videomae_hf"]
 
-SYNTHETIC_TASKS: tuple[str, ...] = ("depth", "normals", "segmentation", "pose")
+
+
+def _task_registry() -> Any:
+    # imported when validating, not with this module: configs load before torch
+    import training.tasks
+
+    return training.tasks
 
 
 class LossWeights(BaseModel):
-    """Per-task loss weights; defaults are the paper's (same for every dataset)."""
+    """Per-task loss weights, one key per registered task (``training.tasks``), plus
+    ``action``; defaults are the paper's, declared by each task's module (depth 0.5,
+    normals 0.5, segmentation 0.1, pose 3.0, boxes 0.1)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # the task keys are not declared here: the registry fills them (see _fill)
+    model_config = ConfigDict(extra="allow")
 
-    depth: float = Field(0.5, ge=0)  # MSE on the downsampled, clipped depth map
-    normals: float = Field(0.5, ge=0)  # MSE on the 3-channel normal map
-    segmentation: float = Field(0.1, ge=0)  # per-pixel cross-entropy
-    pose: float = Field(3.0, ge=0)  # MSE on position/quaternion, masked by presence
     action: float = Field(1.0, ge=0)  # downstream cross-entropy
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill(cls, data: Any) -> Any:
+        tasks = _task_registry().TASKS
+        data = dict(data or {})
+        unknown = sorted(set(data) - set(tasks) - {"action"})
+        if unknown:
+            raise ValueError(f"unknown task {unknown[0]!r}, choose from "
+                             f"{['action', *tasks]}")
+        for name, task in tasks.items():
+            value = data.setdefault(name, task.weight)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{name}: weight {value!r} is not a number >= 0")
+            data[name] = float(value)
+        return data
 
 
 class _TrainStage(BaseModel):
@@ -54,7 +74,8 @@ class _TrainStage(BaseModel):
     num_frames: int = Field(16, ge=1)  # the paper's 16x4 clips
     img_size: int = Field(224, ge=16)  # the paper's 224 crops
     tubelet_size: int = Field(2, ge=1)  # frames per patch (2x16x16 tubelets)
-    tasks: list[Task] = Field(default_factory=lambda: list(SYNTHETIC_TASKS))
+    # registered names (training/tasks/); default: every task marked default (all but boxes)
+    tasks: list[str] = Field(default_factory=lambda: _task_registry().default_tasks())
     prompts_per_task: int = Field(1, ge=1)  # the paper uses one token per task
     label_size: int = Field(56, ge=4)  # dense heads predict maps of this size (pixels)
     pose_slots: int = Field(8, ge=1)  # object slots of the pose head (max objects/scene)
@@ -91,6 +112,15 @@ class _TrainStage(BaseModel):
     def _check_synthetic(cls, value: Any) -> Any:
         # a run parameter: refuse schemes (pipe:...) before anything opens the shards
         return str(dataset_path(value)) if value else value
+
+    @field_validator("tasks")
+    @classmethod
+    def _check_tasks(cls, value: list[str]) -> list[str]:
+        names = _task_registry().task_names()
+        for name in value:
+            if name not in names:
+                raise ValueError(f"unknown task '{name}', choose from {names}")
+        return value
 
     @model_validator(mode="after")
     def _check_shared(self) -> "_TrainStage":

@@ -134,11 +134,11 @@ def pretrain_to_finetune(state_dict: dict[str, torch.Tensor],
     if "pos_embed_temporal" in src:
         src["pos_embed_temporal"] = _resample_temporal(src["pos_embed_temporal"],
                                                        model.grid_size[0])
-    last_pose = "task_heads.pose.mlp.fc2.weight"
-    if last_pose in src and last_pose in out and src[last_pose].shape != out[last_pose].shape:
-        # the pose head's output is per frame: a new clip length needs a new last layer
-        for k in (last_pose, "task_heads.pose.mlp.fc2.bias"):
-            src.pop(k, None)
+    for k in [k for k in src if k.startswith("task_heads.") and k in out]:
+        if src[k].shape != out[k].shape:
+            # a task head whose output is per frame (pose, boxes): a new clip length
+            # needs a new last layer, which keeps ``model``'s initialisation
+            src.pop(k)
     out.update(src)
     _check_shapes(out, model, "pretrain checkpoint")
     return out

@@ -8,7 +8,8 @@
   to a fixed ``out_size``. Output ``[B, T, C, S, S]``.
 - ``PoseHead``: an MLP on the pose token predicting, per frame and object slot,
   position (3, camera frame, metres), quaternion (4, wxyz) and a presence logit (1).
-  Output ``[B, T, slots, 8]``.
+  Output ``[B, T, slots, 8]``. The boxes task uses it with 4 numbers per slot.
+Which head a task gets is the task's choice (``training.tasks``).
 """
 
 from __future__ import annotations
@@ -107,11 +108,15 @@ def split_legacy_dense_heads(weights: dict[str, torch.Tensor],
 
 
 class PoseHead(nn.Module):
-    def __init__(self, embed_dim: int, num_frames: int, slots: int, drop: float = 0.1):
+    """Per frame and object slot, ``fields`` numbers from the task token (pose: 8; the
+    boxes task reuses it with 4)."""
+
+    def __init__(self, embed_dim: int, num_frames: int, slots: int, drop: float = 0.1,
+                 fields: int = POSE_FIELDS):
         super().__init__()
-        self.num_frames, self.slots = num_frames, slots
+        self.num_frames, self.slots, self.fields = num_frames, slots, fields
         self.mlp = Mlp(embed_dim, hidden_features=embed_dim,
-                       out_features=num_frames * slots * POSE_FIELDS, drop=drop)
+                       out_features=num_frames * slots * fields, drop=drop)
 
     def forward(self, task_token: torch.Tensor) -> torch.Tensor:
-        return self.mlp(task_token).unflatten(1, (self.num_frames, self.slots, POSE_FIELDS))
+        return self.mlp(task_token).unflatten(1, (self.num_frames, self.slots, self.fields))

@@ -24,9 +24,8 @@ import torch
 from torch import nn
 
 from training.backbones import dense_tap_indices, get_family  # noqa: F401 (re-exported)
-from training.heads import DenseHead, PoseHead, clip_frames
+from training.tasks import HeadContext, get_task
 
-DENSE_CHANNELS = {"depth": 1, "normals": 3}  # segmentation: one channel per class
 VARIANTS = ("vit", "mt", "pvit")
 
 
@@ -51,15 +50,11 @@ class PromptonomyViT(nn.Module):
         self.tap_indices = list(self.dense_taps)
         taps = [self.feature_info[i] for i in self.tap_indices]
         width = self.num_features  # prompts and the pooled token leave with the last width
-        heads: dict[str, nn.Module] = {}
-        for task in tasks:
-            if task == "pose":
-                heads[task] = PoseHead(width, clip_frames(taps[0]), pose_slots,
-                                       drop=head_drop_rate)
-            else:
-                channels = num_seg_classes if task == "segmentation" else DENSE_CHANNELS[task]
-                heads[task] = DenseHead(taps, width, channels, label_size)
-        self.task_heads = nn.ModuleDict(heads)
+        context = HeadContext(taps=taps, width=width, label_size=label_size,
+                              pose_slots=pose_slots, num_seg_classes=num_seg_classes,
+                              drop=head_drop_rate)
+        # each task builds its own head (training/tasks/); keys stay task_heads.<name>.*
+        self.task_heads = nn.ModuleDict({t: get_task(t).build_head(context) for t in tasks})
         # one dropout on the tapped tokens, shared by the dense heads (the paper's
         # "upsample, dropout, concatenate"; once instead of once per head)
         self.tap_drop = nn.Dropout(head_drop_rate)
@@ -72,7 +67,7 @@ class PromptonomyViT(nn.Module):
 
     def forward_train(self, x: torch.Tensor, tasks: bool = True) -> dict[str, torch.Tensor]:
         """``{"logits": [B, classes]}`` plus, when ``tasks``, one prediction per task."""
-        need_taps = tasks and any(t != "pose" for t in self.tasks)
+        need_taps = tasks and any(get_task(t).dense for t in self.tasks)
         tokens, taps = self.forward_intermediates(x, self.tap_indices if need_taps else None)
         if need_taps:  # a repeated index (shallow nets) appears once in taps
             by_index = dict(zip(sorted(set(self.tap_indices)), taps, strict=True))
@@ -82,7 +77,7 @@ class PromptonomyViT(nn.Module):
             pooled, _, prompts = self.split_tokens(tokens)
             for task, head in self.task_heads.items():
                 token = self.task_token(pooled, prompts, task)
-                out[task] = head(token) if task == "pose" else head(taps, token)
+                out[task] = get_task(task).predict(head, taps, token)
         return out
 
 

@@ -12,8 +12,9 @@ Pipeline, per epoch pass (what flows between the stages):
 DataLoader worker; ``synthetic_batches`` batches it for one epoch.
 
 ``SceneTransform`` picks ``num_frames`` consecutive frames, crops one random box and
-flips, and applies the *same* geometry to RGB and every label map (a flip also negates
-the normals' x and mirrors object poses). Its randomness is a pure function of
+flips (one ``ClipView``), and each task (``training.tasks``) computes its targets
+through that same view: one geometry for RGB and every label (a flip also negates the
+normals' x, mirrors object poses and boxes). Its randomness is a pure function of
 (seed, epoch, pass, clip key), so a resumed run sees the very same clips.
 
 Shards are local paths or object URLs (``s3://bucket/ds/shard-000000.tar``), opened here
@@ -28,24 +29,31 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import webdataset as wds
 from torch.utils.data import DataLoader
 from webdataset import tariterators
 
 from generation.dataset_index import DatasetIndex, open_dataset
-from generation.shard_format import CLASSES, FormatError, decode_sample
+from generation.shard_format import FormatError, decode_sample
 from generation.storage import open_file
 from training.loader_workers import loader_worker_kwargs
+from training.tasks import ClipView, default_tasks, get_task
+from training.tasks.base import resize
+from training.tasks.pose import (  # noqa: F401 (re-exported: their old home)
+    NON_OBJECT_CLASSES,
+    matrix_to_quat,
+    mirror_poses,
+    object_poses,
+    quat_to_matrix,
+)
 
 # timm ViT (ImageNet) normalisation, so image-pretrained weights see familiar inputs
 RGB_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1, 1)
 RGB_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1, 1)
-NON_OBJECT_CLASSES = ("background", "floor")  # not pose targets
 
 
 class ShardDecodeError(RuntimeError):
@@ -77,69 +85,6 @@ def normalize_rgb(frames: torch.Tensor) -> torch.Tensor:
     return (x - RGB_MEAN) / RGB_STD
 
 
-# --- rotations (numpy, wxyz) ----------------------------------------------------------
-def quat_to_matrix(q: np.ndarray) -> np.ndarray:
-    w, x, y, z = np.moveaxis(q / np.linalg.norm(q, axis=-1, keepdims=True), -1, 0)
-    return np.stack([
-        np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)], -1),
-        np.stack([2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)], -1),
-        np.stack([2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], -1),
-    ], -2)
-
-
-def matrix_to_quat(m: np.ndarray) -> np.ndarray:
-    """Rotation matrices ``[..., 3, 3]`` -> unit quaternions wxyz with w >= 0."""
-    w = np.sqrt(np.clip(1 + m[..., 0, 0] + m[..., 1, 1] + m[..., 2, 2], 0, None)) / 2
-    x = np.sqrt(np.clip(1 + m[..., 0, 0] - m[..., 1, 1] - m[..., 2, 2], 0, None)) / 2
-    y = np.sqrt(np.clip(1 - m[..., 0, 0] + m[..., 1, 1] - m[..., 2, 2], 0, None)) / 2
-    z = np.sqrt(np.clip(1 - m[..., 0, 0] - m[..., 1, 1] + m[..., 2, 2], 0, None)) / 2
-    # magnitudes from the diagonal, signs from the off-diagonal (relative to w)
-    x = np.copysign(x, m[..., 2, 1] - m[..., 1, 2])
-    y = np.copysign(y, m[..., 0, 2] - m[..., 2, 0])
-    z = np.copysign(z, m[..., 1, 0] - m[..., 0, 1])
-    q = np.stack([w, x, y, z], -1)
-    return q / np.linalg.norm(q, axis=-1, keepdims=True)
-
-
-def object_poses(clip: dict, frames: np.ndarray, slots: int) -> dict[str, np.ndarray]:
-    """Camera-frame position (metres), quaternion and presence of up to ``slots`` objects
-    (by instance id; background and floor excluded) at ``frames``: ``[T, K, ...]``."""
-    inst = clip["instances"]
-    classes = tuple(clip.get("meta", {}).get("classes", CLASSES))
-    skip = [classes.index(c) for c in NON_OBJECT_CLASSES if c in classes]
-    objects = [i for i in np.argsort(inst["id"], kind="stable") if inst["category"][i] not in skip]
-    objects = objects[:slots]
-    t = len(frames)
-    position = np.zeros((t, slots, 3), np.float32)
-    quaternion = np.zeros((t, slots, 4), np.float32)
-    quaternion[..., 0] = 1.0  # identity where no object
-    presence = np.zeros((t, slots), np.float32)
-    if objects:
-        w2c = clip["world_to_camera"][frames]  # [T, 4, 4]
-        rot, trans = w2c[:, None, :3, :3], w2c[:, None, :3, 3]
-        pos_w = inst["position"][objects][:, frames].transpose(1, 0, 2)  # [T, n, 3]
-        position[:, :len(objects)] = np.einsum("tnij,tnj->tni", rot, pos_w) + trans
-        rot_obj = quat_to_matrix(inst["quaternion"][objects][:, frames].transpose(1, 0, 2))
-        quaternion[:, :len(objects)] = matrix_to_quat(rot @ rot_obj)
-        presence[:, :len(objects)] = inst["visibility"][objects][:, frames].T > 0
-    return {"pose_position": position, "pose_quaternion": quaternion, "pose_presence": presence}
-
-
-def mirror_poses(poses: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A horizontal image flip is the reflection x -> -x of the camera frame: positions
-    negate x; a rotation R becomes F R F, i.e. quaternion (w, x, -y, -z)."""
-    position = poses["pose_position"] * np.array([-1, 1, 1], np.float32)
-    quaternion = poses["pose_quaternion"] * np.array([1, 1, -1, -1], np.float32)
-    return {**poses, "pose_position": position, "pose_quaternion": quaternion}
-
-
-def _resize(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
-    """``[T, C, h, w]`` -> ``[T, C, size, size]``."""
-    if mode == "nearest":
-        return F.interpolate(x, size=(size, size), mode="nearest-exact")
-    return F.interpolate(x, size=(size, size), mode=mode, align_corners=False, antialias=True)
-
-
 @dataclass
 class SceneTransform:
     """Clip dict -> training sample. Picklable, so it runs in DataLoader workers."""
@@ -153,6 +98,8 @@ class SceneTransform:
     flip: bool = True
     train: bool = True
     seed: int = 0
+    # the tasks whose targets each sample carries (training/tasks/); None: the defaults
+    tasks: Optional[tuple[str, ...]] = None
 
     def __call__(self, clip: dict) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, zlib.crc32(clip["key"].encode())])
@@ -175,32 +122,16 @@ class SceneTransform:
         else:
             side, flip = side_max, False
             top, left = (height - side_max) // 2, (width - side_max) // 2
-        box = (slice(top, top + side), slice(left, left + side))
-
-        def crop(name: str) -> torch.Tensor:
-            x = torch.from_numpy(np.ascontiguousarray(clip[name][frames][:, box[0], box[1]]))
-            return x.flip(2) if flip else x  # width is dim 2 of [T, H, W(, C)]
-
-        rgb = crop("rgb").permute(0, 3, 1, 2).float()  # [T, 3, h, w]
-        rgb = _resize(rgb, self.img_size, "bilinear").clamp_(0, 255)
-        video = normalize_rgb(rgb.permute(0, 2, 3, 1))
-
-        # background depth is +inf: clip to depth_max_m, then scale to [0, 1]
-        depth = crop("depth").clamp(0, self.depth_max_m) / self.depth_max_m
-        depth = _resize(depth[:, None], self.label_size, "nearest")[:, 0]
-        normals = crop("normal").permute(0, 3, 1, 2)  # [T, 3, h, w]
-        if flip:
-            normals = normals * torch.tensor([-1.0, 1.0, 1.0]).view(1, 3, 1, 1)
-        normals = _resize(normals, self.label_size, "nearest")
-        segmentation = _resize(crop("semantic_seg")[:, None].float(), self.label_size, "nearest")
-        poses = object_poses(clip, frames, self.pose_slots)
-        if flip:
-            poses = mirror_poses(poses)
-        return {
-            "video": video, "depth": depth.float(), "normals": normals.float(),
-            "segmentation": segmentation[:, 0].long(),
-            **{k: torch.from_numpy(v) for k, v in poses.items()},
-        }
+        view = ClipView(clip=clip, frames=frames, top=top, left=left, side=side, flip=flip,
+                        label_size=self.label_size, depth_max_m=self.depth_max_m,
+                        pose_slots=self.pose_slots)
+        rgb = view.crop("rgb").permute(0, 3, 1, 2).float()  # [T, 3, h, w]
+        rgb = resize(rgb, self.img_size, "bilinear").clamp_(0, 255)
+        sample = {"video": normalize_rgb(rgb.permute(0, 2, 3, 1))}
+        # the same view (frames, box, flip) for every task's targets
+        for name in self.tasks if self.tasks is not None else default_tasks():
+            sample.update(get_task(name).targets(view))
+        return sample
 
 
 def _shard_members(url: str) -> Iterator[dict]:

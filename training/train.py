@@ -50,6 +50,7 @@ from training.losses import compute_losses
 from training.model import PromptonomyViT, create_model
 from training.run_files import MetricsLog, plot_loss_curve, write_config, write_summary
 from training.synthetic_data import SceneTransform, synthetic_batches, synthetic_index
+from training.tasks import target_keys
 from training.video_data import (
     VideoClips,
     VideoRecord,
@@ -59,8 +60,8 @@ from training.video_data import (
     require_decodable,
 )
 
-SCENE_KEYS = ("depth", "normals", "segmentation", "pose_position", "pose_quaternion",
-              "pose_presence")
+# the target keys of the built-in tasks, as samples carry them (training/tasks/)
+SCENE_KEYS = target_keys()
 # arguments a checkpoint must share with the model it initialises / resumes
 SAME_ARCH = ("variant", "tasks", "prompts_per_task", "tubelet_size", "num_seg_classes")
 
@@ -233,7 +234,8 @@ def _run(stage: str, cfg: PretrainConfig | FinetuneConfig, progress: Progress,
     scene = SceneTransform(num_frames=cfg.num_frames, img_size=cfg.img_size,
                            label_size=cfg.label_size, depth_max_m=cfg.depth_max_m,
                            pose_slots=cfg.pose_slots, crop_scale=tuple(cfg.crop_scale),
-                           flip=cfg.flip, train=True)
+                           flip=cfg.flip, train=True,
+                           tasks=tuple(cfg.tasks) if cfg.variant != "vit" else ())
 
     # --- model: resume > init > scratch ----------------------------------------------
     seg_classes = len(index.classes) if index else len(CLASSES)  # from the manifest
@@ -440,8 +442,9 @@ def _assemble(real: Optional[dict], synth: Optional[dict], device: torch.device,
         videos.append(synth["video"])
         labels.append(torch.full((n,), -1, dtype=torch.long))
         synthetic.append(torch.ones(n, dtype=torch.bool))
-        targets = {k: (synth[k] if shuffle is None else synth[k][shuffle])
-                   .to(device, non_blocking=True) for k in SCENE_KEYS}
+        # every key besides the clip is some task's target (training/tasks/)
+        targets = {k: (v if shuffle is None else v[shuffle]).to(device, non_blocking=True)
+                   for k, v in synth.items() if k != "video"}
     if not videos:
         return None, {}
     targets["label"] = torch.cat(labels).to(device)
