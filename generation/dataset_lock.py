@@ -267,16 +267,23 @@ def _acquire_object(out: Location, *, owner: str, break_lock: bool,
     raise LockError(f"{out}: could not take the lock {key} (it kept changing hands)")
 
 
-def _release_object(out: Location) -> None:
-    key = out.join(LOCK_NAME)
+def _drop_hold(key: str) -> list | None:
+    """One hold of ``key`` given back; its entry once the last hold is gone, else None."""
     with _held_guard:
         entry = _held.get(key)
         if entry is None:
-            return
+            return None
         entry[0] -= 1
         if entry[0] > 0:
-            return
+            return None
         del _held[key]
+    return entry
+
+
+def _release_object(out: Location) -> None:
+    entry = _drop_hold(out.join(LOCK_NAME))
+    if entry is None:
+        return
     try:
         holder = json.loads(out.read_bytes(LOCK_NAME))
     except (OSError, ValueError):
@@ -292,15 +299,9 @@ def release(out: Path) -> None:
         _release_object(Location(out))
         return
     path = Path(out) / LOCK_NAME
-    key = str(path.resolve())
-    with _held_guard:
-        entry = _held.get(key)
-        if entry is None:
-            return
-        entry[0] -= 1
-        if entry[0] > 0:
-            return
-        del _held[key]
+    entry = _drop_hold(str(path.resolve()))
+    if entry is None:
+        return
     fd = entry[1]
     try:
         # Only our own lock (the same inode): a --break-lock elsewhere may have replaced it.
