@@ -16,13 +16,11 @@ token. With ``num_prompts=0`` the forward pass is torchvision's, op for op.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
-
 import torch
 from torch import nn
 from torchvision.models.video import mvit as tv_mvit
 
-from training.backbones import FeatureInfo, dense_tap_indices, register_family
+from training.backbones import FeatureInfo, PromptBackbone, dense_tap_indices, register_family
 
 
 class PrefixPool(tv_mvit.Pool):
@@ -125,7 +123,7 @@ def build_torchvision_mvit(arch: str, **kwargs) -> tv_mvit.MViT:
 
 
 @register_family("mvit")
-class PromptMViT(nn.Module):
+class PromptMViT(PromptBackbone):
     """MViTv2-S (16 blocks, 4 stages) with optional prompt tokens.
 
     Its state dict is torchvision's (``conv_proj``, ``pos_encoding``, ``blocks``,
@@ -176,10 +174,6 @@ class PromptMViT(nn.Module):
         return info
 
     # --- the family contract (timm's names) ---------------------------------------------
-    @property
-    def num_prefix_tokens(self) -> int:
-        return 1 + self.num_prompts
-
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         return {"pos_encoding.class_token", "prompt_tokens"} | {
@@ -197,39 +191,19 @@ class PromptMViT(nn.Module):
         nn.init.trunc_normal_(self.head[1].weight, std=0.02)
         nn.init.zeros_(self.head[1].bias)
 
-    def forward_intermediates(
-        self, x: torch.Tensor, indices: Optional[Sequence[int]] = None,
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Final normed tokens ``[B, 1+P+N, C]`` and the patch tokens ``[B, N_i, C_i]``
-        after each block in ``indices`` (0-based, in block order, each once; not normed)."""
-        take = set(indices or ())
+    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
         x = self.conv_proj(x)
         thw = tuple(x.shape[2:])  # from the clip, not fixed at 16x224 as torchvision's
         x = self.pos_encoding(x.flatten(2).transpose(1, 2))  # [B, 1+N, C]: CLS first
         if self.prompt_tokens is not None:
             prompts = self.prompt_tokens.expand(x.shape[0], -1, -1)
             x = torch.cat([x[:, :1], prompts, x[:, 1:]], dim=1)
-        p = self.num_prefix_tokens
-        intermediates = []
-        for i, blk in enumerate(self.blocks):
-            x, thw = blk(x, thw)
-            if i in take:
-                intermediates.append(x[:, p:])
-        return self.norm(x), intermediates
+        return x, thw
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_intermediates(x)[0]
-
-    def pool(self, x: torch.Tensor) -> torch.Tensor:
-        return x[:, 0]
-
-    def split_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        p = self.num_prefix_tokens
-        return x[:, 0], x[:, p:], x[:, 1:p]
+    def _block(self, blk: nn.Module, x: torch.Tensor, thw: tuple[int, int, int]
+               ) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        return blk(x, thw)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.head[0](self.pool(x))
         return x if pre_logits else self.head[1](x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))

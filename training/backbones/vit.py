@@ -19,14 +19,14 @@ converters write them; a k bias gets no gradient, softmax ignores a per-query sh
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Literal, Optional, Sequence
+from typing import Callable, Literal
 
 import torch
 from timm.layers import Mlp, trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from training.backbones import FeatureInfo, dense_tap_indices, register_family
+from training.backbones import FeatureInfo, PromptBackbone, dense_tap_indices, register_family
 
 
 class TubeletEmbed(nn.Module):
@@ -59,7 +59,7 @@ def sincos_table(positions: int, dim: int) -> torch.Tensor:
 
 
 @register_family("vit")
-class VideoViT(nn.Module):
+class VideoViT(PromptBackbone):
     """Plain (non-hierarchical) video ViT with optional prompt tokens."""
 
     def __init__(
@@ -98,6 +98,7 @@ class VideoViT(nn.Module):
         t, h, w = self.grid_size = self.patch_embed.grid_size
         self.cls_token = (nn.Parameter(torch.zeros(1, 1, embed_dim))
                           if global_pool == "token" else None)
+        self.num_class_tokens = int(self.cls_token is not None)
         if pos_embed == "factorized":
             self.pos_embed_spatial = nn.Parameter(torch.zeros(1, h * w, embed_dim))
             # zero at init: an inflated image model then sees each time step like an image
@@ -154,11 +155,7 @@ class VideoViT(nn.Module):
             trunc_normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
 
-    @property
-    def num_prefix_tokens(self) -> int:
-        return int(self.cls_token is not None) + self.num_prompts
-
-    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         x = self.patch_embed(x)  # [B, t*h*w, D], time-major
         b, _, d = x.shape
         if self.pos_embed_kind == "factorized":
@@ -170,25 +167,7 @@ class VideoViT(nn.Module):
         tokens = [] if self.cls_token is None else [self.cls_token.expand(b, -1, -1)]
         if self.prompt_tokens is not None:
             tokens.append(self.prompt_tokens.expand(b, -1, -1))
-        return torch.cat([*tokens, x], dim=1)
-
-    def forward_intermediates(
-        self, x: torch.Tensor, indices: Optional[Sequence[int]] = None,
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Final normed tokens ``[B, prefix+N, D]`` and the patch tokens ``[B, N, D]``
-        after each block in ``indices`` (0-based, in block order, each once; not normed)."""
-        take = set(indices or ())
-        x = self._embed(x)
-        p = self.num_prefix_tokens
-        intermediates = []
-        for i, blk in enumerate(self.blocks):
-            x = blk(x)
-            if i in take:
-                intermediates.append(x[:, p:])
-        return self.norm(x), intermediates
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_intermediates(x)[0]
+        return torch.cat([*tokens, x], dim=1), None
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         """The classifier's input ``[B, D]``: the CLS token, or fc_norm of the patch mean."""
@@ -196,15 +175,6 @@ class VideoViT(nn.Module):
             return x[:, 0]
         return self.fc_norm(x[:, self.num_prefix_tokens:].mean(dim=1))
 
-    def split_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``[B, prefix+N, D]`` -> pooled ``[B, D]``, patches ``[B, N, D]``, prompts
-        ``[B, P, D]``."""
-        p, c = self.num_prefix_tokens, int(self.cls_token is not None)
-        return self.pool(x), x[:, p:], x[:, c:p]
-
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.head_drop(self.pool(x))
         return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
