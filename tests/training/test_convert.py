@@ -47,7 +47,7 @@ def test_inflated_embedding_repeats_the_image_tokens_at_every_time_step():
     image = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         want = image_model._pos_embed(image_model.patch_embed(image))  # [1, 1+16, D]
-        got = video._embed(static_clip(image, 8))  # [1, 1 + 1 + 4*16, D]: CLS, prompt, patches
+        got, _ = video._embed(static_clip(image, 8))  # [1, 1 + 1 + 4*16, D]: CLS, prompt, patches
     torch.testing.assert_close(got[:, 0], want[:, 0])
     for t in range(4):
         torch.testing.assert_close(got[:, 2 + 16 * t: 2 + 16 * (t + 1)], want[:, 1:],
