@@ -36,13 +36,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from generation.shard_format import CLASSES  # noqa: E402
 from training.convert import export_inference  # noqa: E402
-from training.drawn_clips import write_shards  # noqa: E402
+from training.drawn_clips import make_clip, write_shards  # noqa: E402
 from training.losses import compute_losses  # noqa: E402
 from training.model import create_model  # noqa: E402
 from training.synthetic_data import SceneTransform, shard_urls, synthetic_batches  # noqa: E402
+from training.tasks import default_tasks, get_task, target_keys, task_names  # noqa: E402
 
-TASKS = ["depth", "normals", "segmentation", "pose"]
-WEIGHTS = dict(depth=0.5, normals=0.5, segmentation=0.1, pose=3.0, action=1.0)
+POSE_SLOTS = 8
+
+
+def loss_weights(tasks: list[str]) -> dict[str, float]:
+    """Each task's default (the paper's) weight, from its module, plus the action loss."""
+    return {**{name: get_task(name).weight for name in tasks}, "action": 1.0}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,6 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shard-res", type=int, default=256, help="drawn clips' frame size")
     p.add_argument("--workers", type=int, default=2, help="loader workers")
     p.add_argument("--loader-batches", type=int, default=8)
+    p.add_argument("--tasks", nargs="+", default=default_tasks(), choices=task_names(),
+                   help="synthetic tasks of the pvit side [default: the registry's defaults]")
     return p.parse_args(argv)
 
 
@@ -68,20 +75,21 @@ def synchronize(device: torch.device) -> None:
 
 def make_inputs(args, device, num_classes=10):
     g = torch.Generator().manual_seed(0)
-    b, t, s, ls = args.batch, args.frames, args.img_size, args.label_size
+    b, t, s = args.batch, args.frames, args.img_size
     half = max(1, b // 2)
     video = torch.randn(b, 3, t, s, s, generator=g).to(device)
     real_targets = {"label": torch.randint(0, num_classes, (b,), generator=g).to(device),
                     "synthetic": torch.zeros(b, dtype=torch.bool, device=device)}
+    # every task's targets as training builds them (training.tasks), from drawn clips
+    transform = SceneTransform(num_frames=t, img_size=s, label_size=args.label_size,
+                               depth_max_m=20.0, pose_slots=POSE_SLOTS, train=False,
+                               tasks=tuple(args.tasks))
+    samples = [transform(make_clip(f"bench{i}", seed=i, frames=t, size=max(s, 4 * t)))
+               for i in range(half)]
     joint = {  # the paper's joint batch: real clips first, then synthetic ones
         "label": torch.cat([real_targets["label"][:b - half], torch.full((half,), -1)]).to(device),
         "synthetic": torch.arange(b, device=device) >= b - half,
-        "depth": torch.rand(half, t, ls, ls, generator=g).to(device),
-        "normals": torch.randn(half, t, 3, ls, ls, generator=g).to(device),
-        "segmentation": torch.randint(0, len(CLASSES), (half, t, ls, ls), generator=g).to(device),
-        "pose_position": torch.randn(half, t, 8, 3, generator=g).to(device),
-        "pose_quaternion": torch.randn(half, t, 8, 4, generator=g).to(device),
-        "pose_presence": (torch.rand(half, t, 8, generator=g) > 0.5).float().to(device),
+        **{k: torch.stack([x[k] for x in samples]).to(device) for k in target_keys(args.tasks)},
     }
     return video, real_targets, joint
 
@@ -108,18 +116,21 @@ def main(argv=None) -> dict:
                 else nullcontext())
     torch.manual_seed(0)
     common = dict(num_frames=args.frames, img_size=args.img_size, num_classes=10,
-                  label_size=args.label_size, pose_slots=8, num_seg_classes=len(CLASSES))
+                  label_size=args.label_size, pose_slots=POSE_SLOTS,
+                  num_seg_classes=len(CLASSES))
     vit = create_model(args.model, variant="vit", **common).to(device)
-    pvit = create_model(args.model, variant="pvit", tasks=TASKS, **common).to(device)
+    pvit = create_model(args.model, variant="pvit", tasks=args.tasks, **common).to(device)
     video, real_targets, joint = make_inputs(args, device)
     opt_vit = torch.optim.AdamW(vit.parameters(), lr=1e-5)
     opt_pvit = torch.optim.AdamW(pvit.parameters(), lr=1e-5)
+
+    weights = loss_weights(args.tasks)
 
     def step(model, optimizer, targets):
         def run():
             with autocast:
                 out = model.forward_train(video)
-            loss, _ = compute_losses({k: v.float() for k, v in out.items()}, targets, WEIGHTS)
+            loss, _ = compute_losses({k: v.float() for k, v in out.items()}, targets, weights)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -146,7 +157,8 @@ def main(argv=None) -> dict:
         shards = args.shards or write_shards(Path(tmp) / "shards", shards=4, clips_per_shard=6,
                                              frames=max(args.frames, 16), size=args.shard_res)
         transform = SceneTransform(num_frames=args.frames, img_size=args.img_size,
-                                   label_size=args.label_size, depth_max_m=20.0, pose_slots=8)
+                                   label_size=args.label_size, depth_max_m=20.0,
+                                   pose_slots=POSE_SLOTS, tasks=tuple(args.tasks))
         batches = synthetic_batches(shard_urls(shards), transform, batch_size=args.batch, seed=0,
                                     epoch=0, shuffle_buffer=8, num_workers=args.workers)
         next(batches)  # workers started, first shard open

@@ -229,7 +229,7 @@ def check_stage_outputs(cfg: ExperimentConfig) -> None:
     (or sits inside) another stage's output, whose files clearing it would delete."""
     from flows import stage_cache
     from flows.pipeline import wire
-    from flows.train import evaluation_dir
+    from training.run_layout import evaluation_dir
 
     wired = wire(cfg)
     outs = {"generation.out": Path(wired.generation.out)}

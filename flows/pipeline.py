@@ -21,11 +21,11 @@ from flows.train import (
     cached,
     dataset_key,
     evaluate,
-    evaluation_dir,
     finetune,
     pretrain,
     reuse_message,
 )
+from training.run_layout import RunLayout, evaluation_dir, evaluation_file
 
 STAGES = ("generate", "toy_actions", "pretrain", "finetune", "evaluate")
 
@@ -56,11 +56,11 @@ def wire(cfg: ExperimentConfig) -> ExperimentConfig:
     if cfg.finetune is not None:
         update = {"synthetic": shards if cfg.finetune.synthetic_ratio > 0 else None}
         if cfg.pretrain is not None:
-            update["init"] = str(Path(cfg.pretrain.out) / "checkpoints" / "final.pt")
+            update["init"] = str(RunLayout(cfg.pretrain.out).final_checkpoint)
         cfg.finetune = cfg.finetune.model_copy(update=update)
     if cfg.evaluate is not None and cfg.finetune is not None:
         cfg.evaluate = cfg.evaluate.model_copy(
-            update={"checkpoint": str(Path(cfg.finetune.out) / "checkpoints" / "final.pt")})
+            update={"checkpoint": str(RunLayout(cfg.finetune.out).final_checkpoint)})
     return cfg
 
 
@@ -132,10 +132,12 @@ def pipeline(config: ExperimentConfig, force: list[str] | None = None) -> State[
                                             key, messages=messages)
     if cfg.pretrain is not None:
         results["pretrain"] = _stage("pretrain", pretrain, cfg.pretrain,
-                                     logs=f"{cfg.pretrain.out}/metrics.jsonl", messages=messages)
+                                     logs=str(RunLayout(cfg.pretrain.out).metrics),
+                                     messages=messages)
     if cfg.finetune is not None:
         results["finetune"] = _stage("finetune", finetune, cfg.finetune,
-                                     logs=f"{cfg.finetune.out}/metrics.jsonl", messages=messages)
+                                     logs=str(RunLayout(cfg.finetune.out).metrics),
+                                     messages=messages)
     if cfg.evaluate is not None and cfg.finetune is not None:
         results["evaluate"] = _stage("evaluate", evaluate, cfg.evaluate, messages=messages)
     results["paths"] = {
@@ -143,7 +145,7 @@ def pipeline(config: ExperimentConfig, force: list[str] | None = None) -> State[
         "pretrain": cfg.pretrain and cfg.pretrain.out,
         "finetune": cfg.finetune and cfg.finetune.out,
         "metrics": cfg.evaluate and cfg.evaluate.checkpoint and str(
-            evaluation_dir(cfg.evaluate.checkpoint) / f"eval_{cfg.evaluate.split}.json"),
+            evaluation_file(cfg.evaluate.checkpoint, cfg.evaluate.split)),
     }
     return Completed(message="; ".join(f"{name}: {text}" for name, text in messages.items()),
                      data=results)

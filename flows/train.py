@@ -2,8 +2,11 @@
 Prefect too: ``pvit pretrain|finetune|evaluate``).
 
 Each stage is a task whose output directory carries a content-keyed record
-(``flows.stage_cache``): an unchanged stage is skipped, a changed one starts from a
-clean directory, and a retried task resumes from its last checkpoint.
+(``flows.stage_cache``): an unchanged stage is skipped, a changed training stage starts
+from a clean directory, and a retried task resumes from its last checkpoint. The
+evaluate stage writes into the checkpoint's evaluation home, shared with
+``pvit evaluate`` (``training.evaluate.run_evaluate_in_home``): its record is rewritten,
+the other results there are kept. Paths come from ``training.run_layout``.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from prefect.states import Completed, State
 
 from flows import stage_cache
 from training.config import EvaluateConfig, FinetuneConfig, PretrainConfig
+from training.run_layout import RunLayout, evaluation_dir
 
 TRAIN_RETRIES = 1
 
@@ -56,7 +60,7 @@ def _metrics_artifact(stage: str, summary: dict) -> None:
     rows += [{"metric": f"loss/{k}", "value": v} for k, v in losses.items()]
     create_table_artifact(key=f"{stage}-metrics", table=rows, description=f"{stage} summary")
     import cv2
-    curve = Path(summary.get("run_dir", "")) / "loss_curve.png"
+    curve = RunLayout(summary.get("run_dir", "")).loss_curve
     image = cv2.imread(str(curve)) if curve.is_file() else None
     if image is not None:
         # Embedded, as the contact sheet is: a file:// link does not load in the UI.
@@ -89,10 +93,10 @@ def _train(stage: str, cfg, run) -> dict:
     import sys
 
     import yaml
-    run_dir = Path(cfg.out)
-    config_path = run_dir / f".{stage}.torchrun.yaml"
+    layout = RunLayout(cfg.out)
+    config_path = layout.torchrun_config(stage)
     config_path.write_text(yaml.safe_dump({stage: cfg.model_dump(mode="json")}))
-    log_path = run_dir / f"{stage}.torchrun.log"
+    log_path = layout.torchrun_log(stage)
     logger = get_run_logger()
     logger.info("%s: torchrun with %d processes (log: %s)", stage, nproc, log_path)
     with open(log_path, "a") as log:
@@ -101,7 +105,7 @@ def _train(stage: str, cfg, run) -> dict:
                                str(config_path)], stdout=log, stderr=subprocess.STDOUT).returncode
     if code != 0:
         raise RuntimeError(f"{stage}: torchrun exited with code {code} (log: {log_path})")
-    return json.loads((run_dir / "summary.json").read_text())
+    return json.loads(layout.summary.read_text())
 
 
 @task(name="pretrain", retries=TRAIN_RETRIES, retry_delay_seconds=2, result_serializer="json")
@@ -109,7 +113,7 @@ def pretrain_task(cfg: PretrainConfig, key: str) -> dict:
     from training.train import run_pretrain
     stage_cache.begin(Path(cfg.out), key)           # a retry finds "resumable": keeps last.pt
     summary = _train("pretrain", cfg, run_pretrain)
-    stage_cache.finish(Path(cfg.out), key, summary, ["checkpoints/final.pt", "summary.json"])
+    stage_cache.finish(Path(cfg.out), key, summary, trained_outputs(cfg.out))
     _metrics_artifact("pretrain", {**summary, "run_dir": cfg.out})
     return summary
 
@@ -119,21 +123,25 @@ def finetune_task(cfg: FinetuneConfig, key: str) -> dict:
     from training.train import run_finetune
     stage_cache.begin(Path(cfg.out), key)
     summary = _train("finetune", cfg, run_finetune)
-    stage_cache.finish(Path(cfg.out), key, summary, ["checkpoints/final.pt", "summary.json"])
+    stage_cache.finish(Path(cfg.out), key, summary, trained_outputs(cfg.out))
     _metrics_artifact("finetune", {**summary, "run_dir": cfg.out})
     return summary
 
 
 @task(name="evaluate", result_serializer="json")
-def evaluate_task(cfg: EvaluateConfig, out_dir: str, key: str) -> dict:
-    from training.evaluate import run_evaluate
-    out = Path(out_dir)
-    stage_cache.begin(out, key)
-    cfg = cfg.model_copy(update={"out": str(out / f"eval_{cfg.split}.json")})
-    result = run_evaluate(cfg)
-    stage_cache.finish(out, key, result, [f"eval_{cfg.split}.json"])
+def evaluate_task(cfg: EvaluateConfig, key: str) -> dict:
+    # the checkpoint's evaluation home, shared with `pvit evaluate` (training/evaluate.py)
+    from training.evaluate import run_evaluate_in_home
+    result = run_evaluate_in_home(cfg, key)
     _metrics_artifact("evaluate", result)
     return result
+
+
+def trained_outputs(run_dir) -> list[str]:
+    """What a finished training stage must still hold to count as done (relative to
+    its directory, as its stage record lists them)."""
+    layout = RunLayout(run_dir)
+    return [layout.relative(layout.final_checkpoint), layout.relative(layout.summary)]
 
 
 @flow(name="pretrain", result_serializer="json")
@@ -157,16 +165,10 @@ def finetune(config: FinetuneConfig) -> State[dict]:
 @flow(name="evaluate", result_serializer="json")
 def evaluate(config: EvaluateConfig) -> State[dict]:
     """Top-1/top-5 (single and multi-view) of a fine-tuned checkpoint."""
-    out_dir = str(evaluation_dir(config.checkpoint))
-    key = stage_cache.stage_key("evaluate", config.model_dump(mode="json"),
-                                {"checkpoint": file_key(config.checkpoint)},
-                                stage_cache.code_version("training"))
-    return _cached_or_run("evaluate", out_dir, key, lambda: evaluate_task(config, out_dir, key))
-
-
-def evaluation_dir(checkpoint) -> Path:
-    """Where the evaluate stage of ``checkpoint`` writes its JSON and stage record."""
-    return Path(checkpoint).parent / "evaluate"
+    from training.evaluate import evaluation_key
+    out_dir = str(evaluation_dir(config.checkpoint))  # shared with `pvit evaluate`
+    key = evaluation_key(config)
+    return _cached_or_run("evaluate", out_dir, key, lambda: evaluate_task(config, key))
 
 
 def cached(stage: str, out_dir, key: str) -> dict | None:

@@ -74,7 +74,9 @@ def _train(stage: str, cfg) -> None:
             err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
     if summary.get("checkpoint"):  # rank 0 only
-        shown = {k: v for k, v in summary.items() if k != "skipped_paths"}
+        # the counts, not the lists (summary.json has those)
+        shown = {k: v for k, v in summary.items()
+                 if k not in ("skipped_paths", "skipped_shard_paths")}
         typer.echo(json.dumps(shown, indent=2))
 
 
@@ -125,7 +127,9 @@ def evaluate(
     data_root: Optional[Path] = typer.Option(None, help="downstream data set root"),
     split: Optional[str] = typer.Option(None, help="split to evaluate [default: validation]"),
     config: Optional[Path] = typer.Option(None, help="experiment YAML (its `evaluate` section)"),
-    out: Optional[Path] = typer.Option(None, help="result JSON [default: next to the checkpoint]"),
+    out: Optional[Path] = typer.Option(None, help="result JSON [default: the run's evaluation "
+                                       "home, CHECKPOINT_DIR/evaluate/, shared with the "
+                                       "pipeline]"),
     temporal_clips: Optional[int] = typer.Option(None, help="clips per video (multi-view)"),
     spatial_crops: Optional[int] = typer.Option(None, help="crops per clip, 1 or 3"),
     sets: Optional[list[str]] = SetOpt,
@@ -135,7 +139,7 @@ def evaluate(
 
     from training.checkpoint import CheckpointError
     from training.config import EvaluateConfig
-    from training.evaluate import run_evaluate
+    from training.evaluate import run_evaluate, run_evaluate_in_home
 
     section: dict[str, Any] = {}
     if config is not None or sets:
@@ -153,7 +157,9 @@ def evaluate(
         _fail(f"evaluate.{'.'.join(map(str, first['loc']))}: "
               f"{first['msg'].removeprefix('Value error, ')}".replace("evaluate.: ", "evaluate."))
     try:
-        result = run_evaluate(cfg)
+        # no --out: into the checkpoint's evaluation home, through its stage record, so
+        # `pvit pipeline` finds the result where its own evaluate stage puts it
+        result = run_evaluate(cfg) if cfg.out else run_evaluate_in_home(cfg)
     except (CheckpointError, FileNotFoundError, ValueError) as exc:
         _fail(f"evaluate.{str(exc).splitlines()[0]}")
     typer.echo(json.dumps({k: result[k] for k in ("top1", "top5", "out")}

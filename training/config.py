@@ -19,6 +19,9 @@ from generation.locations import dataset_path
 Variant = Literal["vit", "mt", "pvit"]
 DataFormat = Literal["ssv2", "list"]
 Sampling = Literal["stride", "segments"]
+# what training does with a synthetic shard that fails to decode mid-run: stop with one
+# line naming it, or skip it (warned, counted in the summary) and go on with the rest
+BadShards = Literal["stop", "skip"]
 # where ``init`` came from (one converter each, training/convert.py); None: a pvit
 # checkpoint when the file carries our format marker, else timm image weights
 InitFormat = Literal["pvit", "timm_image", "torchvision_mvit", "videomae", "videomae_hf"]
@@ -90,6 +93,7 @@ class _TrainStage(BaseModel):
     crop_scale: tuple[float, float] = (0.6, 1.0)  # random-resized-crop area range
     flip: bool = True  # random horizontal flip (normals' x and poses are mirrored too)
     num_workers: int = Field(2, ge=0)
+    bad_shards: BadShards = "stop"  # a shard that does not decode: stop | skip (and count)
     # --- optimisation ---
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(8, ge=1)  # per process; synthetic and real each
@@ -226,7 +230,8 @@ class EvaluateConfig(BaseModel):
     temporal_clips: int = Field(2, ge=1)  # clips spread evenly over the video
     batch_size: int = Field(8, ge=1)
     num_workers: int = Field(2, ge=0)
-    out: Optional[str] = None  # JSON path; default <checkpoint dir>/eval_<split>.json
+    # JSON path; default: the run's evaluation home (training.run_layout.evaluation_file)
+    out: Optional[str] = None
 
     @model_validator(mode="after")
     def _check(self) -> "EvaluateConfig":

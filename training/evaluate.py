@@ -4,6 +4,13 @@ Single view: the centre clip, centre crop. Multi-view: ``temporal_clips`` clips 
 evenly over the video x ``spatial_crops`` crops along its long side; the softmax scores
 of the views are averaged (the paper tests with 3 spatial crops). The model evaluated
 is the exported one: task heads dropped.
+
+Where results land: ``--out`` if given, else the checkpoint's evaluation home
+(``training.run_layout.evaluation_file``: ``RUN_DIR/checkpoints/evaluate/eval_<split>.json``
+for ``final.pt``), the same file the pipeline's evaluate stage writes. Writing there goes
+through that directory's stage record (``flows.stage_cache``), so ``pvit evaluate`` and
+``pvit pipeline`` share it: a pipeline finds an evaluation of the same checkpoint and
+settings done, and neither refuses the other's directory.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from training.config import EvaluateConfig
 from training.convert import export_inference
 from training.loader_workers import loader_worker_kwargs
 from training.run_files import write_text_atomic
+from training.run_layout import evaluation_dir, evaluation_file, evaluation_name
 from training.video_data import (
     VideoClips,
     VideoRecord,
@@ -69,16 +77,23 @@ def evaluate_model(model: torch.nn.Module, records: list[VideoRecord], *, num_fr
 
 
 def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
-    """Evaluate ``cfg.checkpoint`` on ``cfg.split``; writes and returns the JSON result."""
+    """Evaluate ``cfg.checkpoint`` on ``cfg.split``; writes and returns the JSON result
+    (to ``cfg.out``, or the checkpoint's evaluation home without a stage record: see
+    ``run_evaluate_in_home`` for the one the commands use)."""
     if not cfg.checkpoint:
         raise CheckpointError("checkpoint: none given")
+    out = Path(cfg.out) if cfg.out else evaluation_file(cfg.checkpoint, cfg.split)
+    check_writable_dir(out.parent, "out")  # before the evaluation, not after it
+    return _write_result(out, _score(cfg))
+
+
+def _score(cfg: EvaluateConfig) -> dict[str, Any]:
+    """The evaluation itself: checks the checkpoint and the split, then scores."""
     state = load_checkpoint(cfg.checkpoint)
     model = model_from_checkpoint(state, cfg.checkpoint)  # checks its fields agree
     if model.num_classes <= 0:
         raise CheckpointError(f"checkpoint: {cfg.checkpoint} has no classifier "
                               "(a pretrain checkpoint? evaluate a finetune one)")
-    out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint).parent / f"eval_{cfg.split}.json"
-    check_writable_dir(out.parent, "out")  # before the evaluation, not after it
     train_cfg = state["config"]
     records, _ = read_records(cfg.data_format, cfg.data_root, cfg.split, cfg.videos_dir,
                               num_classes=model.num_classes)
@@ -93,12 +108,56 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     single = evaluate_model(model, records, **clip)
     multi = evaluate_model(model, records, temporal_clips=cfg.temporal_clips,
                            spatial_crops=cfg.spatial_crops, **clip)
-    result = {
+    return {
         "checkpoint": str(cfg.checkpoint), "split": cfg.split, "data_format": cfg.data_format,
         "data_root": str(cfg.data_root), "top1": single["top1"], "top5": single["top5"],
         "single_view": single, "multi_view": multi, "wall_time_s": time.perf_counter() - start,
     }
+
+
+def _write_result(out: Path, result: dict[str, Any]) -> dict[str, Any]:
     out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out, json.dumps(result, indent=2) + "\n")
     result["out"] = str(out)
+    return result
+
+
+def evaluation_key(cfg: EvaluateConfig) -> str:
+    """The stage key of evaluating ``cfg.checkpoint`` as ``cfg`` says: its settings, the
+    checkpoint's content (not its path: ``runs/x/...`` and ``/abs/runs/x/...`` are one
+    file) and the training code's version. ``pvit evaluate`` and the pipeline's stage
+    both key by it, so either finds the other's result up to date."""
+    from flows import stage_cache  # the stage records (no Prefect import)
+    from generation.manifest import sha256_file
+
+    section = cfg.model_dump(mode="json", exclude={"checkpoint", "out"})
+    checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else None
+    content = sha256_file(checkpoint) if checkpoint and checkpoint.is_file() else "none"
+    return stage_cache.stage_key("evaluate", section, {"checkpoint": content},
+                                 stage_cache.code_version("training"))
+
+
+def run_evaluate_in_home(cfg: EvaluateConfig, key: str | None = None) -> dict[str, Any]:
+    """``run_evaluate`` into the checkpoint's evaluation home, recorded as a stage
+    (``key``: default ``evaluation_key(cfg)``).
+
+    The directory holds the results of several splits and checkpoints, written by
+    ``pvit evaluate`` and by the pipeline; so a stale record does not clear it (each
+    result file is rewritten whole, to a temporary name then renamed). A directory there
+    that is not a stage directory is someone else's: ``ForeignDirectory``, nothing
+    written. The record is started once the scores exist, so bad input leaves nothing."""
+    from flows import stage_cache
+
+    if not cfg.checkpoint:
+        raise CheckpointError("checkpoint: none given")
+    home = evaluation_dir(cfg.checkpoint)
+    if problem := stage_cache.foreign(home):
+        raise stage_cache.ForeignDirectory(f"out: {problem}")
+    check_writable_dir(home, "out")  # before the evaluation, not after it
+    key = key or evaluation_key(cfg)
+    result = _score(cfg)
+    name = evaluation_name(cfg.checkpoint, cfg.split)
+    stage_cache.begin(home, key, clear_files=False)
+    _write_result(home / name, result)
+    stage_cache.finish(home, key, result, [name])
     return result

@@ -1,5 +1,5 @@
-"""What a run leaves in its directory: ``config.yaml``, ``metrics.jsonl``,
-``summary.json`` and ``loss_curve.png``. Whole files are written to a temporary name
+"""How a run's files are written (their names: ``training.run_layout``): the config,
+metrics, summary and loss curve. Whole files are written to a temporary name
 and renamed into place; ``metrics.jsonl`` is appended line by line."""
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from typing import Any
 
 import yaml
 
+from training.run_layout import RunLayout
+
 
 def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
@@ -19,12 +21,12 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def write_config(run_dir: Path, stage: str, config: dict[str, Any]) -> None:
-    write_text_atomic(run_dir / "config.yaml", yaml.safe_dump({stage: config}, sort_keys=False))
+    write_text_atomic(RunLayout(run_dir).config, yaml.safe_dump({stage: config}, sort_keys=False))
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
     text = json.dumps(summary, indent=2, sort_keys=True) + "\n"
-    write_text_atomic(run_dir / "summary.json", text)
+    write_text_atomic(RunLayout(run_dir).summary, text)
 
 
 class MetricsLog:

@@ -19,9 +19,18 @@ normals' x, mirrors object poses and boxes). Its randomness is a pure function o
 
 Shards are local paths or object URLs (``s3://bucket/ds/shard-000000.tar``), opened here
 through ``generation.storage.open_file`` (fsspec for object stores, streamed), never
-through webdataset's ``gopen``, which runs a ``pipe:`` URL as a shell command. A shard
-that does not decode stops the run with ``ShardDecodeError``: one line naming the shard
-and the member (or the sample) that failed.
+through webdataset's ``gopen``, which runs a ``pipe:`` URL as a shell command.
+
+A shard that does not decode (``bad_shards``):
+- ``stop`` (default): the run stops with ``ShardDecodeError``, one line naming the shard
+  and the member (or the sample) that failed;
+- ``skip``: the rest of that shard is dropped for the epoch (clips of it already read
+  stay read) and a marker takes the failing sample's place in the stream. Markers are
+  filtered out before batching, inside the loader worker, and travel to the training
+  process as their own items, which ``synthetic_batches`` folds into the next batch's
+  ``SKIPPED_SHARDS``: so every worker's skips reach the run. The same shard fails at the
+  same point in every replay of the epoch, so a resumed run sees the same batches. A
+  stream with no decodable shard left ends with ``ShardDecodeError`` all the same.
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -54,6 +63,12 @@ from training.tasks.pose import (  # noqa: F401 (re-exported: their old home)
 # timm ViT (ImageNet) normalisation, so image-pretrained weights see familiar inputs
 RGB_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1, 1)
 RGB_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1, 1)
+
+# key of the marker a skipped shard leaves in the sample stream: {BAD_SHARD: url, REASON}
+BAD_SHARD = "__bad_shard__"
+REASON = "__reason__"
+# key of every synthetic batch: {shard url: one-line reason} skipped since the last batch
+SKIPPED_SHARDS = "__skipped_shards__"
 
 
 class ShardDecodeError(RuntimeError):
@@ -157,12 +172,27 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _open_tar_samples(urls: Iterable[dict]) -> Iterator[dict]:
+def _open_tar_samples(urls: Iterable[dict], bad: Optional[dict[str, str]] = None
+                      ) -> Iterator[dict]:
     """``{"url"}`` dicts -> raw samples. webdataset's own grouping lower-cases member
     suffixes (``K.npy`` would become ``k.npy``), so the stages are chained here with
-    ``lcase=False`` to hand ``decode_sample`` the names the writer wrote."""
+    ``lcase=False`` to hand ``decode_sample`` the names the writer wrote. ``bad`` (skip
+    mode): the shards found bad so far; a shard in it is not read (further)."""
     for entry in urls:
-        yield from tariterators.group_by_keys(_shard_members(entry["url"]), lcase=False)
+        url = entry["url"]
+        if bad is None:
+            yield from tariterators.group_by_keys(_shard_members(url), lcase=False)
+            continue
+        if url in bad:
+            continue
+        try:
+            for sample in tariterators.group_by_keys(_shard_members(url), lcase=False):
+                if url in bad:  # one of its samples failed to decode meanwhile
+                    break
+                yield sample
+        except ShardDecodeError as exc:
+            bad[url] = str(exc)
+            yield {BAD_SHARD: url, REASON: str(exc)}
 
 
 def decode_or_name(sample: dict) -> dict:
@@ -177,9 +207,49 @@ def decode_or_name(sample: dict) -> dict:
         raise ShardDecodeError(f"synthetic: shard {sample.get('__url__')}: {what}") from None
 
 
+def _decode_samples(bad: Optional[dict[str, str]]):
+    """The decode stage: raw samples -> clip dicts; markers pass. In skip mode a sample
+    that fails becomes its shard's marker and the shard's later samples are dropped."""
+    def stage(samples: Iterable[dict]) -> Iterator[dict]:
+        for sample in samples:
+            if BAD_SHARD in sample:
+                yield sample
+                continue
+            url = sample.get("__url__")
+            if bad is not None and url in bad:
+                continue
+            try:
+                clip = decode_or_name(sample)
+            except ShardDecodeError as exc:
+                if bad is None:
+                    raise
+                bad[url] = str(exc)
+                yield {BAD_SHARD: url, REASON: str(exc)}
+                continue
+            clip["__key__"] = sample.get("__key__")  # as wds.map does
+            yield clip
+    return stage
+
+
+def _transform_clips(transform: SceneTransform):
+    """The transform stage: clip dicts -> model-ready tensors; markers pass."""
+    def stage(clips: Iterable[dict]) -> Iterator[dict]:
+        for clip in clips:
+            if BAD_SHARD in clip:
+                yield clip
+                continue
+            sample = transform(clip)
+            sample["__key__"] = clip.get("__key__")
+            yield sample
+    return stage
+
+
 def synthetic_dataset(urls: list[str], transform: SceneTransform, seed: int,
-                      shuffle_buffer: int, split_by_node: bool = True) -> wds.DataPipeline:
-    """One pass over the shards, shuffled by ``seed`` (see the module docstring)."""
+                      shuffle_buffer: int, split_by_node: bool = True,
+                      bad: Optional[dict[str, str]] = None) -> wds.DataPipeline:
+    """One pass over the shards, shuffled by ``seed`` (see the module docstring).
+    ``bad``: None stops on a shard that does not decode; a dict (skip mode) collects
+    the bad shards' reasons, and the stream carries a marker for each."""
     return wds.DataPipeline(
         # {"url": path or object URL} per shard, in sorted order, opened by
         # _open_tar_samples (never by gopen, which runs "pipe:..." as a shell command)
@@ -187,10 +257,11 @@ def synthetic_dataset(urls: list[str], transform: SceneTransform, seed: int,
         *([wds.split_by_node] if split_by_node else []),  # this rank's shards
         wds.split_by_worker,  # this DataLoader worker's shards
         wds.shuffle(len(urls), initial=len(urls), seed=seed),  # shardshuffle: all shards
-        _open_tar_samples,  # raw samples: {"__key__", "rgb.npy": bytes, ...}
+        # raw samples: {"__key__", "rgb.npy": bytes, ...}
+        lambda entries: _open_tar_samples(entries, bad),
         wds.shuffle(shuffle_buffer, initial=shuffle_buffer, seed=seed),  # bytes: cheap to hold
-        wds.map(decode_or_name),  # clip dicts (generation.shard_format)
-        wds.map(transform),  # model-ready tensors
+        _decode_samples(bad),  # clip dicts (generation.shard_format)
+        _transform_clips(transform),  # model-ready tensors
     )
 
 
@@ -200,43 +271,82 @@ def collate_synthetic(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch
 
 
 class EndlessPasses(torch.utils.data.IterableDataset):
-    """Pass after pass over the shards, each reshuffled by (seed, epoch, pass). Picklable;
-    each DataLoader worker runs its own passes over its own shards, so workers start
-    once per epoch, not once per pass."""
+    """Batches of pass after pass over the shards, each pass reshuffled by (seed, epoch,
+    pass). Picklable; each DataLoader worker runs its own passes over its own shards, so
+    workers start once per epoch, not once per pass. Batching happens here, so that skip
+    markers (``bad_shards: skip``) never land in a batch: each is yielded as an item of
+    its own, ``{SKIPPED_SHARDS: {url: reason}}``."""
 
     def __init__(self, urls: list[str], transform: SceneTransform, *, seed: int, epoch: int,
-                 shuffle_buffer: int, split_by_node: bool):
+                 shuffle_buffer: int, split_by_node: bool, batch_size: int,
+                 bad_shards: str = "stop"):
         self.urls, self.transform, self.seed, self.epoch = urls, transform, seed, epoch
         self.shuffle_buffer, self.split_by_node = shuffle_buffer, split_by_node
+        self.batch_size, self.bad_shards = batch_size, bad_shards
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    def __iter__(self) -> Iterator[dict]:
+        # skip mode: the shards this worker found bad, for the rest of the epoch
+        bad: Optional[dict[str, str]] = {} if self.bad_shards == "skip" else None
+        batch: list[dict] = []
         for pass_index in range(1 << 30):
             rng = np.random.default_rng([self.seed, self.epoch, pass_index])
             pass_seed = int(rng.integers(1 << 31))
             transform = SceneTransform(**{**self.transform.__dict__, "seed": pass_seed})
             empty = True
             for sample in synthetic_dataset(self.urls, transform, pass_seed, self.shuffle_buffer,
-                                            self.split_by_node):
+                                            self.split_by_node, bad):
+                if BAD_SHARD in sample:
+                    yield {SKIPPED_SHARDS: {sample[BAD_SHARD]: sample[REASON]}}
+                    continue
                 empty = False
-                yield sample
+                batch.append(sample)
+                if len(batch) == self.batch_size:
+                    yield collate_synthetic(batch)
+                    batch = []
+            if empty and bad is not None:  # every shard of this worker is bad: it is done
+                return
             if empty:  # this worker owns no clip: stop rather than spin forever
                 raise ValueError("synthetic: a loader worker got no clips from its shards")
 
 
+def _fold_skip_reports(items: Iterator[dict]) -> Iterator[dict[str, Any]]:
+    """The loader's items -> batches, each carrying ``SKIPPED_SHARDS``: the shards
+    reported skipped since the previous batch. The stream ends only when no worker has
+    a decodable shard left: that is an error, as in stop mode."""
+    reported: dict[str, str] = {}
+    seen: dict[str, str] = {}
+    for item in items:
+        if "video" not in item:
+            reported.update(item[SKIPPED_SHARDS])
+            seen.update(item[SKIPPED_SHARDS])
+            continue
+        item[SKIPPED_SHARDS] = reported
+        reported = {}
+        yield item
+    first = next(iter(seen.values()), "no shard reported")
+    raise ShardDecodeError(f"synthetic: no shard left that decodes ({len(seen)} skipped, "
+                           f"bad_shards: skip); the first: {first}")
+
+
 def synthetic_batches(urls: list[str], transform: SceneTransform, *, batch_size: int,
                       seed: int, epoch: int, shuffle_buffer: int, num_workers: int,
-                      world_size: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+                      world_size: int = 1, bad_shards: str = "stop"
+                      ) -> Iterator[dict[str, Any]]:
     """Endless batches for one epoch. The caller takes as many as an epoch needs, so
-    every rank runs the same number of steps whatever its shards hold."""
+    every rank runs the same number of steps whatever its shards hold. Each batch has
+    tensors and ``SKIPPED_SHARDS`` (``{url: reason}``, empty unless ``bad_shards`` is
+    ``skip`` and a shard was skipped since the previous batch)."""
     if len(urls) < world_size:
         raise ValueError(f"synthetic: {len(urls)} shards cannot feed {world_size} processes")
     # every worker must own at least one shard, or it would have nothing to yield
     workers = min(num_workers, len(urls) // world_size)
     dataset = EndlessPasses(urls, transform, seed=seed, epoch=epoch,
-                            shuffle_buffer=shuffle_buffer, split_by_node=world_size > 1)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                        collate_fn=collate_synthetic, **loader_worker_kwargs(workers),
+                            shuffle_buffer=shuffle_buffer, split_by_node=world_size > 1,
+                            batch_size=batch_size, bad_shards=bad_shards)
+    # batch_size=None: the dataset batches (see EndlessPasses), the loader only moves
+    loader = DataLoader(dataset, batch_size=None, num_workers=workers,
+                        **loader_worker_kwargs(workers),
                         # its own generator: starting a loader must not consume the
                         # global RNG, or a resumed run's dropout would drift
                         generator=torch.Generator().manual_seed(seed + epoch))
-    return iter(loader)
+    return _fold_skip_reports(iter(loader))

@@ -94,6 +94,40 @@ def test_pipeline_runs_caches_and_reruns_only_what_changed(tmp_path):
     assert records(tmp_path)["shards"] == final["shards"]
 
 
+def test_pvit_evaluate_and_the_pipeline_share_one_evaluation_home(tmp_path):
+    """`pvit evaluate` without --out writes where the pipeline's evaluate stage does, with
+    the same stage record: a later pipeline run reuses it, and after another split was
+    evaluated there the pipeline is not refused and both results stay."""
+    cfg = experiment(tmp_path)
+    first = pipeline(cfg)
+    assert first.returncode == 0, first.stderr[-3000:]
+    home = tmp_path / "fine" / "checkpoints" / "evaluate"
+    # the printed metrics path (rich may fold a long path over lines)
+    assert str(home / "eval_validation.json") in (first.stdout + first.stderr).replace("\n", "")
+    checkpoint = tmp_path / "fine" / "checkpoints" / "final.pt"
+
+    def evaluate(*flags):
+        return subprocess.run([sys.executable, "-m", "flows.cli", "evaluate", str(checkpoint),
+                               "--config", str(cfg), *flags], cwd=REPO, capture_output=True,
+                              text=True, timeout=600)
+
+    again = evaluate()                      # the pipeline's own settings, recomputed
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads(again.stdout)["out"] == str(home / "eval_validation.json")
+    record = (home / ".stage.json").stat().st_mtime_ns
+    reused = pipeline(cfg)
+    assert reused.returncode == 0, reused.stderr[-3000:]
+    assert (home / ".stage.json").stat().st_mtime_ns == record   # found it up to date
+
+    other = evaluate("--split", "train")
+    assert other.returncode == 0, other.stderr[-3000:]
+    after = pipeline(cfg)                   # evaluates its split again, beside train's
+    assert after.returncode == 0, after.stderr[-3000:]
+    assert {p.name for p in home.glob("eval_*.json")} == {"eval_validation.json",
+                                                          "eval_train.json"}
+    assert json.loads((home / ".stage.json").read_text())["outputs"] == ["eval_validation.json"]
+
+
 def test_bad_config_fails_before_any_task(tmp_path):
     cfg = experiment(tmp_path, finetune__lr=-1.0)
     result = pipeline(cfg)

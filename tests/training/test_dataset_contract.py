@@ -2,7 +2,8 @@
 reads what ``manifest.json`` lists, sizes the segmentation head from its ``classes``,
 refuses a dataset without a manifest or with a listed shard missing, ignores unlisted
 shards with a warning, and stops on a shard that does not decode with one line naming
-the shard and the member. Through the real ``pvit pretrain`` (a subprocess)."""
+the shard and the member, or (``bad_shards: skip``) skips it, warns and counts it.
+Through the real ``pvit pretrain`` (a subprocess)."""
 
 import json
 import shutil
@@ -25,12 +26,13 @@ TINY = dict(model="pvit_test", num_frames=4, img_size=32, label_size=16, pose_sl
             num_workers=0, batch_size=2, epochs=1)
 
 
-def pretrain(tmp_path: Path, shards: Path, **overrides) -> subprocess.CompletedProcess:
+def pretrain(tmp_path: Path, shards: Path, *flags: str, **overrides
+             ) -> subprocess.CompletedProcess:
     exp = tmp_path / "exp.yaml"
     exp.write_text(yaml.safe_dump({"pretrain": dict(TINY, out=str(tmp_path / "run"),
                                                     synthetic=str(shards), **overrides)}))
-    return subprocess.run([PVIT, "pretrain", str(exp)], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run([PVIT, "pretrain", str(exp), *flags], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
 
 
 def error_lines(result) -> list[str]:
@@ -126,6 +128,67 @@ def test_a_shard_that_is_not_a_tar_stops_training_naming_it(tmp_path, shards):
     assert result.returncode == 1, result.stderr[-3000:]
     lines = error_lines(result)
     assert len(lines) == 1 and "shard file://" in lines[0] and "shard-00000.tar" in lines[0]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_bad_shards_skip_trains_on_the_other_shards_and_counts_the_bad_one(
+        tmp_path, shards, num_workers):
+    # with 2 workers the bad shard is the only one of its worker: the count must reach
+    # the training process from a worker that then ends
+    _flip_member_byte(shards / "shard-00001.tar", "depth")
+    result = pretrain(tmp_path, shards, "--set", "pretrain.bad_shards=skip",
+                      num_workers=num_workers)
+    assert result.returncode == 0, result.stderr[-3000:]
+    warnings = [line for line in result.stderr.splitlines() if "skipping that shard" in line]
+    assert len(warnings) == 1 and "shard-00001.tar" in warnings[0], result.stderr[-3000:]
+    summary = json.loads(result.stdout)
+    assert summary["skipped_shards"] == 1 and summary["steps"] == 2
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert [Path(p).name for p in saved["skipped_shard_paths"]] == ["shard-00001.tar"]
+
+
+def test_bad_shards_skip_still_stops_when_no_shard_decodes(tmp_path, shards):
+    for name in ("shard-00000.tar", "shard-00001.tar"):
+        _flip_member_byte(shards / name, "rgb")
+    result = pretrain(tmp_path, shards, bad_shards="skip")
+    assert result.returncode == 1, result.stderr[-3000:]
+    lines = error_lines(result)
+    assert len(lines) == 1 and "no shard left that decodes" in lines[0], result.stderr[-3000:]
+    assert "2 skipped" in lines[0] and "shard-0000" in lines[0]
+
+
+def test_bad_shards_is_checked_like_any_key(tmp_path, shards):
+    result = pretrain(tmp_path, shards, "--set", "pretrain.bad_shards=sometimes")
+    assert result.returncode == 2
+    lines = error_lines(result)
+    assert len(lines) == 1 and "pretrain.bad_shards" in lines[0], result.stderr
+
+
+def test_a_run_that_skips_a_shard_resumes_on_the_same_batches(tmp_path):
+    """Killed mid-epoch 2 and resumed, a skip-mode run ends with the weights of an
+    uninterrupted one: the bad shard fails at the same point of every replay."""
+    import torch
+
+    from training.checkpoint import load_checkpoint
+    from training.config import PretrainConfig
+    from training.train import run_pretrain
+
+    data = write_shards(tmp_path / "three", shards=3, clips_per_shard=2, frames=4, size=32)
+    _flip_member_byte(data / "shard-00001.tar", "normal")
+
+    def cfg(name):
+        return PretrainConfig(**dict(TINY, out=str(tmp_path / name), synthetic=str(data),
+                                     epochs=2, checkpoint_every=1, bad_shards="skip",
+                                     log_every=1))
+    full = run_pretrain(cfg("full"))
+    run_pretrain(cfg("killed"), stop_after=4)       # 3 steps an epoch: mid-epoch 2
+    resumed = run_pretrain(cfg("killed"))
+    a, b = load_checkpoint(full["checkpoint"]), load_checkpoint(resumed["checkpoint"])
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
+    assert resumed["losses"] == full["losses"]
+    assert full["skipped_shards"] == resumed["skipped_shards"] == 1
+    assert resumed["skipped_shard_paths"] == full["skipped_shard_paths"]
 
 
 def _extra_category_shards(directory: Path) -> Path:

@@ -131,3 +131,15 @@ def test_finetune_starts_from_image_weights(tmp_path, toy_set):
     weights = load_checkpoint(summary["checkpoint"])["model"]
     torch.testing.assert_close(weights["blocks.1.mlp.fc2.weight"],
                                image.state_dict()["blocks.1.mlp.fc2.weight"])
+
+
+def test_a_checkpoint_from_before_a_new_config_field_resumes_only_at_its_default():
+    from training.train import check_resumable
+
+    cfg = PretrainConfig(**dict(TINY, synthetic="data/x"))
+    older = cfg.model_dump(mode="json")
+    del older["bad_shards"]                 # a checkpoint written before the field existed
+    check_resumable({"config": older}, cfg, "last.pt")
+    with pytest.raises(CheckpointError, match="bad_shards=None"):
+        check_resumable({"config": older}, cfg.model_copy(update={"bad_shards": "skip"}),
+                        "last.pt")
