@@ -155,6 +155,7 @@ def _generate(gen, device_line: Optional[str] = None) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     from flows.generate import run_generate
+    from flows.prefect_server import TemporaryServerError, use_early_server
     from generation.dataset import RenderError
     from generation.dataset_lock import LockError
     from generation.manifest import WriteError
@@ -175,8 +176,9 @@ def _generate(gen, device_line: Optional[str] = None) -> None:
                   TimeElapsedColumn(), console=console, transient=False) as progress:
         bar = progress.add_task(f"rendering into {gen.out}", total=total)
         try:
+            use_early_server()
             summary = run_generate(gen, on_shard=lambda rec: progress.advance(bar, rec["samples"]))
-        except (RenderError, WriteError) as exc:
+        except (RenderError, WriteError, TemporaryServerError) as exc:
             fail(str(exc), code=1)
         except (SpecChanged, LockError) as exc:   # changed since the checks above
             fail(str(exc))
@@ -284,6 +286,7 @@ def _pipeline(cfg: ExperimentConfig, force: list[str]) -> None:
     from flows.generate import shard_progress
     from flows.pipeline import StageError
     from flows.pipeline import pipeline as pipeline_flow
+    from flows.prefect_server import TemporaryServerError, use_early_server
     from flows.train import step_progress
 
     total = cfg.generation.scenes   # every planned clip, without building the plan
@@ -301,10 +304,11 @@ def _pipeline(cfg: ExperimentConfig, force: list[str]) -> None:
             progress.update(training_bars[stage], completed=record["step"])
 
         try:
+            use_early_server()
             with shard_progress(lambda rec: progress.advance(bar, rec["samples"])), \
                     step_progress(on_step):
                 result = pipeline_flow(cfg, force=list(force))
-        except StageError as exc:
+        except (StageError, TemporaryServerError) as exc:
             fail(str(exc), code=1)
         progress.update(bar, completed=total)
     console.print("pipeline finished:", markup=False)
@@ -341,7 +345,13 @@ def main() -> None:
     # Prefect's temporary server (no PREFECT_API_URL) stops only from atexit: after a
     # kill -9 it stayed up. Tie it to this process; a no-op until Prefect needs one.
     from flows.prefect_server import install as bind_temporary_server
+    from flows.prefect_server import start_early
     bind_temporary_server()
+    if set(sys.argv[1:2]) & {"generate", "pipeline"} and not {"--help", "-h"} & set(sys.argv):
+        # Their flow needs that server: start it now (same server, same watchdog), so its
+        # start-up (~5 s of CPU importing Prefect's server) overlaps ours instead of
+        # following it; `_generate` / `_pipeline` wait for it just before the flow.
+        start_early()
     sys.exit(app())
 
 

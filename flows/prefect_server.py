@@ -28,17 +28,30 @@ What this module changes, installed by ``flows.cli.main`` only:
 Nothing Prefect-side is imported until Prefect itself imports its server module, so
 commands that never run a flow (``pvit verify``, ``pvit show``) pay nothing.
 
+``pvit generate`` and ``pvit pipeline`` do not wait for Prefect to start that server:
+``start_early`` launches the same server command (same watchdog) at CLI entry, before
+Prefect is even imported, and ``use_early_server`` (just before the flow runs) waits for
+it and points ``PREFECT_API_URL`` at it. The server's own start-up (importing
+Prefect's server, about 5 s of CPU) then overlaps the CLI's imports, config checks and
+Prefect's client import, and the parent never imports the server module (Prefect does,
+in-process, to start its own: another 4-5 s). A ``PREFECT_API_URL`` from any of
+Prefect's settings sources wins: ``use_early_server`` asks Prefect's settings, and stops
+the early server unused if they name an API.
+
 This file is also the watchdog's program: ``python -I -S prefect_server.py SERVER_PID``
 (standard library only at module level for that reason).
 """
 
 from __future__ import annotations
 
+import atexit
 import importlib.abc
 import importlib.util
 import os
+import random
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -178,6 +191,194 @@ def _share_api_url(api_url: str) -> None:
 
     os.environ["PREFECT_API_URL"] = api_url
     refresh_global_settings_context()
+
+
+# --- the early server (``pvit generate`` / ``pvit pipeline``) --------------------------
+
+# Prefect's own command line and environment for its temporary server
+# (``SubprocessASGIServer._run_uvicorn_command`` in Prefect 3.8): the same server, and
+# the tests find it by SERVER_APP. The settings Prefect adds to that environment come
+# from the environment and profile, which the server process reads itself.
+SERVER_APP = "prefect.server.api.server:create_app"
+SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+              "PREFECT__SERVER_FINAL": "1"}
+PORT_RANGE = range(8000, 9000)
+PORT_IN_USE_EXIT = 3            # uvicorn's exit code when it cannot bind
+DEFAULT_STARTUP_TIMEOUT_S = 20
+
+
+class TemporaryServerError(RuntimeError):
+    """The early server exited or did not answer in time (one line, for the CLI)."""
+
+
+class EarlyServer:
+    """Prefect's temporary server, started by us; stopped at exit (or by the watchdog)."""
+
+    def __init__(self) -> None:
+        self.process: subprocess.Popen | None = None
+        self.port: int | None = None
+        self.used = False
+        self._pipe: int | None = None
+        self._launch()
+        atexit.register(self.stop)
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def _launch(self) -> None:
+        self.port = _free_port()
+        spec = importlib.util.find_spec("prefect")      # finds the package, runs nothing
+        app_dir = os.path.dirname(spec.submodule_search_locations[0])
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--app-dir", app_dir, "--factory", SERVER_APP,
+             "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "error",
+             "--lifespan", "on"], env={**os.environ, **SERVER_ENV})
+        self._close_pipe(_CLEAN_STOP)                   # a relaunch: the last one has exited
+        try:
+            self._pipe = _start_watchdog(self.process.pid)
+        except BaseException:
+            self.process.kill()                         # never a server without its watchdog
+            self.process.wait()
+            raise
+
+    def wait_healthy(self, timeout: float) -> None:
+        """Block until the server answers /health; relaunch on a port clash (as Prefect
+        does); TemporaryServerError naming the cause if it exits or does not answer in time."""
+        import httpx
+        deadline = time.monotonic() + timeout
+        with httpx.Client() as client:
+            while time.monotonic() < deadline:
+                code = self.process.poll()
+                if code == PORT_IN_USE_EXIT:
+                    self._launch()
+                    continue
+                if code is not None:
+                    raise TemporaryServerError(f"Prefect's temporary server exited with "
+                                               f"code {code} before it answered")
+                try:
+                    if client.get(f"{self.api_url}/health").status_code == 200:
+                        self.used = True
+                        return
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.1)
+        raise TemporaryServerError(f"Prefect's temporary server did not answer within "
+                                   f"{timeout:g} s (PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_"
+                                   "SECONDS)")
+
+    def stop(self) -> None:
+        process, self.process = self.process, None
+        if process is None:
+            return
+        if self.used:       # the line Prefect logs when it stops its own temporary server
+            import logging
+            logging.getLogger("prefect").info("Stopping temporary server on http://127.0.0.1:%s",
+                                              self.port)
+        self._close_pipe(_CLEAN_STOP)
+        process.terminate()
+        try:
+            process.wait(timeout=STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def _close_pipe(self, message: bytes = b"") -> None:
+        fd, self._pipe = self._pipe, None
+        if fd is None:
+            return
+        try:
+            if message:
+                os.write(fd, message)
+        except OSError:
+            pass
+        finally:
+            _pipe_ends.discard(fd)
+            os.close(fd)
+
+
+_early: EarlyServer | None = None
+
+
+def start_early() -> None:
+    """Start Prefect's temporary server now if this run will most likely need one: no
+    ``PREFECT_API_URL`` in the environment, no profile chosen or configured that could
+    name one (``use_early_server`` makes the final call with Prefect's settings)."""
+    global _early
+    if _early is not None or os.name != "posix" or _api_configured_elsewhere():
+        return
+    try:
+        _early = EarlyServer()
+    except (OSError, RuntimeError):
+        _early = None           # no early server: Prefect starts its own when the flow runs
+
+
+def use_early_server() -> None:
+    """Point this process (and its children) at the early server once it answers. If
+    Prefect's settings name an API after all (or forbid a temporary server), stop it
+    unused and leave everything to Prefect. No-op without an early server."""
+    global _early
+    if _early is None:
+        return
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    if settings.api.url or not settings.server.ephemeral.enabled:
+        _early.stop()
+        _early = None
+        return
+    timeout = settings.server.ephemeral.startup_timeout_seconds or DEFAULT_STARTUP_TIMEOUT_S
+    _early.wait_healthy(timeout)
+    import logging
+    logging.getLogger("prefect").info("Using temporary server on http://127.0.0.1:%s",
+                                      _early.port)
+    _share_api_url(_early.api_url)
+
+
+def _api_configured_elsewhere() -> bool:
+    """A cheap look (no Prefect import) at what could give this run an API URL or turn
+    the temporary server off: the environment, a chosen profile, the user's profiles
+    file. Anything it misses (prefect.toml, .env, pyproject.toml) is caught by
+    ``use_early_server``, at the cost of an early server stopped unused."""
+    env = os.environ
+    if env.get("PREFECT_API_URL") or env.get("PREFECT_PROFILE", "ephemeral") != "ephemeral" \
+            or not _ephemeral_allowed(env):
+        return True
+    home = env.get("PREFECT_HOME", "~/.prefect")
+    path = os.path.expanduser(env.get("PREFECT_PROFILES_PATH")
+                              or os.path.join(home, "profiles.toml"))
+    try:
+        with open(path, "rb") as f:
+            import tomllib
+            profiles = tomllib.load(f)
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError):
+        return True                 # unreadable: let Prefect decide
+    active = profiles.get("active", "ephemeral")
+    settings = profiles.get("profiles", {}).get(active, {})
+    return active != "ephemeral" or "PREFECT_API_URL" in settings \
+        or not _ephemeral_allowed(settings)
+
+
+def _ephemeral_allowed(settings) -> bool:
+    for name in ("PREFECT_SERVER_EPHEMERAL_ENABLED", "PREFECT_SERVER_ALLOW_EPHEMERAL_MODE"):
+        if str(settings.get(name, "true")).lower() not in ("1", "true"):
+            return False
+    return True
+
+
+def _free_port() -> int:
+    # Prefect's choice: a random free port in 8000-8999 (a clash later is a relaunch).
+    for _ in range(10):
+        port = random.choice(PORT_RANGE)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                time.sleep(random.uniform(0.1, 0.5))
+    raise RuntimeError("no free port for Prefect's temporary server in 8000-8999")
 
 
 # --- the watchdog (a separate ``python -I -S`` process: standard library only) --------

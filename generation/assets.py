@@ -19,10 +19,21 @@ import io
 import json
 import tarfile
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-import trimesh
+
+if TYPE_CHECKING:
+    import trimesh
+
+
+def _trimesh():
+    # Imported on use: trimesh pulls in scipy and networkx (1.5 s on a loaded 2-core
+    # machine), and every `pvit` command imports this module (generation.config reads
+    # DEFAULT_MANIFEST) while only building the asset set needs trimesh.
+    import trimesh
+    return trimesh
+
 
 ASSET_SET_NAME = "PViTShapes"
 ASSET_SET_VERSION = "1"
@@ -34,15 +45,15 @@ DENSITY = 1000.0
 
 # name -> builder of a mesh of roughly unit extent (the recipe scales it).
 SHAPES: dict[str, Callable[[], trimesh.Trimesh]] = {
-    "cube": lambda: trimesh.creation.box(extents=(2.0, 2.0, 2.0)),
-    "sphere": lambda: trimesh.creation.icosphere(subdivisions=3, radius=1.0),
-    "cylinder": lambda: trimesh.creation.cylinder(radius=1.0, height=2.0, sections=32),
-    "cone": lambda: trimesh.creation.cone(radius=1.0, height=2.0, sections=32),
-    "torus": lambda: trimesh.creation.torus(major_radius=0.75, minor_radius=0.3,
+    "cube": lambda: _trimesh().creation.box(extents=(2.0, 2.0, 2.0)),
+    "sphere": lambda: _trimesh().creation.icosphere(subdivisions=3, radius=1.0),
+    "cylinder": lambda: _trimesh().creation.cylinder(radius=1.0, height=2.0, sections=32),
+    "cone": lambda: _trimesh().creation.cone(radius=1.0, height=2.0, sections=32),
+    "torus": lambda: _trimesh().creation.torus(major_radius=0.75, minor_radius=0.3,
                                             major_sections=32, minor_sections=16),
-    "capsule": lambda: trimesh.creation.capsule(height=1.2, radius=0.6, count=(16, 16)),
-    "icosahedron": lambda: trimesh.creation.icosahedron(),
-    "pyramid": lambda: trimesh.Trimesh(
+    "capsule": lambda: _trimesh().creation.capsule(height=1.2, radius=0.6, count=(16, 16)),
+    "icosahedron": lambda: _trimesh().creation.icosahedron(),
+    "pyramid": lambda: _trimesh().Trimesh(
         vertices=[(-1, -1, -0.7), (1, -1, -0.7), (1, 1, -0.7), (-1, 1, -0.7), (0, 0, 1.3)],
         faces=[(0, 2, 1), (0, 3, 2), (0, 1, 4), (1, 2, 4), (2, 3, 4), (3, 0, 4)]),
 }
@@ -125,7 +136,7 @@ def canonical_hull(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
         start = loop.index(min(loop))
         loop = loop[start:] + loop[:start]
         triangles += [(loop[0], loop[i], loop[i + 1]) for i in range(1, len(loop) - 1)]
-    return trimesh.Trimesh(vertices=coords[order], faces=sorted(triangles), process=False)
+    return _trimesh().Trimesh(vertices=coords[order], faces=sorted(triangles), process=False)
 
 
 def _obj_text(mesh: trimesh.Trimesh) -> str:

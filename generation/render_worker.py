@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     from generation.shard_format import write_shard
 
     cfg = SceneConfig.model_validate(job["scene"])
+    # write_shard's (lazily imported there), with torch: worker start-up, not shard write.
+    import webdataset  # noqa: F401, I001  (before bpy, the order it always had)
     import bpy  # noqa: F401  (import cost is part of the worker's start-up)
     use_gfile_without_tensorflow()
     import kubric  # noqa: F401  (counted as start-up, not as scene 1's build)

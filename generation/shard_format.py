@@ -46,14 +46,16 @@ import json
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import numpy as np
-import webdataset as wds
 import zstandard
 
 from generation.locations import shard_url
 from generation.storage import open_file
+
+if TYPE_CHECKING:
+    import webdataset as wds
 
 # The fixed semantic class list of the built-in asset set. A dataset built from another
 # asset manifest appends its extra categories (sorted); meta["classes"] is authoritative.
@@ -243,6 +245,10 @@ def _check_shapes(clip: dict) -> None:
 def write_shard(path: Path, clips: Iterable[dict]) -> int:
     """Write clips to ``path`` (a .tar) deterministically; returns the number written.
     The caller renames a temporary path into place (see ``generation.dataset``)."""
+    # Imported here: webdataset imports torch (seconds), and `prepare` imports this
+    # module for CLASSES alone.
+    import webdataset as wds
+
     count = 0
     # An open file, not a string: TarWriter would hand a string to webdataset's gopen,
     # which runs a path starting with "pipe:" as a shell command.
@@ -282,6 +288,8 @@ def read_shard(path: Path) -> Iterator[dict]:
 def webdataset_pipeline(paths, *, shardshuffle: int = 0, seed: int = 0) -> wds.DataPipeline:
     """A webdataset pipeline over local shard paths that yields clip dicts; like
     ``wds.WebDataset``, each DataLoader worker reads its own shards."""
+    import webdataset as wds
+
     return wds.DataPipeline(
         # file: URLs built here: gopen runs a string starting with "pipe:" as a shell
         # command. They are read by gopen (tarfile_to_samples), which decodes them, not by

@@ -291,3 +291,81 @@ def test_watchdog_without_pidfd_polls_and_still_stops_the_server():
     finally:
         server.kill()
         watchdog.kill()
+
+
+# --- the early server: `pvit generate` / `pvit pipeline` start it before Prefect loads ---
+
+EARLY_SERVER = """
+import os, sys
+from flows.prefect_server import start_early, use_early_server
+start_early()
+from flows import prefect_server
+server = prefect_server._early
+print("started", server is not None and server.process.pid, flush=True)
+use_early_server()
+print("url", os.environ.get("PREFECT_API_URL"), flush=True)
+print("in-process server module", "prefect.server.api.server" in sys.modules, flush=True)
+if server is not None and os.environ.get("PREFECT_API_URL"):
+    from prefect.client.orchestration import get_client
+    with get_client(sync_client=True) as client:      # a real API call to the server
+        print("flows", len(client.read_flows()), flush=True)
+"""
+
+
+def run_early(env, cwd=REPO):
+    result = subprocess.run([sys.executable, "-c", EARLY_SERVER], cwd=cwd, env=env,
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = dict(line.split(" ", 1) for line in result.stdout.splitlines()
+                 if line.split(" ", 1)[0] in ("started", "url", "in-process", "flows"))
+    return lines, result.stderr
+
+
+@pytest.mark.slow
+def test_early_server_serves_the_api_without_the_server_module_in_process_and_stops(tmp_path):
+    lines, _ = run_early({**env_without_api_url(), "PYTHONPATH": str(REPO),
+                          "PREFECT_HOME": str(tmp_path / "home")})
+    pid = int(lines["started"])
+    port = int(lines["url"].rsplit(":", 1)[1].split("/")[0])
+    assert lines["url"] == f"http://127.0.0.1:{port}/api"
+    # The point of starting it ourselves: the parent never imports Prefect's server.
+    assert lines["in-process"] == "server module False"
+    assert lines["flows"] == "0"
+    # The clean exit stopped it (atexit; through pvit the log line says so: see above).
+    assert not psutil.pid_exists(pid) or gone(psutil.Process(pid))
+    assert refuses_connections(port)
+
+
+def test_early_server_steps_aside_for_an_api_url_from_prefect_settings(tmp_path):
+    # prefect.toml (which the cheap look does not read): Prefect's settings name an API,
+    # so the early server is stopped unused and nothing points elsewhere.
+    (tmp_path / "prefect.toml").write_text('[api]\nurl = "http://127.0.0.1:9/api"\n')
+    lines, _ = run_early({**env_without_api_url(), "PYTHONPATH": str(REPO),
+                          "PREFECT_HOME": str(tmp_path / "home")}, cwd=tmp_path)
+    pid = int(lines["started"])
+    assert lines["url"] == "None"                        # left to Prefect (and prefect.toml)
+    assert not psutil.pid_exists(pid) or gone(psutil.Process(pid))
+
+
+@pytest.mark.parametrize("env, profiles, expected", [
+    ({}, None, False),
+    ({"PREFECT_API_URL": "http://127.0.0.1:4200/api"}, None, True),
+    ({"PREFECT_PROFILE": "local"}, None, True),
+    ({"PREFECT_SERVER_ALLOW_EPHEMERAL_MODE": "false"}, None, True),
+    ({}, 'active = "ephemeral"\n[profiles.ephemeral]\nPREFECT_LOGGING_LEVEL = "INFO"\n', False),
+    ({}, 'active = "ephemeral"\n[profiles.ephemeral]\nPREFECT_API_URL = "http://h:1/api"\n',
+     True),
+    ({}, 'active = "work"\n[profiles.work]\n', True),
+    ({}, "not toml [", True),
+])
+def test_the_cheap_look_for_a_configured_api(tmp_path, monkeypatch, env, profiles, expected):
+    from flows.prefect_server import _api_configured_elsewhere
+    for name in ("PREFECT_API_URL", "PREFECT_PROFILE", "PREFECT_PROFILES_PATH",
+                 "PREFECT_SERVER_EPHEMERAL_ENABLED", "PREFECT_SERVER_ALLOW_EPHEMERAL_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    if profiles is not None:
+        (tmp_path / "profiles.toml").write_text(profiles)
+    assert _api_configured_elsewhere() is expected
