@@ -174,7 +174,9 @@ def _generate(gen, device_line: Optional[str] = None) -> None:
     total = gen.scenes   # every planned clip, without building the plan (O(1))
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=False) as progress:
-        bar = progress.add_task(f"rendering into {gen.out}", total=total)
+        # gen.out is a Path, which spells s3://b/p as s3:/b/p: print the URL form
+        from generation.storage import canonical
+        bar = progress.add_task(f"rendering into {canonical(gen.out)}", total=total)
         try:
             use_early_server()
             summary = run_generate(gen, on_shard=lambda rec: progress.advance(bar, rec["samples"]))
