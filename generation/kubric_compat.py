@@ -4,7 +4,8 @@ Kubric (kubric-nightly 2023.12.27) was written for Blender 2.93. Its scene API a
 PyBullet simulation work unchanged on bpy 4.5; its renderer breaks in the places
 below. ``Blender45`` subclasses Kubric's ``Blender`` view and fixes each one, so the
 rest of Kubric (scene observers, keyframing, the Z/Normal/Cryptomatte/Vector passes
-of the auxiliary view layer) is used as it is.
+of the auxiliary view layer) is used as it is; the Vector and UV passes can be turned
+off (``flow=False``, ``uv=False``) when nobody reads them.
 
 Blender 4.x change -> symptom in Kubric -> fix here:
 
@@ -63,13 +64,18 @@ class Blender45(Blender):
     """Kubric's Blender view with the Blender 4.5 fixes applied (see module docstring).
 
     Extra arguments: ``view_transform`` (default "Filmic", Kubric's look),
-    ``denoiser`` ("OPENIMAGEDENOISE" is the only CPU denoiser left in 4.x) and
-    ``one_call`` (render every frame in one animation render call).
+    ``denoiser`` ("OPENIMAGEDENOISE" is the only CPU denoiser left in 4.x),
+    ``one_call`` (render every frame in one animation render call), and ``flow`` /
+    ``uv`` (the auxiliary layer's Vector and UV passes; on by default, as in Kubric).
     """
 
     def __init__(self, scene: core.Scene, *, view_transform: str = "Filmic",
-                 denoiser: str = "OPENIMAGEDENOISE", one_call: bool = False, **kwargs):
+                 denoiser: str = "OPENIMAGEDENOISE", one_call: bool = False,
+                 flow: bool = True, uv: bool = True, **kwargs):
+        if not flow and kwargs.get("motion_blur") is not None:
+            raise ValueError("motion_blur needs the Vector pass: pass flow=True")
         super().__init__(scene, **kwargs)
+        self._drop_aux_passes(flow=flow, uv=uv)
         # One animation render call for all frames instead of Kubric's call per frame
         # (same bytes, less per-call work). Cycles' persistent data was tried too: it
         # crashed Blender 4.5 (malloc: invalid size) on a render after a scene reset.
@@ -82,6 +88,25 @@ class Blender45(Blender):
         # Our EXR reader understands both channel spellings; keep Kubric's table of
         # post-processors and add float normals (Kubric's "normal" is quantised to uint16).
         self.post_processors["normal_float"] = lambda layers, scene: layers["normal"]
+
+    def _drop_aux_passes(self, *, flow: bool, uv: bool) -> None:
+        """Kubric always turns on the Vector and UV passes of the auxiliary layer. The
+        Vector pass makes Cycles sync every object's motion at the neighbouring frames
+        on each frame; without it (and UV) the EXR just lacks those channels, which
+        ``read_exr_layers`` allows. The compositor's file slots for a dropped pass are
+        removed with their links (a disabled pass has no socket to link from)."""
+        aux = self.blender_scene.view_layers["AuxOutputs"]
+        aux.use_pass_vector = flow
+        aux.use_pass_uv = uv
+        tree, out_node = self.blender_scene.node_tree, self.exr_output_node
+        if not flow:
+            # Kubric routes Vector through a separate/combine RGBA pair (alpha fix)
+            combine = out_node.inputs["Vector"].links[0].from_node
+            tree.nodes.remove(combine.inputs["R"].links[0].from_node)
+            tree.nodes.remove(combine)
+            out_node.file_slots.remove(out_node.inputs["Vector"])
+        if not uv:
+            out_node.file_slots.remove(out_node.inputs["UV"])
 
     # -- fix: AOV node property renamed --------------------------------------------
     @staticmethod

@@ -71,10 +71,12 @@ def render_clip(cfg: SceneConfig, seed: int, key: str, *, scratch_root: Path | N
                          frame_rate=cfg.fps, step_rate=240)
         with _quiet_fd():
             # one animation render: the same bytes as Kubric's per-frame loop
-            # (tests/generation/test_kubric_compat.py), less per-call work
+            # (tests/generation/test_kubric_compat.py), less per-call work; no Vector
+            # pass unless flow is asked for, no UV pass (never read): same bytes, and
+            # Cycles skips syncing object motion at the neighbouring frames
             renderer = Blender45(scene, scratch_dir=scratch, samples_per_pixel=cfg.spp,
                                  use_denoising=cfg.denoise, adaptive_sampling=False,
-                                 one_call=True)
+                                 one_call=True, flow=cfg.flow, uv=False)
         timings["setup_s"] = time.perf_counter() - t0
         from generation.devices import use_device
         use_device(device)

@@ -198,3 +198,49 @@ def test_one_animation_render_equals_the_per_frame_loop():
     assert not np.array_equal(loop["segmentation"][0], loop["segmentation"][2])   # it moved
     for key in loop:
         assert np.array_equal(loop[key], one[key]), key
+
+
+def test_dropping_vector_and_uv_passes_keeps_every_other_byte():
+    """render_clip drops the auxiliary layer's UV pass always and its Vector pass when
+    flow is off: RGB and every other pass keep Kubric's bytes (all passes on), the EXR
+    loses just those channels, and with flow on the flows are unchanged."""
+    import kubric as kb
+
+    from generation.kubric_compat import Blender45, read_exr_layers
+
+    layers = ("rgba", "z", "normal_float", "segmentation", "object_coordinates")
+    flows = ("forward_flow", "backward_flow")
+
+    def render(**options):
+        scene = kb.Scene(resolution=(RES, RES), frame_start=1, frame_end=3)
+        renderer = Blender45(scene, scratch_dir=tempfile.mkdtemp(), samples_per_pixel=2,
+                             use_denoising=False, one_call=True, **options)
+        scene += kb.Cube(name="floor", scale=(10, 10, 0.5), position=(0, 0, -0.5),
+                         static=True, material=kb.PrincipledBSDFMaterial())
+        cube = kb.Cube(name="cube", scale=0.6, position=(0, 0, 0.6),
+                       material=kb.PrincipledBSDFMaterial(color=kb.Color(0.8, 0.2, 0.1)))
+        scene += cube
+        scene += kb.DirectionalLight(name="sun", position=(2, -3, 6), look_at=(0, 0, 0))
+        scene.camera = kb.PerspectiveCamera(name="camera", position=(0, -6, 4),
+                                            look_at=(0, 0, 0.5))
+        for frame, x in ((1, -1.0), (2, 0.0), (3, 1.0)):   # the cube moves: flow != 0
+            cube.position = (x, 0, 0.6)
+            cube.keyframe_insert("position", frame)
+        wanted = layers + (flows if options.get("flow", True) else ())
+        out = renderer.render(return_layers=wanted)
+        exr = read_exr_layers(next((renderer.scratch_dir / "exr").glob("*.exr")))
+        return out, exr
+
+    (kubrics, kubric_exr), (no_flow, no_flow_exr), (flow, flow_exr) = (
+        render(), render(flow=False, uv=False), render(flow=True, uv=False))
+    assert {"uv", "forward_flow"} <= set(kubric_exr)
+    assert not {"uv", "forward_flow", "backward_flow"} & set(no_flow_exr)
+    assert "uv" not in flow_exr and "forward_flow" in flow_exr
+    assert np.abs(kubrics["forward_flow"]).max() > 0.5   # the cube's motion is in it
+    for key in layers:
+        assert np.array_equal(kubrics[key], no_flow[key]), key
+    for key in layers + flows:
+        assert np.array_equal(kubrics[key], flow[key]), key
+    with pytest.raises(ValueError, match="motion_blur needs the Vector pass"):
+        Blender45(kb.Scene(resolution=(RES, RES)), scratch_dir=tempfile.mkdtemp(),
+                  flow=False, motion_blur=0.5)
