@@ -132,18 +132,24 @@ def _register(server_module) -> None:
 
         def _close_watchdog_pipe(self, message: bytes = b"") -> None:
             fd, self._watchdog_pipe = self._watchdog_pipe, None
-            if fd is None:
-                return
-            try:
-                if message:
-                    os.write(fd, message)
-            except OSError:
-                pass
-            finally:
-                _pipe_ends.discard(fd)
-                os.close(fd)
+            _close_watchdog(fd, message)
 
     ParentBoundServer()                     # __new__ files it as Prefect's default (None key)
+
+
+def _close_watchdog(fd: int | None, message: bytes = b"") -> None:
+    """Close our end of a watchdog's pipe (None: already closed), first writing
+    ``message`` (``_CLEAN_STOP``: the stop is ours, do not signal the server)."""
+    if fd is None:
+        return
+    try:
+        if message:
+            os.write(fd, message)
+    except OSError:
+        pass
+    finally:
+        _pipe_ends.discard(fd)
+        os.close(fd)
 
 
 def _start_watchdog(server_pid: int) -> int:
@@ -285,16 +291,7 @@ class EarlyServer:
 
     def _close_pipe(self, message: bytes = b"") -> None:
         fd, self._pipe = self._pipe, None
-        if fd is None:
-            return
-        try:
-            if message:
-                os.write(fd, message)
-        except OSError:
-            pass
-        finally:
-            _pipe_ends.discard(fd)
-            os.close(fd)
+        _close_watchdog(fd, message)
 
 
 _early: EarlyServer | None = None
