@@ -169,28 +169,35 @@ def test_png_reader_returns_what_kubrics_reader_returns(tmp_path):
         assert np.array_equal(ours, data)
 
 
-def test_one_animation_render_equals_the_per_frame_loop():
-    """render_clip's setting (one render call for all frames) gives exactly the bytes
-    of Kubric's one-call-per-frame loop, RGB and every pass."""
+def _moving_cube_renderer(**options):
+    """A 3-frame scene whose cube moves (so segmentation and flow change), at 2 spp
+    without denoising, ready for ``render``; ``options`` go to ``Blender45``."""
     import kubric as kb
 
     from generation.kubric_compat import Blender45
 
+    scene = kb.Scene(resolution=(RES, RES), frame_start=1, frame_end=3)
+    renderer = Blender45(scene, scratch_dir=tempfile.mkdtemp(), samples_per_pixel=2,
+                         use_denoising=False, **options)
+    scene += kb.Cube(name="floor", scale=(10, 10, 0.5), position=(0, 0, -0.5),
+                     static=True, material=kb.PrincipledBSDFMaterial())
+    cube = kb.Cube(name="cube", scale=0.6, position=(0, 0, 0.6),
+                   material=kb.PrincipledBSDFMaterial(color=kb.Color(0.8, 0.2, 0.1)))
+    scene += cube
+    scene += kb.DirectionalLight(name="sun", position=(2, -3, 6), look_at=(0, 0, 0))
+    scene.camera = kb.PerspectiveCamera(name="camera", position=(0, -6, 4),
+                                        look_at=(0, 0, 0.5))
+    for frame, x in ((1, -1.0), (2, 0.0), (3, 1.0)):   # the cube moves
+        cube.position = (x, 0, 0.6)
+        cube.keyframe_insert("position", frame)
+    return renderer
+
+
+def test_one_animation_render_equals_the_per_frame_loop():
+    """render_clip's setting (one render call for all frames) gives exactly the bytes
+    of Kubric's one-call-per-frame loop, RGB and every pass."""
     def render(**options):
-        scene = kb.Scene(resolution=(RES, RES), frame_start=1, frame_end=3)
-        renderer = Blender45(scene, scratch_dir=tempfile.mkdtemp(), samples_per_pixel=2,
-                             use_denoising=False, **options)
-        scene += kb.Cube(name="floor", scale=(10, 10, 0.5), position=(0, 0, -0.5),
-                         static=True, material=kb.PrincipledBSDFMaterial())
-        cube = kb.Cube(name="cube", scale=0.6, position=(0, 0, 0.6),
-                       material=kb.PrincipledBSDFMaterial(color=kb.Color(0.8, 0.2, 0.1)))
-        scene += cube
-        scene += kb.DirectionalLight(name="sun", position=(2, -3, 6), look_at=(0, 0, 0))
-        scene.camera = kb.PerspectiveCamera(name="camera", position=(0, -6, 4),
-                                            look_at=(0, 0, 0.5))
-        for frame, x in ((1, -1.0), (2, 0.0), (3, 1.0)):   # the cube moves
-            cube.position = (x, 0, 0.6)
-            cube.keyframe_insert("position", frame)
+        renderer = _moving_cube_renderer(**options)
         return renderer.render(return_layers=("rgba", "z", "normal_float", "segmentation"))
 
     loop, one = render(), render(one_call=True)
@@ -212,20 +219,7 @@ def test_dropping_vector_and_uv_passes_keeps_every_other_byte():
     flows = ("forward_flow", "backward_flow")
 
     def render(**options):
-        scene = kb.Scene(resolution=(RES, RES), frame_start=1, frame_end=3)
-        renderer = Blender45(scene, scratch_dir=tempfile.mkdtemp(), samples_per_pixel=2,
-                             use_denoising=False, one_call=True, **options)
-        scene += kb.Cube(name="floor", scale=(10, 10, 0.5), position=(0, 0, -0.5),
-                         static=True, material=kb.PrincipledBSDFMaterial())
-        cube = kb.Cube(name="cube", scale=0.6, position=(0, 0, 0.6),
-                       material=kb.PrincipledBSDFMaterial(color=kb.Color(0.8, 0.2, 0.1)))
-        scene += cube
-        scene += kb.DirectionalLight(name="sun", position=(2, -3, 6), look_at=(0, 0, 0))
-        scene.camera = kb.PerspectiveCamera(name="camera", position=(0, -6, 4),
-                                            look_at=(0, 0, 0.5))
-        for frame, x in ((1, -1.0), (2, 0.0), (3, 1.0)):   # the cube moves: flow != 0
-            cube.position = (x, 0, 0.6)
-            cube.keyframe_insert("position", frame)
+        renderer = _moving_cube_renderer(one_call=True, **options)
         wanted = layers + (flows if options.get("flow", True) else ())
         out = renderer.render(return_layers=wanted)
         exr = read_exr_layers(next((renderer.scratch_dir / "exr").glob("*.exr")))

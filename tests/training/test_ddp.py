@@ -17,19 +17,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_pretrain_under_torchrun_with_two_gloo_processes(tmp_path, shard_dir):
+def _torchrun_pretrain(tmp_path, **pretrain) -> None:
+    """``pvit pretrain`` of a tiny model under torchrun, 2 gloo processes, into
+    ``tmp_path/run``; ``pretrain``: the config keys that differ between the tests."""
     exp = tmp_path / "exp.yaml"
     exp.write_text(yaml.safe_dump({"pretrain": dict(
-        out=str(tmp_path / "run"), synthetic=str(shard_dir), model="pvit_test", num_frames=4,
-        img_size=32, label_size=16, pose_slots=3, num_workers=0, log_every=1, batch_size=2,
-        epochs=2, checkpoint_every=1)}))
+        out=str(tmp_path / "run"), model="pvit_test", num_frames=4, img_size=32,
+        label_size=16, pose_slots=3, num_workers=0, log_every=1, batch_size=2, **pretrain)}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            "-m", "training.commands", "pretrain", str(exp)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=240,
                           env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_pretrain_under_torchrun_with_two_gloo_processes(tmp_path, shard_dir):
+    _torchrun_pretrain(tmp_path, synthetic=str(shard_dir), epochs=2, checkpoint_every=1)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     # 8 clips / (2 per batch x 2 ranks) = 2 steps an epoch
     assert summary["steps"] == 4
@@ -50,17 +55,7 @@ def test_a_shard_skipped_on_one_rank_is_counted_in_the_summary(tmp_path):
 
     shards = write_shards(tmp_path / "shards", shards=4, clips_per_shard=2, frames=4, size=32)
     _flip_member_byte(shards / "shard-00001.tar", "depth")
-    exp = tmp_path / "exp.yaml"
-    exp.write_text(yaml.safe_dump({"pretrain": dict(
-        out=str(tmp_path / "run"), synthetic=str(shards), model="pvit_test", num_frames=4,
-        img_size=32, label_size=16, pose_slots=3, num_workers=0, log_every=1, batch_size=2,
-        epochs=1, bad_shards="skip")}))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           "-m", "training.commands", "pretrain", str(exp)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240,
-                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
-    assert done.returncode == 0, done.stderr[-3000:]
+    _torchrun_pretrain(tmp_path, synthetic=str(shards), epochs=1, bad_shards="skip")
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["skipped_shards"] == 1 and summary["steps"] == 2
     assert summary["skipped_shard_paths"][0].endswith("shard-00001.tar")
