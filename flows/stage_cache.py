@@ -53,6 +53,15 @@ def stage_key(stage: str, section: Any, upstream: dict[str, str], code: str) -> 
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def file_key(path) -> str:
+    """An input file's part of a stage key: its content's sha256 (not its path: two
+    spellings of one file are one input), or "none" without a file."""
+    if not path or not Path(path).is_file():
+        return "none"
+    from generation.manifest import sha256_file
+    return sha256_file(Path(path))
+
+
 def read_record(out_dir) -> dict | None:
     try:
         return json.loads(Location(out_dir).read_bytes(RECORD))

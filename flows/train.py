@@ -156,7 +156,8 @@ def pretrain(config: PretrainConfig) -> State[dict]:
 @flow(name="finetune", result_serializer="json")
 def finetune(config: FinetuneConfig) -> State[dict]:
     """Downstream fine-tuning with synthetic batches mixed in."""
-    upstream = {"synthetic": dataset_key(config.synthetic), "init": file_key(config.init)}
+    upstream = {"synthetic": dataset_key(config.synthetic),
+                "init": stage_cache.file_key(config.init)}
     key = stage_cache.stage_key("finetune", config.model_dump(mode="json"), upstream,
                                 stage_cache.code_version("training"))
     return _cached_or_run("finetune", config.out, key, lambda: finetune_task(config, key))
@@ -209,10 +210,3 @@ def dataset_key(directory) -> str:
         return "missing"
     return stage_cache.stage_key("dataset", manifest["spec_hash"],
                                  {s["name"]: s["sha256"] for s in manifest["shards"]}, "")
-
-
-def file_key(path) -> str:
-    if not path or not Path(path).is_file():
-        return "none"
-    from generation.manifest import sha256_file
-    return sha256_file(Path(path))

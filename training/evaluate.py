@@ -128,12 +128,10 @@ def evaluation_key(cfg: EvaluateConfig) -> str:
     file) and the training code's version. ``pvit evaluate`` and the pipeline's stage
     both key by it, so either finds the other's result up to date."""
     from flows import stage_cache  # the stage records (no Prefect import)
-    from generation.manifest import sha256_file
 
     section = cfg.model_dump(mode="json", exclude={"checkpoint", "out"})
-    checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else None
-    content = sha256_file(checkpoint) if checkpoint and checkpoint.is_file() else "none"
-    return stage_cache.stage_key("evaluate", section, {"checkpoint": content},
+    return stage_cache.stage_key("evaluate", section,
+                                 {"checkpoint": stage_cache.file_key(cfg.checkpoint)},
                                  stage_cache.code_version("training"))
 
 
