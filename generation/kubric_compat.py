@@ -28,9 +28,10 @@ Blender 4.x change -> symptom in Kubric -> fix here:
 
 And one change for speed, not for 4.x: Kubric resets Blender for every scene with
 ``read_factory_settings``, which also resets the preferences and re-registers every
-add-on (40-50 ms of a 130 ms scene build at 128 px). ``Blender45`` does that once per
+add-on (38-53 ms of a ~140 ms scene build at 128 px). ``Blender45`` does that once per
 process and then loads only the factory startup data (``read_homefile``, ~7 ms): the same
-empty scene, and the same bytes (``test_kubric_compat.py``).
+empty scene, and the same bytes (``tests/generation/test_render_labels.py``, the worker
+test, renders its scene second).
 
 Each fix has a test in ``tests/generation/test_kubric_compat.py`` that checks the
 label it affects. Bpy 5.0 replaced the compositor node-tree API: stay on 4.5 LTS.
@@ -125,12 +126,13 @@ class Blender45(Blender):
         preferences and add-ons reset only on the process's first scene: nothing this
         project renders reads a preference that a scene changes (the Cycles device is set
         per scene by ``generation.devices.use_device``)."""
+        if not Blender45._preferences_reset:
+            Blender.clear_and_reset_blender_scene(verbose, custom_scene=custom_scene)
+            Blender45._preferences_reset = True
+            return
+        # Kubric's reset with read_homefile in place of read_factory_settings
         with RedirectStream(stream=sys.stdout, disabled=verbose):
-            if Blender45._preferences_reset:
-                bpy.ops.wm.read_homefile(use_empty=True, use_factory_startup=True)
-            else:
-                bpy.ops.wm.read_factory_settings(use_empty=True)
-                Blender45._preferences_reset = True
+            bpy.ops.wm.read_homefile(use_empty=True, use_factory_startup=True)
             if custom_scene is None:
                 bpy.context.scene.world = bpy.data.worlds.new("World")
             else:
