@@ -11,15 +11,20 @@
 3. One warm process renders every scene three more times, interleaved so that drift
    hits all alike: RGB only and with labels at ``--spp`` (the label layer's cost), and
    with labels at 1 spp (the slope over spp is path tracing proper; what is left of the
-   render call is Blender's scene sync, the compositor and the pass files); then frame 1
-   of each scene at ``--ref-spp``, the reference both RGBs' PSNR is taken against.
+   render call is Blender's scene sync, the compositor and the pass files); after each
+   half of the scenes, that half again through the render worker's own loop
+   (``render_clips``: each scene's labels and encoding beside the next one's render)
+   and a shard write, timed by the wall clock; then frame 1 of each scene at
+   ``--ref-spp``, the reference both RGBs' PSNR is taken against.
 
 Prints the breakdown table and, on its last line, one JSON object: ``sec_per_frame``,
 ``sec_per_frame_kubric``, ``ratio_vs_kubric`` (and ``ratio_vs_kubric_cpu``, the same in CPU
 seconds of the process trees), ``label_overhead_ratio``,
-``sampling_s_per_frame``, ``overhead_ratio`` (steady-state s/frame, scenes after a
-warm-up, build to shard write, / ``sampling_s_per_frame``, both from process 3), ``fixed_s`` (the
-command's cost outside the render worker), ``rgb_psnr_db``, ``rgb_psnr_db_kubric``.
+``sampling_s_per_frame``, ``overhead_ratio`` (the worker loop's steady-state wall s/frame,
+scenes after a half's first, build to shard write, / ``sampling_s_per_frame``, both from
+process 3; ``overhead_ratio_worker`` takes the pvit generate worker's own wall time
+instead, ``overhead_ratio_sequential`` the phases added up), ``fixed_s`` (the command's
+cost outside the render worker), ``rgb_psnr_db``, ``rgb_psnr_db_kubric``.
 
     .venv/bin/python benchmarks/render.py [--scenes 8 --frames 8 --resolution 128 --spp 16]
     .venv/bin/python benchmarks/render.py --device cuda --resolution 256 --frames 24 \\
@@ -65,24 +70,39 @@ BARE_KUBRIC_WORKER = textwrap.dedent("""
 """)
 
 BREAKDOWN = textwrap.dedent("""
-    import json, sys
+    import json, sys, tempfile, time
+    from pathlib import Path
     import numpy as np
     from generation.config import SceneConfig
-    from generation.render_scene import render_clip
+    from generation.render_scene import render_clip, render_clips
+    from generation.shard_format import write_samples
     cfg = SceneConfig.model_validate_json(sys.argv[1]); seeds = json.loads(sys.argv[2])
     ref_spp, device, ref_out = int(sys.argv[3]), sys.argv[4], sys.argv[5]
     one = cfg.model_copy(update={"spp": 1})
     render_clip(cfg, seeds[0], "warmup", labels_on=True, device=device)
     runs = {"rgb": [], "labels": [], "labels_1spp": []}
-    for seed in seeds:           # interleaved, so drift hits every mode equally
-        for mode, c, on in (("rgb", cfg, False), ("labels", cfg, True), ("labels_1spp", one, True)):
-            runs[mode].append(render_clip(c, seed, "s", labels_on=on, device=device)[1])
+    worker = []     # the render worker's loop (render_clips + shard write), wall time
+    half = len(seeds) // 2
+    for block in ([seeds[:half], seeds[half:]] if half >= 2 else [seeds]):
+        for seed in block:       # interleaved, so drift hits every mode equally
+            for mode, c, on in (("rgb", cfg, False), ("labels", cfg, True),
+                                ("labels_1spp", one, True)):
+                runs[mode].append(render_clip(c, seed, "s", labels_on=on, device=device)[1])
+        done = list(render_clips(cfg, block, [f"w{s}" for s in block], labels_on=True,
+                                 device=device))
+        with tempfile.TemporaryDirectory() as tmp:
+            write_samples(Path(tmp) / "shard.tar", [sample for sample, _ in done])
+        # from the first scene's passes to the shard written, over the scenes after the
+        # first (the first scene's second half falls inside: conservative)
+        worker.append({"wall_s": time.perf_counter() - done[0][1]["rendered_at"],
+                       "scenes": len(block) - 1})
     ref = cfg.model_copy(update={"spp": ref_spp, "denoise": False})
     refs = [render_clip(ref, seed, "r", labels_on=False, device=device, frames=[1])[0]["rgb"][0]
             for seed in seeds]
     np.save(ref_out, np.stack(refs))
-    print("RESULT " + json.dumps(runs), flush=True)
+    print("RESULT " + json.dumps({"runs": runs, "worker": worker}), flush=True)
 """)
+
 
 
 # CPU seconds of every finished command's process tree (what run() adds up per label).
@@ -188,32 +208,43 @@ def main() -> None:
                              cwd=REPO, check=True, capture_output=True, text=True,
                              env=pin).stdout
         # Blender writes its own lines to stdout too; ours is marked.
-        runs = json.loads(next(line[7:] for line in out.splitlines()
-                               if line.startswith("RESULT ")))
+        result = json.loads(next(line[7:] for line in out.splitlines()
+                                 if line.startswith("RESULT ")))
+        runs, loop = result["runs"], result["worker"]
         refs = np.load(tmp / "ref.npy")
 
     f = args.frames
     calls = {m: mean(t["render_calls_s"] for t in runs[m]) / f for m in runs}
     sampling = (calls["labels"] - calls["labels_1spp"]) / max(args.spp - 1, 1) * args.spp
     aux = calls["labels"] - calls["rgb"]
-    # Steady state = scenes after a warm-up in one process, the same work as the
-    # worker's scenes after its first; taken from the process that measured the slope,
-    # since on a shared machine the load differs between processes run minutes apart
-    # (the pvit worker's own figure is reported beside it).
-    steady = runs["labels"]
-    worker_steady = [s for w in workers for s in w["scenes"][1:]] or [
-        s for w in workers for s in w["scenes"]]
+    # The render worker finishes scene N (passes read back, labels, encoding) on a thread
+    # while Blender renders scene N+1, so its steady state is wall time, not a sum of
+    # phases: from the end of the first scene's render to the shard written, over the
+    # scenes after the first (conservative: the first scene's second half is inside).
+    steady_worker = []
+    for w in workers:
+        scenes = w["scenes"]
+        if len(scenes) > 1:
+            wall = scenes[-1]["finished_at_s"] - scenes[0]["rendered_at_s"] + w["write_s"]
+            steady_worker.append(wall / ((len(scenes) - 1) * f))
     n_scenes = sum(len(w["scenes"]) for w in workers)
     write_per_frame = sum(w["write_s"] for w in workers) / (n_scenes * f)
+    encode_per_frame = mean(s["encode_s"] for w in workers for s in w["scenes"]) / f
 
     def per_frame(scenes) -> float:
-        return mean(s["build_s"] + s["render_s"] + s["labels_s"] for s in scenes) / f \
-            + write_per_frame
+        """One scene after another, phases added up (as process 3 renders)."""
+        return mean(s["build_s"] + s["render_s"] + s["pass_io_s"] + s["labels_s"]
+                    for s in scenes) / f + encode_per_frame + write_per_frame
 
+    # The same steady state done sequentially, in the process that measured the slope
+    # (scenes after a warm-up; the same machine load as the sampling figure).
+    steady = runs["labels"]
     build = mean(s["build_s"] for s in steady) / f
     pass_io = mean(s["pass_io_s"] for s in steady) / f
     label_post = mean(s["labels_s"] for s in steady) / f
     steady_per_frame = per_frame(steady)
+    loop_per_frame = sum(b["wall_s"] for b in loop) / (sum(b["scenes"] for b in loop) * f)
+    worker_per_frame = mean(steady_worker)
     sync = calls["labels"] - sampling - aux
     start = mean(w["interpreter_s"] + w["startup_s"] for w in workers)
     fixed = pvit_s - worker_s
@@ -229,11 +260,14 @@ def main() -> None:
         ("auxiliary label layer (render call with labels - RGB only)", f"{aux:.4f} s/frame"),
         ("pass file reading + Kubric post-processors", f"{pass_io:.4f} s/frame"),
         ("label post-processing (generation.labels)", f"{label_post:.4f} s/frame"),
-        ("shard write", f"{write_per_frame:.4f} s/frame"),
-        ("steady-state total (scenes after the first, build to shard write)",
+        ("shard encoding (zstd, PNG) + shard write",
+         f"{encode_per_frame:.4f} + {write_per_frame:.4f} s/frame"),
+        ("sum of the phases above, one scene after another (build to shard write)",
          f"{steady_per_frame:.4f} s/frame"),
-        ("  the same in the pvit generate worker (measured minutes earlier)",
-         f"{per_frame(worker_steady):.4f} s/frame"),
+        ("steady state of the worker's loop (wall; labels beside the next render)",
+         f"{loop_per_frame:.4f} s/frame"),
+        ("  the same in the pvit generate worker (wall, measured minutes earlier)",
+         f"{worker_per_frame:.4f} s/frame"),
         ("command's fixed cost (Prefect server, flow, checksums; outside the worker)",
          f"{fixed:.2f} s"),
     ]
@@ -256,9 +290,15 @@ def main() -> None:
         "ratio_vs_kubric_cpu": round(cpu_s["pvit"] / cpu_s["kubric"], 3),
         "label_overhead_ratio": round(calls["labels"] / calls["rgb"], 3),
         "sampling_s_per_frame": round(sampling, 4),
-        "steady_s_per_frame": round(steady_per_frame, 4),
-        "steady_s_per_frame_worker": round(per_frame(worker_steady), 4),
-        "overhead_ratio": round(steady_per_frame / sampling, 3),
+        "steady_s_per_frame": round(loop_per_frame, 4),
+        "steady_s_per_frame_worker": round(worker_per_frame, 4),
+        "steady_s_per_frame_sequential": round(steady_per_frame, 4),
+        # the worker's loop, run in process 3 beside the runs that measure the slope
+        "overhead_ratio": round(loop_per_frame / sampling, 3),
+        # the pvit generate worker's own wall time (another process, minutes earlier)
+        "overhead_ratio_worker": round(worker_per_frame / sampling, 3),
+        # the phases added up, one scene after another (process 3)
+        "overhead_ratio_sequential": round(steady_per_frame / sampling, 3),
         "fixed_s": round(fixed, 2),
         "rgb_psnr_db": round(psnr([ours[s] for s in seeds], refs), 2),
         "rgb_psnr_db_kubric": round(psnr(kubric_rgb, refs), 2),

@@ -225,6 +225,19 @@ class Blender45(Blender):
         and file writes) and ``pass_io_s`` (reading the files back, Kubric's
         post-processors). ``benchmarks/render.py`` splits the first further."""
         import time
+        self.render_files(frames, ignore_missing_textures)
+        t1 = time.perf_counter()
+        out = self.postprocess(self.scratch_dir, return_layers=return_layers)
+        self.timings["pass_io_s"] = time.perf_counter() - t1
+        return out
+
+    def render_files(self, frames: Sequence[int] | None = None,
+                     ignore_missing_textures: bool = False) -> None:
+        """The render calls alone: each frame's PNG and multilayer EXR land in
+        ``scratch_dir``; ``postprocess`` (no bpy: numpy, OpenEXR, OpenCV) reads them back,
+        which lets a worker do that beside the next scene's render. Sets
+        ``self.timings["render_calls_s"]``."""
+        import time
         if not ignore_missing_textures:
             self._check_missing_textures()
         self.set_exr_output_path(self.scratch_dir / "exr" / "frame_")
@@ -242,10 +255,7 @@ class Blender45(Blender):
                 scene.render.filepath = str(
                     Path(self.scratch_dir) / "images" / f"frame_{frame_nr:04d}.png")
                 bpy.ops.render.render(animation=False, write_still=True)
-        t1 = time.perf_counter()
-        out = self.postprocess(self.scratch_dir, return_layers=return_layers)
-        self.timings = {"render_calls_s": t1 - t0, "pass_io_s": time.perf_counter() - t1}
-        return out
+        self.timings = {"render_calls_s": time.perf_counter() - t0}
 
     # -- fix: cryptomatte channel case ---------------------------------------------
     def postprocess(self, from_dir, return_layers: Sequence[str]):

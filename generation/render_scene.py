@@ -6,12 +6,14 @@ shard format. Imports bpy; everything it computes labels with is in ``labels``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -45,16 +47,48 @@ def _quiet_fd(fd: int = 1):
 def render_clip(cfg: SceneConfig, seed: int, key: str, *, scratch_root: Path | None = None,
                 labels_on: bool = True, threads: int = 0,
                 device: str = "cpu", frames: list[int] | None = None) -> tuple[dict, dict]:
-    """Render scene ``seed``; returns (clip dict, timings in seconds).
+    """Render scene ``seed``; returns (clip dict, timings in seconds): ``render_passes``
+    then ``finish_clip``, one after the other.
 
     ``labels_on=False`` renders RGB only (used by the label-overhead benchmark);
     ``threads > 0`` caps Blender's render threads (several workers share the cores);
     ``device`` is a resolved Cycles device (``generation.devices``: cpu, cuda, optix);
-    ``frames`` (RGB only) renders just those frame numbers (benchmark reference images).
+    ``frames`` (RGB only) renders just those frame numbers (benchmark reference images)."""
+    passes, timings = render_passes(cfg, seed, key, scratch_root=scratch_root,
+                                    labels_on=labels_on, threads=threads, device=device,
+                                    frames=frames)
+    return finish_clip(passes, timings), timings
+
+
+@dataclasses.dataclass
+class RenderedPasses:
+    """One scene rendered to pass files (``scratch``), with the Kubric scene that
+    ``finish_clip`` needs to turn them into a clip. Nothing in it touches bpy any more:
+    Kubric's post-processors and ours read only the files and the scene's Python-side
+    keyframes, so a worker finishes a scene on a thread while Blender, reset for the next
+    scene, renders that one."""
+    cfg: SceneConfig
+    seed: int
+    key: str
+    renderer: object        # the Blender45 view (its postprocess and post-processors)
+    scene: object           # kubric.Scene
+    content: object         # the recipe's SceneContent
+    classes: list[str]
+    layers: tuple[str, ...]
+    labels_on: bool
+    scratch: Path
+
+    def discard(self) -> None:
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+def render_passes(cfg: SceneConfig, seed: int, key: str, *, scratch_root: Path | None = None,
+                  labels_on: bool = True, threads: int = 0, device: str = "cpu",
+                  frames: list[int] | None = None) -> tuple[RenderedPasses, dict]:
+    """Build scene ``seed`` and render its passes to files (the part that needs bpy).
 
     Timings: ``build_s`` (Blender reset + recipe + physics; ``setup_s`` of it is the
-    renderer's set-up), ``render_s`` (the render call: ``render_calls_s`` in Cycles,
-    ``pass_io_s`` reading the passes back), ``labels_s`` (our label post-processing)."""
+    renderer's set-up), ``render_s`` and ``render_calls_s`` (the render call, in Cycles)."""
     import kubric as kb  # TensorFlow (not in the render worker: see render_worker.py)
 
     from generation.assets import load_manifest
@@ -103,18 +137,76 @@ def render_clip(cfg: SceneConfig, seed: int, key: str, *, scratch_root: Path | N
                 if cfg.object_coordinates:
                     layers += ["object_coordinates"]
             with _quiet_fd():
-                out = renderer.render(frames=frames if not labels_on else None,
-                                      return_layers=tuple(layers))
+                renderer.render_files(frames=frames if not labels_on else None)
             timings["render_s"] = time.perf_counter() - t1
             timings.update(renderer.timings)
-            if not labels_on:
-                return {"key": key, "rgb": out["rgba"][..., :3]}, timings
-            t2 = time.perf_counter()
-            clip = _clip_from_render(out, scene, content, cfg, seed, key, classes)
-            timings["labels_s"] = time.perf_counter() - t2
-        return clip, timings
-    finally:
+    except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    return RenderedPasses(cfg=cfg, seed=seed, key=key, renderer=renderer, scene=scene,
+                          content=content, classes=classes, layers=tuple(layers),
+                          labels_on=labels_on, scratch=scratch), timings
+
+
+def finish_clip(passes: RenderedPasses, timings: dict) -> dict:
+    """Read the passes back and compute the labels: the clip dict in the shard format
+    (RGB only if the scene was rendered without labels). Adds ``pass_io_s`` (pass files
+    and Kubric's post-processors) and ``labels_s`` (``generation.labels``) to
+    ``timings``; removes the scratch files. No bpy: safe beside another scene's render."""
+    try:
+        t1 = time.perf_counter()
+        out = passes.renderer.postprocess(passes.scratch, return_layers=passes.layers)
+        timings["pass_io_s"] = time.perf_counter() - t1
+        if not passes.labels_on:
+            return {"key": passes.key, "rgb": out["rgba"][..., :3]}
+        t2 = time.perf_counter()
+        clip = _clip_from_render(out, passes.scene, passes.content, passes.cfg, passes.seed,
+                                 passes.key, passes.classes)
+        timings["labels_s"] = time.perf_counter() - t2
+        return clip
+    finally:
+        passes.discard()
+
+
+def render_clips(cfg: SceneConfig, seeds: list[int], keys: list[str], *,
+                 before_scene: Callable[[int], None] | None = None,
+                 **kwargs) -> Iterator[tuple[dict, dict]]:
+    """Render the scenes in order, yielding (shard sample from ``encode_clip``, timings)
+    per scene; ``kwargs`` as ``render_passes`` takes them, ``before_scene(seed)`` is
+    called before each scene is built (the worker's fault injection).
+
+    Blender renders scene N+1 while one thread finishes scene N (``finish_clip``, then
+    ``encode_clip``): that half is numpy, OpenEXR, OpenCV and zstd, which release the GIL,
+    so it runs in the time Blender leaves a core idle (its single-threaded scene build,
+    sync and compositor; on a GPU, all of sampling) instead of after the render. The
+    bytes are those of one scene after another: each second half reads only its own pass
+    files and its own scene's Python-side keyframes. Timings add ``encode_s`` and, on
+    the ``time.perf_counter`` clock, ``rendered_at`` (passes written) and ``finished_at``
+    (sample encoded), from which the wall time of a run follows."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from generation.shard_format import encode_clip
+
+    def finish(passes: RenderedPasses, timings: dict) -> dict:
+        clip = finish_clip(passes, timings)
+        t = time.perf_counter()
+        sample = encode_clip(clip) if passes.labels_on else clip
+        timings["encode_s"] = time.perf_counter() - t
+        timings["finished_at"] = time.perf_counter()
+        return sample
+
+    pending = None
+    with ThreadPoolExecutor(1, thread_name_prefix="finish-clip") as finisher:
+        for seed, key in zip(seeds, keys, strict=True):
+            if before_scene is not None:
+                before_scene(seed)
+            passes, timings = render_passes(cfg, seed, key, **kwargs)
+            timings["rendered_at"] = time.perf_counter()
+            if pending is not None:
+                yield pending[0].result(), pending[1]
+            pending = finisher.submit(finish, passes, timings), timings
+        if pending is not None:
+            yield pending[0].result(), pending[1]
 
 
 def _disable_label_passes() -> None:

@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         interpreter_s = 0.0
 
     from generation.config import SceneConfig
-    from generation.render_scene import render_clip
-    from generation.shard_format import write_shard
+    from generation.render_scene import render_clips
+    from generation.shard_format import write_samples
 
     cfg = SceneConfig.model_validate(job["scene"])
     # write_shard's (lazily imported there), with torch: worker start-up, not shard write.
@@ -97,22 +97,31 @@ def main(argv: list[str] | None = None) -> int:
     crash_seed = os.environ.get("PVIT_CRASH_ON_SEED")
     raise_seed = os.environ.get("PVIT_RAISE_ON_SEED")
 
-    clips, render_s, scene_timings = [], 0.0, []
-    for seed, key in zip(job["seeds"], job["keys"], strict=True):
+    labels_on = job.get("labels", True)
+
+    def before_scene(seed: int) -> None:
         if crash_seed is not None and int(crash_seed) == seed:
             os._exit(3)
         if raise_seed is not None and int(raise_seed) == seed:
             raise RuntimeError(f"injected failure on seed {seed}")
-        clip, timings = render_clip(cfg, seed, key, labels_on=job.get("labels", True),
-                                    threads=threads, scratch_root=scratch, device=device)
+
+    samples, render_s, scene_timings = [], 0.0, []
+    for (seed, key), (sample, timings) in zip(
+            zip(job["seeds"], job["keys"], strict=True),
+            render_clips(cfg, job["seeds"], job["keys"], before_scene=before_scene,
+                         labels_on=labels_on, threads=threads, scratch_root=scratch,
+                         device=device), strict=True):
         render_s += timings["build_s"] + timings["render_s"]
-        clips.append(clip)
+        samples.append(sample)
+        # the benchmark's clock: seconds since the worker was ready
+        for mark in ("rendered_at", "finished_at"):
+            timings[mark + "_s"] = timings.pop(mark) - t_ready
         scene_timings.append(timings)
         print(json.dumps({"event": "scene", "seed": seed, "key": key, **timings}), flush=True)
 
     t_write = time.perf_counter()
-    if job.get("labels", True):
-        write_shard(Path(job["out"]), clips)
+    if labels_on:
+        write_samples(Path(job["out"]), samples)
     write_s = time.perf_counter() - t_write
     # for benchmarks/render.py's breakdown (the shard's log keeps it)
     print("timings " + json.dumps({"interpreter_s": interpreter_s,

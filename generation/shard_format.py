@@ -245,6 +245,12 @@ def _check_shapes(clip: dict) -> None:
 def write_shard(path: Path, clips: Iterable[dict]) -> int:
     """Write clips to ``path`` (a .tar) deterministically; returns the number written.
     The caller renames a temporary path into place (see ``generation.dataset``)."""
+    return write_samples(path, (encode_clip(clip) for clip in clips))
+
+
+def write_samples(path: Path, samples: Iterable[dict]) -> int:
+    """``write_shard`` for samples already made by ``encode_clip`` (the render worker
+    encodes each clip as it is finished, beside the next scene's render)."""
     # Imported here: webdataset imports torch (seconds), and `prepare` imports this
     # module for CLASSES alone.
     import webdataset as wds
@@ -254,8 +260,8 @@ def write_shard(path: Path, clips: Iterable[dict]) -> int:
     # which runs a path starting with "pipe:" as a shell command.
     with open(path, "wb") as f, wds.TarWriter(f, encoder=False, mtime=0, mode=0o444,
                                                user="", group="") as sink:
-        for clip in clips:
-            sink.write(encode_clip(clip))
+        for sample in samples:
+            sink.write(sample)
             count += 1
     return count
 

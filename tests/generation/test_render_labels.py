@@ -106,10 +106,11 @@ def test_optional_outputs_and_shard_round_trip(rendered_clip):
 def test_worker_without_tensorflow_renders_what_kubric_with_it_renders(rendered_clip, tmp_path):
     """The render worker gives Kubric an fsspec stand-in for tf.io.gfile instead of
     importing TensorFlow; its shard holds exactly the clip rendered in this process,
-    where Kubric runs on the real TensorFlow. The worker renders that scene second,
-    after another one: a scene after the first is reset without resetting Blender's
-    preferences and add-ons (``Blender45.clear_and_reset_blender_scene``), and must
-    come out the same as a process's first."""
+    where Kubric runs on the real TensorFlow. The worker renders that scene second of
+    three: a scene after the first is reset without resetting Blender's preferences and
+    add-ons (``Blender45.clear_and_reset_blender_scene``), and its labels are computed
+    and encoded on a thread while Blender renders the third (``render_clips``); both
+    must leave the bytes of a process's first scene, rendered alone."""
     import json
     import subprocess
     import sys
@@ -119,16 +120,17 @@ def test_worker_without_tensorflow_renders_what_kubric_with_it_renders(rendered_
 
     cfg = SceneConfig(resolution=48, frames=3, spp=4, min_objects=4, max_objects=6,
                       object_coordinates=True, flow=True)   # the fixture's spec
-    job = {"scene": cfg.model_dump(mode="json"), "seeds": [3, 7],
-           "keys": ["scene0000003", "scene0000007"],
+    job = {"scene": cfg.model_dump(mode="json"), "seeds": [3, 7, 11],
+           "keys": ["scene0000003", "scene0000007", "scene0000011"],
            "out": str(tmp_path / "s.tar"), "device": "cpu"}
     (tmp_path / "job.json").write_text(json.dumps(job))
     proc = subprocess.run([sys.executable, "-m", "generation.render_worker",
                            str(tmp_path / "job.json")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "oneDNN" not in proc.stderr and "TensorFlow" not in proc.stderr  # never loaded
-    first, clip = list(read_shard(tmp_path / "s.tar"))
+    first, clip, _ = list(read_shard(tmp_path / "s.tar"))
     assert first["key"] == "scene0000003" and not np.array_equal(first["rgb"], clip["rgb"])
+    assert clip["key"] == "scene0000007"
     for key in ("rgb", "depth", "instance_seg", "semantic_seg", "normal", "K",
                 "world_to_camera", "forward_flow", "backward_flow", "object_coordinates"):
         assert np.array_equal(clip[key], rendered_clip[key]), key
