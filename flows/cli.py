@@ -149,6 +149,7 @@ def _generate(gen, device_line: Optional[str] = None) -> None:
     check_spec_or_exit(gen)
     if device_line:
         console.print(device_line, markup=False, highlight=False)
+    start_render_workers(gen)
 
     import logging
 
@@ -189,6 +190,21 @@ def _generate(gen, device_line: Optional[str] = None) -> None:
                   f"({summary['rendered_shards']} rendered, {summary['kept_shards']} kept) -> "
                   f"{summary['manifest']}")
 
+
+def start_render_workers(gen) -> None:
+    """Start the render workers of the first shards now, while Prefect's server starts
+    (it holds one core; the CLI only waits for it): their imports (torch, bpy, Kubric:
+    seconds) are then done when the flow hands them their shards. Only for the thread
+    task runner, whose tasks run in this process; as many as ``generation.workers``, and
+    none when the manifest already lists every planned shard (a rerun with nothing to do)."""
+    if gen.task_runner != "threads":
+        return
+    from generation import warm_workers
+    from generation.dataset import unlisted_jobs
+    from generation.devices import worker_env
+    first = unlisted_jobs(gen)[:gen.workers]     # the shards the first tasks render
+    warm_workers.prewarm([worker_env(gen.device, job.index, gen.workers_per_gpu)
+                          for job in first])
 
 @app.command()
 def verify(directory: Path = typer.Argument(..., help="shard directory")) -> None:

@@ -166,6 +166,19 @@ def prepare(cfg: GenerationConfig) -> tuple[dict, list[ShardJob], list[ShardJob]
     return manifest, todo, done
 
 
+def unlisted_jobs(cfg: GenerationConfig) -> list[ShardJob]:
+    """The planned shards the manifest of ``cfg.out`` does not list for this spec, in
+    order: read-only, without the file checks ``prepare`` adds (a shard deleted by hand
+    still counts as listed). The CLI starts render workers for the first of them before
+    the flow decides (``generation.warm_workers``)."""
+    jobs = plan(cfg)
+    old = read_manifest(location(cfg.out))
+    if old is None or old.get("spec_hash") != jobs[0].spec_hash:
+        return jobs
+    listed = _records_by_name(old)
+    return [job for job in jobs if job.name not in listed]
+
+
 def _replacing(cfg: GenerationConfig, old: dict | None) -> dict | None:
     """What an overwrite replaces: the old spec and the names of its shards on disk.
     Refuses (``SpecChanged``, before anything is touched) a spec change without
@@ -316,14 +329,18 @@ def render_shard(job: ShardJob, out_dir: Path, *, threads: int = 0,
         job_path.write_text(json.dumps({"scene": job.scene, "seeds": job.seeds,
                                         "keys": job.keys, "out": str(tmp), "threads": threads,
                                         "scratch": str(scratch), "device": device}))
+        from generation import warm_workers
         from generation.devices import worker_env  # one GPU per worker process
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3",
-               **worker_env(device, job.index, workers_per_gpu)}
+        env = warm_workers.worker_env(worker_env(device, job.index, workers_per_gpu))
         log_path, log = _open_attempt_log(log_dir, Path(job.name).stem)
         with log:
-            proc = subprocess.Popen([sys.executable, "-m", "generation.render_worker", job_path],
-                                    stdout=subprocess.PIPE, stderr=log, text=True,
-                                    env=env)
+            warm = warm_workers.take(env)
+            if warm is not None:   # started while Prefect's server started, imports done
+                proc = warm.hand(job_path, log_path, log)
+            else:
+                proc = subprocess.Popen([sys.executable, "-m", "generation.render_worker",
+                                         job_path], stdout=subprocess.PIPE, stderr=log,
+                                        text=True, env=env)
             for line in proc.stdout:
                 try:
                     event = json.loads(line)

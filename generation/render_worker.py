@@ -1,6 +1,8 @@
 """Render worker: one process renders every scene of one shard and writes the shard.
 
-Run as ``python -m generation.render_worker JOB.json``. A fresh process per shard
+Run as ``python -m generation.render_worker JOB.json``, or started ahead of its job as
+``... --wait`` (``generation.warm_workers``: its imports overlap Prefect's server start)
+and handed the job on stdin. A fresh process per shard
 means Blender's state and leaks die with it, while the TensorFlow/bpy import is paid
 once per shard, not once per scene. The job file names the scene spec, the seeds and
 keys, and the (temporary) path to write; the parent renames it into place.
@@ -21,6 +23,10 @@ import os
 import sys
 import time
 from pathlib import Path
+
+# ``python -m generation.render_worker --wait``: import everything, then wait for a job
+# on stdin (see generation.warm_workers).
+WAIT_FLAG = "--wait"
 
 
 def use_gfile_without_tensorflow() -> None:
@@ -57,9 +63,11 @@ def use_gfile_without_tensorflow() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m generation.render_worker JOB.json", file=sys.stderr)
+        print("usage: python -m generation.render_worker JOB.json | --wait", file=sys.stderr)
         return 2
-    job = json.loads(Path(argv[0]).read_text())
+    warm = argv[0] == WAIT_FLAG
+    if not warm:
+        job = json.loads(Path(argv[0]).read_text())
     t_start = time.perf_counter()
     try:  # the interpreter's own start, before main(), for the benchmark's breakdown
         import psutil  # (installed with dask[distributed])
@@ -67,16 +75,34 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         interpreter_s = 0.0
 
-    from generation.config import SceneConfig
+    from generation.config import SceneConfig  # noqa: I001  (bpy after webdataset)
     from generation.render_scene import render_clips
     from generation.shard_format import write_samples
 
-    cfg = SceneConfig.model_validate(job["scene"])
     # write_shard's (lazily imported there), with torch: worker start-up, not shard write.
     import webdataset  # noqa: F401, I001  (before bpy, the order it always had)
     import bpy  # noqa: F401  (import cost is part of the worker's start-up)
     use_gfile_without_tensorflow()
     import kubric  # noqa: F401  (counted as start-up, not as scene 1's build)
+
+    waited_s = 0.0
+    if warm:
+        # Started before its job existed (generation.warm_workers): the imports above are
+        # done; the parent now sends one line, {"job": JOB.json, "log": LOG}, or closes
+        # stdin (no shard for this worker, or the parent died): exit quietly.
+        t_wait = time.perf_counter()
+        line = sys.stdin.readline()
+        if not line.strip():
+            return 0
+        handed = json.loads(line)
+        waited_s = time.perf_counter() - t_wait
+        # From here on the shard's log is this process's stderr (the parent has copied
+        # what the imports wrote there before).
+        log = os.open(handed["log"], os.O_WRONLY | os.O_APPEND)
+        os.dup2(log, 2)
+        os.close(log)
+        job = json.loads(Path(handed["job"]).read_text())
+    cfg = SceneConfig.model_validate(job["scene"])
 
     from generation import devices
     threads = int(job.get("threads", 0))
@@ -94,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     # killed); None = the system temp dir.
     scratch = Path(job["scratch"]) if job.get("scratch") else None
     t_ready = time.perf_counter()
+    startup_s = t_ready - t_start - waited_s     # a warm worker's wait is not start-up
     crash_seed = os.environ.get("PVIT_CRASH_ON_SEED")
     raise_seed = os.environ.get("PVIT_RAISE_ON_SEED")
 
@@ -125,11 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     write_s = time.perf_counter() - t_write
     # for benchmarks/render.py's breakdown (the shard's log keeps it)
     print("timings " + json.dumps({"interpreter_s": interpreter_s,
-                                   "startup_s": t_ready - t_start, "scenes": scene_timings,
+                                   "startup_s": startup_s, "waited_s": waited_s,
+                                   "scenes": scene_timings,
                                    "write_s": write_s}), file=sys.stderr, flush=True)
-    print(json.dumps({"event": "done", "startup_s": t_ready - t_start, "scenes_s": render_s,
+    print(json.dumps({"event": "done", "startup_s": startup_s, "scenes_s": render_s,
                       "device": device,
-                      "total_s": time.perf_counter() - t_start}), flush=True)
+                      "total_s": time.perf_counter() - t_start - waited_s}), flush=True)
     return 0
 
 
