@@ -196,7 +196,8 @@ def start_render_workers(gen) -> None:
     (it holds one core; the CLI only waits for it): their imports (torch, bpy, Kubric:
     seconds) are then done when the flow hands them their shards. Only for the thread
     task runner, whose tasks run in this process; as many as ``generation.workers``, and
-    none when the manifest already lists every planned shard (a rerun with nothing to do)."""
+    none when the manifest already lists every planned shard (a rerun with nothing to do,
+    or a pipeline whose generate stage is cached)."""
     if gen.task_runner != "threads":
         return
     from generation import warm_workers
@@ -321,6 +322,7 @@ def _pipeline(cfg: ExperimentConfig, force: list[str]) -> None:
                                                          total=record["total_steps"])
             progress.update(training_bars[stage], completed=record["step"])
 
+        start_render_workers(cfg.generation)
         try:
             use_early_server()
             with shard_progress(lambda rec: progress.advance(bar, rec["samples"])), \

@@ -49,8 +49,12 @@ class WarmWorker:
         log.write(os.pread(fd, os.fstat(fd).st_size, 0).decode(errors="replace"))
         log.flush()
         self.early_log.close()
-        self.process.stdin.write(json.dumps({"job": str(job_path), "log": str(log_path)}) + "\n")
-        self.process.stdin.close()
+        # Killed since ``take`` looked: the caller then sees its exit code, as with a
+        # new worker killed at its start.
+        with contextlib.suppress(BrokenPipeError):
+            self.process.stdin.write(json.dumps({"job": str(job_path),
+                                                 "log": str(log_path)}) + "\n")
+            self.process.stdin.close()
         return self.process
 
     def discard(self) -> None:

@@ -106,11 +106,15 @@ def _workers_of(proc):
         return []
 
 
-def _wait_for_worker(proc, timeout=120):
+def _wait_for_worker(proc, out, timeout=120):
+    """The render workers of ``proc`` once one of them is rendering a shard (its log
+    says which device it renders on): the CLI starts workers before their jobs exist
+    (generation.warm_workers), and killing one of those only makes it start another."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         workers = _workers_of(proc)
-        if workers:
+        if workers and any("render device:" in log.read_text(errors="replace")
+                           for log in (out / "logs").glob("*.log")):
             return workers
         time.sleep(0.2)
     raise AssertionError("no render worker started")
@@ -123,7 +127,7 @@ def test_killed_worker_is_retried_and_killed_run_resumes_identically(tmp_path):
     # 1. kill -9 a render worker: Prefect retries the task and the run completes.
     proc = subprocess.Popen([*PVIT, "generate", str(cfg)], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    _wait_for_worker(proc)[0].kill()
+    _wait_for_worker(proc, out)[0].kill()
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-2000:]
     assert "exited with code -9" in err and "Retry 1/2 will start" in err
@@ -139,7 +143,7 @@ def test_killed_worker_is_retried_and_killed_run_resumes_identically(tmp_path):
     deadline = time.time() + 300
     while time.time() < deadline and not (out2 / "shard-000001.tar").exists():
         time.sleep(0.2)
-    _wait_for_worker(proc)
+    _wait_for_worker(proc, out2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert pvit("verify", out2).returncode in (0, 1)   # whatever is listed is intact
