@@ -170,18 +170,19 @@ def finish_clip(passes: RenderedPasses, timings: dict) -> dict:
 
 def render_clips(cfg: SceneConfig, seeds: list[int], keys: list[str], *,
                  before_scene: Callable[[int], None] | None = None,
-                 **kwargs) -> Iterator[tuple[dict, dict]]:
+                 overlap: bool | None = None, **kwargs) -> Iterator[tuple[dict, dict]]:
     """Render the scenes in order, yielding (shard sample from ``encode_clip``, timings)
     per scene; ``kwargs`` as ``render_passes`` takes them, ``before_scene(seed)`` is
     called before each scene is built (the worker's fault injection).
 
-    Blender renders scene N+1 while one thread finishes scene N (``finish_clip``, then
-    ``encode_clip``): that half is numpy, OpenEXR, OpenCV and zstd, which release the GIL,
-    so it runs in the time Blender leaves a core idle (its single-threaded scene build,
-    sync and compositor; on a GPU, all of sampling) instead of after the render. The
-    bytes are those of one scene after another: each second half reads only its own pass
-    files and its own scene's Python-side keyframes. Timings add ``encode_s`` and, on
-    the ``time.perf_counter`` clock, ``rendered_at`` (passes written) and ``finished_at``
+    With ``overlap`` (default: on a GPU device), Blender renders scene N+1 while one
+    thread finishes scene N (``finish_clip``, then ``encode_clip``): that half is numpy,
+    OpenEXR, OpenCV and zstd, which release the GIL, so on a GPU it runs during sampling
+    instead of after it. On the CPU, where Cycles already holds every core, it measured
+    no gain (docs/performance.md), so there each scene is finished before the next. The
+    bytes are the same either way: each second half reads only its own pass files and
+    its own scene's Python-side keyframes. Timings add ``encode_s`` and, on the
+    ``time.perf_counter`` clock, ``rendered_at`` (passes written) and ``finished_at``
     (sample encoded), from which the wall time of a run follows."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -195,6 +196,8 @@ def render_clips(cfg: SceneConfig, seeds: list[int], keys: list[str], *,
         timings["finished_at"] = time.perf_counter()
         return sample
 
+    if overlap is None:
+        overlap = kwargs.get("device", "cpu") != "cpu"
     pending = None
     with ThreadPoolExecutor(1, thread_name_prefix="finish-clip") as finisher:
         for seed, key in zip(seeds, keys, strict=True):
@@ -205,6 +208,8 @@ def render_clips(cfg: SceneConfig, seeds: list[int], keys: list[str], *,
             if pending is not None:
                 yield pending[0].result(), pending[1]
             pending = finisher.submit(finish, passes, timings), timings
+            if not overlap:
+                pending[0].result()        # finished before the next scene is built
         if pending is not None:
             yield pending[0].result(), pending[1]
 

@@ -108,9 +108,8 @@ def test_worker_without_tensorflow_renders_what_kubric_with_it_renders(rendered_
     importing TensorFlow; its shard holds exactly the clip rendered in this process,
     where Kubric runs on the real TensorFlow. The worker renders that scene second of
     three: a scene after the first is reset without resetting Blender's preferences and
-    add-ons (``Blender45.clear_and_reset_blender_scene``), and its labels are computed
-    and encoded on a thread while Blender renders the third (``render_clips``); both
-    must leave the bytes of a process's first scene, rendered alone."""
+    add-ons (``Blender45.clear_and_reset_blender_scene``), and must come out the same as
+    a process's first scene, rendered alone."""
     import json
     import subprocess
     import sys
@@ -136,3 +135,19 @@ def test_worker_without_tensorflow_renders_what_kubric_with_it_renders(rendered_
         assert np.array_equal(clip[key], rendered_clip[key]), key
     for key, value in rendered_clip["instances"].items():
         assert np.array_equal(clip["instances"][key], value), key
+
+
+def test_a_scene_finished_beside_the_next_ones_render_keeps_its_bytes(rendered_clip):
+    """``render_clips(overlap=True)`` (the GPU default) reads scene 7's passes back,
+    computes its labels and encodes it on a thread while Blender renders scene 3: the
+    sample is byte for byte the fixture's clip, rendered alone."""
+    from generation.config import SceneConfig
+    from generation.render_scene import render_clips
+    from generation.shard_format import encode_clip
+
+    cfg = SceneConfig(resolution=48, frames=3, spp=4, min_objects=4, max_objects=6,
+                      object_coordinates=True, flow=True)   # the fixture's spec
+    (beside, _), (after, _) = render_clips(cfg, [7, 3], ["scene0000007", "scene0000003"],
+                                            overlap=True, device="cpu")
+    assert after["__key__"] == "scene0000003"
+    assert beside == encode_clip(rendered_clip)
