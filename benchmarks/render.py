@@ -13,7 +13,8 @@
    with labels at 1 spp (the slope over spp is path tracing proper; what is left of the
    render call is Blender's scene sync, the compositor and the pass files); after each
    half of the scenes, that half again through the render worker's own loop
-   (``render_clips``: each scene's labels and encoding beside the next one's render)
+   (``render_clips``; on a GPU device each scene's labels and encoding run beside the
+   next one's render)
    and a shard write, timed by the wall clock; then frame 1 of each scene at
    ``--ref-spp``, the reference both RGBs' PSNR is taken against.
 
@@ -218,10 +219,10 @@ def main() -> None:
     calls = {m: mean(t["render_calls_s"] for t in runs[m]) / f for m in runs}
     sampling = (calls["labels"] - calls["labels_1spp"]) / max(args.spp - 1, 1) * args.spp
     aux = calls["labels"] - calls["rgb"]
-    # The render worker finishes scene N (passes read back, labels, encoding) on a thread
-    # while Blender renders scene N+1, so its steady state is wall time, not a sum of
-    # phases: from the end of the first scene's render to the shard written, over the
-    # scenes after the first (conservative: the first scene's second half is inside).
+    # The worker's steady state is wall time, not a sum of phases (on a GPU it finishes
+    # scene N while Blender renders N+1; and time between scenes is in no phase): from
+    # the end of the first scene's render to the shard written, over the scenes after the
+    # first (conservative: the first scene's second half is inside).
     steady_worker = []
     for w in workers:
         scenes = w["scenes"]
@@ -245,7 +246,9 @@ def main() -> None:
     label_post = mean(s["labels_s"] for s in steady) / f
     steady_per_frame = per_frame(steady)
     loop_per_frame = sum(b["wall_s"] for b in loop) / (sum(b["scenes"] for b in loop) * f)
-    worker_per_frame = mean(steady_worker)
+    # one scene per shard: no steady state to time, so that worker's phases added up
+    worker_per_frame = (mean(steady_worker) if steady_worker else
+                        per_frame([s for w in workers for s in w["scenes"]]))
     sync = calls["labels"] - sampling - aux
     start = mean(w["interpreter_s"] + w["startup_s"] for w in workers)
     fixed = pvit_s - worker_s
@@ -265,7 +268,7 @@ def main() -> None:
          f"{encode_per_frame:.4f} + {write_per_frame:.4f} s/frame"),
         ("sum of the phases above, one scene after another (build to shard write)",
          f"{steady_per_frame:.4f} s/frame"),
-        ("steady state of the pvit generate worker (wall; labels beside the next render)",
+        ("steady state of the pvit generate worker (wall clock)",
          f"{worker_per_frame:.4f} s/frame"),
         ("  the same loop in the process of the rows above (wall)",
          f"{loop_per_frame:.4f} s/frame"),

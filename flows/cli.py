@@ -207,6 +207,7 @@ def start_render_workers(gen) -> None:
     warm_workers.prewarm([worker_env(gen.device, job.index, gen.workers_per_gpu)
                           for job in first])
 
+
 @app.command()
 def verify(directory: Path = typer.Argument(..., help="shard directory")) -> None:
     """Check every shard against the manifest and the planned dataset; exits 1 naming

@@ -331,7 +331,7 @@ def render_shard(job: ShardJob, out_dir: Path, *, threads: int = 0,
                                         "scratch": str(scratch), "device": device}))
         from generation import warm_workers
         from generation.devices import worker_env  # one GPU per worker process
-        env = warm_workers.worker_env(worker_env(device, job.index, workers_per_gpu))
+        env = warm_workers.environment(worker_env(device, job.index, workers_per_gpu))
         log_path, log = _open_attempt_log(log_dir, Path(job.name).stem)
         with log:
             warm = warm_workers.take(env)

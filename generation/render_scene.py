@@ -207,9 +207,11 @@ def render_clips(cfg: SceneConfig, seeds: list[int], keys: list[str], *,
             timings["rendered_at"] = time.perf_counter()
             if pending is not None:
                 yield pending[0].result(), pending[1]
+                pending = None
             pending = finisher.submit(finish, passes, timings), timings
-            if not overlap:
-                pending[0].result()        # finished before the next scene is built
+            if not overlap:                # finished (and reported) before the next scene
+                yield pending[0].result(), pending[1]
+                pending = None
         if pending is not None:
             yield pending[0].result(), pending[1]
 

@@ -72,7 +72,7 @@ _lock = threading.Lock()
 _warm: list[WarmWorker] = []
 
 
-def worker_env(pin: dict[str, str]) -> dict[str, str]:
+def environment(pin: dict[str, str]) -> dict[str, str]:
     """The environment a render worker gets: this process's, Blender quiet about
     TensorFlow, and ``pin`` (``generation.devices.worker_env``)."""
     return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **pin}
@@ -84,7 +84,7 @@ def prewarm(pins: list[dict[str, str]]) -> None:
     if not _warm:
         atexit.register(close)
     for pin in pins:
-        env = worker_env(pin)
+        env = environment(pin)
         early = tempfile.TemporaryFile()
         process = subprocess.Popen([sys.executable, "-m", "generation.render_worker",
                                     WAIT_FLAG], stdin=subprocess.PIPE, stdout=subprocess.PIPE,

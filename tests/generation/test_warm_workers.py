@@ -73,7 +73,7 @@ def test_warm_worker_renders_the_bytes_a_fresh_worker_renders(tmp_path):
 def test_a_warm_worker_is_only_taken_for_its_own_environment():
     warm_workers.prewarm([worker_env("cuda", 0, 1, gpus=["GPU-a"])])
     try:
-        assert warm_workers.take(warm_workers.worker_env(CPU_PIN)) is None
+        assert warm_workers.take(warm_workers.environment(CPU_PIN)) is None
         assert len(warm_workers.waiting()) == 1
     finally:
         (pid,) = warm_workers.waiting()
