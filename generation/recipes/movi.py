@@ -1,6 +1,12 @@
 """MOVi-style scene: a floor, 3-10 rubber or metal shapes thrown at each other,
 a sun and sky light, and a camera on a random point of a shell looking at the
 centre (optionally moving along a short arc). Physics by PyBullet through Kubric.
+
+An object that finds no free spot in ``SPAWN_REGION`` within Kubric's 100 tries
+is left out of the scene (``_place``): the clip has fewer objects than were
+drawn. This is part of the spec, so a seed always gives the same scene; failing
+instead would fail every retry of that seed's shard, since placement is
+deterministic.
 """
 
 from __future__ import annotations
@@ -41,6 +47,19 @@ def _random_material(rng: np.random.RandomState, name: str) -> kb.PrincipledBSDF
 def _camera_position(radius: float, elevation_deg: float, azimuth_deg: float) -> np.ndarray:
     el, az = np.radians(elevation_deg), np.radians(azimuth_deg)
     return radius * np.array([np.cos(el) * np.cos(az), np.cos(el) * np.sin(az), np.sin(el)])
+
+
+def _place(scene: kb.Scene, simulator: PyBullet, obj, rng: np.random.RandomState) -> bool:
+    """Move ``obj`` to a random pose where it overlaps nothing; remove it from the
+    scene (simulator and renderer too) and say False when there is none."""
+    try:
+        kb.move_until_no_overlap(obj, simulator, spawn_region=SPAWN_REGION, rng=rng)
+    except RuntimeError as err:
+        if not err.args or err.args[0] != "Failed to place":
+            raise
+        scene.remove(obj)
+        return False
+    return True
 
 
 def build(scene: kb.Scene, cfg, rng: np.random.RandomState, assets: kb.AssetSource,
@@ -85,7 +104,8 @@ def build(scene: kb.Scene, cfg, rng: np.random.RandomState, assets: kb.AssetSour
         obj.material = _random_material(rng, obj.name)
         obj.metadata["category"] = obj.metadata.get("category", asset_id)
         scene += obj
-        kb.move_until_no_overlap(obj, simulator, spawn_region=SPAWN_REGION, rng=rng)
+        if not _place(scene, simulator, obj, rng):
+            continue
         # Throw towards the centre so that objects meet.
         obj.velocity = rng.uniform(*VELOCITY_RANGE) - np.array([*obj.position[:2], 0.0])
         objects.append(obj)
