@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         render_s += timings["build_s"] + timings["render_s"]
         samples.append(sample)
         # the benchmark's clock: seconds since the worker was ready
-        for mark in ("rendered_at", "finished_at"):
+        for mark in ("started_at", "rendered_at", "finished_at"):
             timings[mark + "_s"] = timings.pop(mark) - t_ready
         scene_timings.append(timings)
         print(json.dumps({"event": "scene", "seed": seed, "key": key, **timings}), flush=True)

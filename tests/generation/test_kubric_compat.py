@@ -238,3 +238,30 @@ def test_dropping_vector_and_uv_passes_keeps_every_other_byte():
     with pytest.raises(ValueError, match="motion_blur needs the Vector pass"):
         Blender45(kb.Scene(resolution=(RES, RES)), scratch_dir=tempfile.mkdtemp(),
                   flow=False, motion_blur=0.5)
+
+
+def test_pass_files_without_compression_or_unread_slots_keep_every_array():
+    """render_clip writes its pass files uncompressed and without the EXR's linear image
+    (never read) and object coordinates (unless asked for): every array read back is
+    Kubric's, and the files really are written the other way."""
+    from generation.kubric_compat import read_exr_layers
+
+    layers = ("rgba", "z", "normal_float", "segmentation")
+
+    def render(**options):
+        renderer = _moving_cube_renderer(one_call=True, **options)
+        out = renderer.render(return_layers=layers)
+        scratch = Path(renderer.scratch_dir)
+        exr, png = next((scratch / "exr").glob("*.exr")), next((scratch / "images").glob("*.png"))
+        return out, set(read_exr_layers(exr)), exr.stat().st_size, png.stat().st_size
+
+    kubrics, kubric_layers, kubric_exr, kubric_png = render()
+    ours, our_layers, our_exr, our_png = render(object_coordinates=False, linear_image=False,
+                                                compress_scratch=False)
+    assert {"linear_rgba", "object_coordinates"} <= kubric_layers
+    assert kubric_layers - our_layers == {"linear_rgba", "object_coordinates"}
+    assert our_png > kubric_png                      # stored, not deflated
+    # 5 float channels fewer, but uncompressed: still larger than Kubric's ZIP'd file
+    assert our_exr > kubric_exr
+    for key in layers:
+        assert np.array_equal(kubrics[key], ours[key]), key
