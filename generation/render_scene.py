@@ -173,18 +173,19 @@ def finish_clip(passes: RenderedPasses, timings: dict) -> dict:
 
 def render_clips(cfg: SceneConfig, seeds: list[int], keys: list[str], *,
                  before_scene: Callable[[int], None] | None = None,
-                 overlap: bool | None = None, **kwargs) -> Iterator[tuple[dict, dict]]:
+                 overlap: bool = True, **kwargs) -> Iterator[tuple[dict, dict]]:
     """Render the scenes in order, yielding (shard sample from ``encode_clip``, timings)
     per scene; ``kwargs`` as ``render_passes`` takes them, ``before_scene(seed)`` is
     called before each scene is built (the worker's fault injection).
 
-    With ``overlap`` (default: on a GPU device), Blender renders scene N+1 while one
-    thread finishes scene N (``finish_clip``, then ``encode_clip``): that half is numpy,
-    OpenEXR, OpenCV and zstd, which release the GIL, so on a GPU it runs during sampling
-    instead of after it. On the CPU, where Cycles already holds every core, it measured
-    no gain (docs/performance.md), so there each scene is finished before the next. The
-    bytes are the same either way: each second half reads only its own pass files and
-    its own scene's Python-side keyframes. Timings add ``encode_s`` and, on the
+    With ``overlap`` (the default), Blender renders scene N+1 while one thread finishes
+    scene N (``finish_clip``, then ``encode_clip``): that half is numpy, OpenEXR, OpenCV
+    and zstd, which release the GIL, so on a GPU it runs during sampling, and on the CPU
+    in the stretches where only one core works (the next scene's build, Cycles' scene
+    sync) instead of after the render (2 cores: 2-5 % less wall time per scene, faster
+    in 9 of 12 interleaved A/B runs; docs/performance.md). ``overlap=False`` finishes
+    each scene before the next is built. The bytes are the same either way: each second
+    half reads only its own pass files and its own scene's Python-side keyframes. Timings add ``encode_s`` and, on the
     ``time.perf_counter`` clock, ``started_at`` (the scene's build begins), ``rendered_at``
     (passes written) and ``finished_at`` (sample encoded), from which the wall time of a
     run follows."""
@@ -200,8 +201,6 @@ def render_clips(cfg: SceneConfig, seeds: list[int], keys: list[str], *,
         timings["finished_at"] = time.perf_counter()
         return sample
 
-    if overlap is None:
-        overlap = kwargs.get("device", "cpu") != "cpu"
     pending = None
     with ThreadPoolExecutor(1, thread_name_prefix="finish-clip") as finisher:
         for seed, key in zip(seeds, keys, strict=True):

@@ -138,7 +138,7 @@ def test_worker_without_tensorflow_renders_what_kubric_with_it_renders(rendered_
 
 
 def test_a_scene_finished_beside_the_next_ones_render_keeps_its_bytes(rendered_clip):
-    """``render_clips(overlap=True)`` (the GPU default) reads scene 7's passes back,
+    """``render_clips(overlap=True)`` (the default) reads scene 7's passes back,
     computes its labels and encodes it on a thread while Blender renders scene 3: the
     sample is byte for byte the fixture's clip, rendered alone."""
     from generation.config import SceneConfig
