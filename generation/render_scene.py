@@ -185,10 +185,10 @@ def render_clips(cfg: SceneConfig, seeds: list[int], keys: list[str], *,
     sync) instead of after the render (2 cores: 2-5 % less wall time per scene, faster
     in 9 of 12 interleaved A/B runs; docs/performance.md). ``overlap=False`` finishes
     each scene before the next is built. The bytes are the same either way: each second
-    half reads only its own pass files and its own scene's Python-side keyframes. Timings add ``encode_s`` and, on the
-    ``time.perf_counter`` clock, ``started_at`` (the scene's build begins), ``rendered_at``
-    (passes written) and ``finished_at`` (sample encoded), from which the wall time of a
-    run follows."""
+    half reads only its own pass files and its own scene's Python-side keyframes. Timings
+    add ``encode_s`` and, on the ``time.perf_counter`` clock, ``started_at`` (the scene's
+    build begins), ``rendered_at`` (passes written) and ``finished_at`` (sample encoded),
+    from which the wall time of a run follows."""
     from concurrent.futures import ThreadPoolExecutor
 
     from generation.shard_format import encode_clip
