@@ -78,6 +78,8 @@ BREAKDOWN = textwrap.dedent("""
     from generation.config import SceneConfig
     from generation.render_scene import render_clip, render_clips
     from generation.shard_format import write_samples
+    import webdataset  # as the render worker does at start-up: the first write_samples
+    #                    would import it (and torch, ~1 s) inside the timed loop
     cfg = SceneConfig.model_validate_json(sys.argv[1]); seeds = json.loads(sys.argv[2])
     ref_spp, device, ref_out = int(sys.argv[3]), sys.argv[4], sys.argv[5]
     one = cfg.model_copy(update={"spp": 1})
