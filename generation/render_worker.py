@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         # the benchmark's clock: seconds since the worker was ready
         for mark in ("started_at", "rendered_at", "finished_at"):
             timings[mark + "_s"] = timings.pop(mark) - t_ready
-        scene_timings.append(timings)
+        scene_timings.append({"seed": seed, **timings})
         print(json.dumps({"event": "scene", "seed": seed, "key": key, **timings}), flush=True)
 
     t_write = time.perf_counter()
