@@ -99,7 +99,7 @@ BREAKDOWN = textwrap.dedent("""
             write_samples(Path(tmp) / "shard.tar", [sample for sample, _ in done])
         # the scenes after the first, from the second's build to the shard written
         worker.append({"wall_s": time.perf_counter() - done[1][1]["started_at"],
-                       "scenes": len(block) - 1, "seeds": block[1:]})
+                       "seeds": block[1:]})
     ref = cfg.model_copy(update={"spp": ref_spp, "denoise": False})
     refs = [render_clip(ref, seed, "r", labels_on=False, device=device, frames=[1])[0]["rgb"][0]
             for seed in seeds]
@@ -219,13 +219,13 @@ def main() -> None:
 
     f = args.frames
     calls = {m: mean(t["render_calls_s"] for t in runs[m]) / f for m in runs}
-    sampling = (calls["labels"] - calls["labels_1spp"]) / max(args.spp - 1, 1) * args.spp
-    # Per scene too (runs[mode][i] is seeds[i]): scenes differ by ~1.5x in cost, so a
-    # window that leaves scene 1 out is divided by the sampling of its own scenes.
+    # The slope over spp, per scene (runs[mode][i] is seeds[i]): scenes differ by ~1.5x
+    # in cost, so a window that leaves scene 1 out is divided by its own scenes' sampling.
     sampling_of = {seed: (lab["render_calls_s"] - one["render_calls_s"])
                    / max(args.spp - 1, 1) * args.spp / f
                    for seed, lab, one in zip(seeds, runs["labels"], runs["labels_1spp"],
                                              strict=True)}
+    sampling = mean(sampling_of.values())
 
     def window_sampling(window_seeds) -> float:
         """Path tracing proper of these scenes, in seconds (process 3's slope)."""
@@ -259,7 +259,7 @@ def main() -> None:
     pass_io = mean(s["pass_io_s"] for s in steady) / f
     label_post = mean(s["labels_s"] for s in steady) / f
     steady_per_frame = per_frame(steady)
-    loop_per_frame = sum(b["wall_s"] for b in loop) / (sum(b["scenes"] for b in loop) * f)
+    loop_per_frame = sum(b["wall_s"] for b in loop) / (sum(len(b["seeds"]) for b in loop) * f)
     loop_ratio = (sum(b["wall_s"] for b in loop)
                   / sum(window_sampling(b["seeds"]) for b in loop))
     # one scene per shard: no steady state to time, so that worker's phases added up
