@@ -91,6 +91,7 @@ def render_passes(cfg: SceneConfig, seed: int, key: str, *, scratch_root: Path |
     renderer's set-up), ``render_s`` and ``render_calls_s`` (the render call, in Cycles)."""
     import kubric as kb  # TensorFlow (not in the render worker: see render_worker.py)
 
+    from generation.asset_cache import asset_source
     from generation.assets import load_manifest
     from generation.kubric_compat import Blender45
     from generation.recipes import get_recipe
@@ -126,23 +127,25 @@ def render_passes(cfg: SceneConfig, seed: int, key: str, *, scratch_root: Path |
         manifest = load_manifest(cfg.asset_manifest)
         classes = class_list(manifest)
         asset_ids = sorted(cfg.assets or manifest["assets"])
-        with kb.AssetSource.from_manifest(str(cfg.asset_manifest), scratch_dir=scratch) as source:
-            with _quiet_fd():
-                content = get_recipe(cfg.recipe)(scene, cfg, rng, source, asset_ids)
-            timings["build_s"] = time.perf_counter() - t0
+        # the process's asset source: each asset is unpacked once per process, not
+        # once per scene
+        source = asset_source(cfg.asset_manifest, scratch_root)
+        with _quiet_fd():
+            content = get_recipe(cfg.recipe)(scene, cfg, rng, source, asset_ids)
+        timings["build_s"] = time.perf_counter() - t0
 
-            t1 = time.perf_counter()
-            layers = ["rgba"]
-            if labels_on:
-                layers += ["z", "normal_float", "segmentation"]
-                if cfg.flow:
-                    layers += ["forward_flow", "backward_flow"]
-                if cfg.object_coordinates:
-                    layers += ["object_coordinates"]
-            with _quiet_fd():
-                renderer.render_files(frames=frames if not labels_on else None)
-            timings["render_s"] = time.perf_counter() - t1
-            timings.update(renderer.timings)
+        t1 = time.perf_counter()
+        layers = ["rgba"]
+        if labels_on:
+            layers += ["z", "normal_float", "segmentation"]
+            if cfg.flow:
+                layers += ["forward_flow", "backward_flow"]
+            if cfg.object_coordinates:
+                layers += ["object_coordinates"]
+        with _quiet_fd():
+            renderer.render_files(frames=frames if not labels_on else None)
+        timings["render_s"] = time.perf_counter() - t1
+        timings.update(renderer.timings)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise

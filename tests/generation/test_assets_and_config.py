@@ -67,6 +67,32 @@ def test_kubric_asset_source_loads_every_shape_offline():
             assert urdf.endswith("object.urdf") and "collision_geometry.obj" in open(urdf).read()
 
 
+def test_the_process_asset_source_unpacks_once_and_keeps_no_call_state(tmp_path):
+    """``asset_source`` returns one source per manifest for the process: each asset is
+    unpacked once (the same file for every scene), and one create()'s arguments do not
+    become the next one's (Kubric's create updates the manifest entry in place); a new
+    version of the manifest gets a new source."""
+    import shutil
+
+    from generation.asset_cache import asset_source
+
+    shutil.copytree(DEFAULT_MANIFEST.parent, tmp_path / "shapes")
+    manifest = tmp_path / "shapes" / "manifest.json"
+    source = asset_source(manifest, tmp_path)
+    asset_id = sorted(json.loads(manifest.read_text())["assets"])[0]
+    named = source.create(asset_id=asset_id, name="scene_one_name", mass=123.0)
+    again = source.create(asset_id=asset_id)
+    assert asset_source(manifest, tmp_path) is source
+    assert named.name == "scene_one_name" and again.name != "scene_one_name"
+    assert named.mass == 123.0 and again.mass != 123.0
+    assert again.render_filename == named.render_filename
+    assert str(tmp_path) in again.render_filename
+    data = json.loads(manifest.read_text())
+    data["name"] = "edited"
+    manifest.write_text(json.dumps(data))
+    assert asset_source(manifest, tmp_path) is not source
+
+
 BAD = [
     ({"generation": {"bogus": 1}}, "generation.bogus: unknown key"),
     ({"generation": {"scenes": -3}}, "generation.scenes"),
