@@ -1,33 +1,39 @@
 """Rendering throughput and where a frame's time goes, measured side by side in one run.
 
-1. ``pvit generate``: the whole command (Prefect flow, one worker process per shard
+In the order they run:
+
+1. Process 3a: one warm process renders every scene three times, interleaved so that
+   drift hits all alike: RGB only and with labels at ``--spp`` (the label layer's
+   cost), and with labels at 1 spp (the slope over spp is path tracing proper; what is
+   left of the render call is Blender's scene sync, the compositor and the pass files).
+2. ``pvit generate``: the whole command (Prefect flow, one worker process per shard
    rendering every scene of it, shards written and verified by checksum). Its worker
    logs its own timings (``timings`` line of ``logs/shard-*.log``): process start and
    imports, per scene build + physics, render call, pass reading, label
    post-processing, and the shard write.
-2. A bare Kubric script run the way Kubric's own workers run: one process per scene,
+3. Process 3b: the same three renders of every scene again; after each half of the
+   scenes, that half again through the render worker's own loop (``render_clips``:
+   each scene's labels and encoding run beside the next one's render) and a shard
+   write, timed by the wall clock; then frame 1 of each scene at ``--ref-spp``, the
+   reference both RGBs' PSNR is taken against.
+4. A bare Kubric script run the way Kubric's own workers run: one process per scene,
    writing Kubric's per-frame layer files (``kb.write_image_dict``). Kubric's renderer
    needs this project's Blender 4.5 fixes to run at all, so it uses ``Blender45``.
-3. One warm process renders every scene three more times, interleaved so that drift
-   hits all alike: RGB only and with labels at ``--spp`` (the label layer's cost), and
-   with labels at 1 spp (the slope over spp is path tracing proper; what is left of the
-   render call is Blender's scene sync, the compositor and the pass files); after each
-   half of the scenes, that half again through the render worker's own loop
-   (``render_clips``; on a GPU device each scene's labels and encoding run beside the
-   next one's render)
-   and a shard write, timed by the wall clock; then frame 1 of each scene at
-   ``--ref-spp``, the reference both RGBs' PSNR is taken against.
+
+This machine's speed drifts 10-15 % within minutes, which is why the command is
+bracketed by 3a and 3b: its worker is divided by path tracing measured on both sides
+of it.
 
 Prints the breakdown table and, on its last line, one JSON object: ``sec_per_frame``,
 ``sec_per_frame_kubric``, ``ratio_vs_kubric`` (and ``ratio_vs_kubric_cpu``, the same in CPU
 seconds of the process trees), ``label_overhead_ratio``,
-``sampling_s_per_frame``, ``overhead_ratio`` (the pvit generate worker's steady state:
-wall time of the scenes after its first, from the second scene's build to the shard
-written, / the path tracing of those same scenes, from process 3's slope, scene by
-scene: scenes differ by ~1.5x in cost; ``overhead_ratio_loop`` takes the same loop run
-in process 3 beside the slope runs, ``overhead_ratio_sequential`` process 3's phases
-added up, over all scenes), ``fixed_s`` (the command's cost outside the render worker),
-``rgb_psnr_db``, ``rgb_psnr_db_kubric``.
+``sampling_s_per_frame`` (3b's), ``overhead_ratio`` (the pvit generate worker's steady
+state: wall time of the scenes after its first, from the second scene's build to the
+shard written, / the path tracing of those same scenes, scene by scene (scenes differ
+by ~1.5x in cost), the mean of 3a's and 3b's slopes; ``sampling_drift`` is 3b's slope
+/ 3a's; ``overhead_ratio_loop`` takes the same loop run in 3b beside its slope runs,
+``overhead_ratio_sequential`` 3b's phases added up, over all scenes), ``fixed_s`` (the
+command's cost outside the render worker), ``rgb_psnr_db``, ``rgb_psnr_db_kubric``.
 
     .venv/bin/python benchmarks/render.py [--scenes 8 --frames 8 --resolution 128 --spp 16]
     .venv/bin/python benchmarks/render.py --device cuda --resolution 256 --frames 24 \\
@@ -83,6 +89,7 @@ BREAKDOWN = textwrap.dedent("""
     #                    would import it (and torch, ~1 s) inside the timed loop
     cfg = SceneConfig.model_validate_json(sys.argv[1]); seeds = json.loads(sys.argv[2])
     ref_spp, device, ref_out = int(sys.argv[3]), sys.argv[4], sys.argv[5]
+    slope_only = sys.argv[6] == "slope"
     one = cfg.model_copy(update={"spp": 1})
     render_clip(cfg, seeds[0], "warmup", labels_on=True, device=device)
     runs = {"rgb": [], "labels": [], "labels_1spp": []}
@@ -93,6 +100,8 @@ BREAKDOWN = textwrap.dedent("""
             for mode, c, on in (("rgb", cfg, False), ("labels", cfg, True),
                                 ("labels_1spp", one, True)):
                 runs[mode].append(render_clip(c, seed, "s", labels_on=on, device=device)[1])
+        if slope_only:
+            continue
         done = list(render_clips(cfg, block, [f"w{s}" for s in block], labels_on=True,
                                  device=device))
         with tempfile.TemporaryDirectory() as tmp:
@@ -100,10 +109,11 @@ BREAKDOWN = textwrap.dedent("""
         # the scenes after the first, from the second's build to the shard written
         worker.append({"wall_s": time.perf_counter() - done[1][1]["started_at"],
                        "seeds": block[1:]})
-    ref = cfg.model_copy(update={"spp": ref_spp, "denoise": False})
-    refs = [render_clip(ref, seed, "r", labels_on=False, device=device, frames=[1])[0]["rgb"][0]
-            for seed in seeds]
-    np.save(ref_out, np.stack(refs))
+    if not slope_only:
+        ref = cfg.model_copy(update={"spp": ref_spp, "denoise": False})
+        refs = [render_clip(ref, seed, "r", labels_on=False, device=device,
+                            frames=[1])[0]["rgb"][0] for seed in seeds]
+        np.save(ref_out, np.stack(refs))
     print("RESULT " + json.dumps({"runs": runs, "worker": worker}), flush=True)
 """)
 
@@ -189,8 +199,26 @@ def main() -> None:
         seeds = [s for job in plan(cfg) for s in job.seeds]
         frames = args.scenes * args.frames
 
+        spec = cfg.scene.model_dump_json()
+
+        def breakdown(mode: str) -> dict:
+            out = subprocess.run([sys.executable, "-c", BREAKDOWN, spec, json.dumps(seeds),
+                                  str(args.ref_spp), device, str(tmp / "ref.npy"), mode],
+                                 cwd=REPO, check=True, capture_output=True, text=True,
+                                 env=pin).stdout
+            # Blender writes its own lines to stdout too; ours is marked.
+            return json.loads(next(line[7:] for line in out.splitlines()
+                                   if line.startswith("RESULT ")))
+
+        # The pvit generate worker is bracketed by two slope measurements of its scenes,
+        # one just before the command and one just after: this machine's speed drifts
+        # 10-15 % within minutes, and the headline divides the worker by their mean.
+        before = breakdown("slope")["runs"]
         pvit_s = run([sys.executable, "-m", "flows.cli", "generate", str(tmp / "c.yaml")],
                      label="pvit")
+        after = breakdown("full")
+        runs, loop = after["runs"], after["worker"]
+        refs = np.load(tmp / "ref.npy")
         manifest = json.loads((tmp / "ds" / "manifest.json").read_text())
         worker_s = sum(s["worker_seconds"] for s in manifest["shards"])
         workers = worker_timings(tmp / "ds")
@@ -199,7 +227,6 @@ def main() -> None:
             for clip in read_shard(tmp / "ds" / shard["name"]):
                 ours[clip["meta"]["seed"]] = clip["rgb"][0]
 
-        spec = cfg.scene.model_dump_json()
         kubric_s = sum(run([sys.executable, "-c", BARE_KUBRIC_WORKER, spec, str(seed),
                             str(tmp / f"kubric_{seed}"), device], env=pin, label="kubric")
                        for seed in seeds)
@@ -207,29 +234,25 @@ def main() -> None:
         kubric_rgb = [np.asarray(Image.open(tmp / f"kubric_{seed}" / "rgba_00000.png"))[..., :3]
                       for seed in seeds]
 
-        out = subprocess.run([sys.executable, "-c", BREAKDOWN, spec, json.dumps(seeds),
-                              str(args.ref_spp), device, str(tmp / "ref.npy")],
-                             cwd=REPO, check=True, capture_output=True, text=True,
-                             env=pin).stdout
-        # Blender writes its own lines to stdout too; ours is marked.
-        result = json.loads(next(line[7:] for line in out.splitlines()
-                                 if line.startswith("RESULT ")))
-        runs, loop = result["runs"], result["worker"]
-        refs = np.load(tmp / "ref.npy")
-
     f = args.frames
     calls = {m: mean(t["render_calls_s"] for t in runs[m]) / f for m in runs}
     # The slope over spp, per scene (runs[mode][i] is seeds[i]): scenes differ by ~1.5x
     # in cost, so a window that leaves scene 1 out is divided by its own scenes' sampling.
-    sampling_of = {seed: (lab["render_calls_s"] - one["render_calls_s"])
-                   / max(args.spp - 1, 1) * args.spp / f
-                   for seed, lab, one in zip(seeds, runs["labels"], runs["labels_1spp"],
-                                             strict=True)}
+    def slopes(process_runs) -> dict:
+        return {seed: (lab["render_calls_s"] - one["render_calls_s"])
+                / max(args.spp - 1, 1) * args.spp / f
+                for seed, lab, one in zip(seeds, process_runs["labels"],
+                                          process_runs["labels_1spp"], strict=True)}
+    sampling_of = slopes(runs)                  # process 3b, beside the loop
+    before_of = slopes(before)                  # process 3a, just before the command
     sampling = mean(sampling_of.values())
+    # the pvit generate worker ran between 3a and 3b
+    bracket_of = {seed: (before_of[seed] + sampling_of[seed]) / 2 for seed in seeds}
+    drift = mean(sampling_of.values()) / mean(before_of.values())
 
-    def window_sampling(window_seeds) -> float:
-        """Path tracing proper of these scenes, in seconds (process 3's slope)."""
-        return sum(sampling_of[seed] * f for seed in window_seeds)
+    def window_sampling(window_seeds, of=sampling_of) -> float:
+        """Path tracing proper of these scenes, in seconds (a slope measurement)."""
+        return sum(of[seed] * f for seed in window_seeds)
     aux = calls["labels"] - calls["rgb"]
     # The worker's steady state is wall time, not a sum of phases (on a GPU it finishes
     # scene N while Blender renders N+1; and time between scenes is in no phase): the
@@ -242,7 +265,8 @@ def main() -> None:
             wall = scenes[-1]["finished_at_s"] - scenes[1]["started_at_s"] + w["write_s"]
             steady_worker.append(wall / ((len(scenes) - 1) * f))
             worker_wall += wall
-            worker_sampling += window_sampling(s["seed"] for s in scenes[1:])
+            worker_sampling += window_sampling((s["seed"] for s in scenes[1:]),
+                                               bracket_of)
     n_scenes = sum(len(w["scenes"]) for w in workers)
     write_per_frame = sum(w["write_s"] for w in workers) / (n_scenes * f)
     encode_per_frame = mean(s["encode_s"] for w in workers for s in w["scenes"]) / f
@@ -277,6 +301,8 @@ def main() -> None:
         ("Blender scene sync + compositor + pass file writes (render call - the two below)",
          f"{sync:.4f} s/frame"),
         (f"path tracing proper (slope over spp x {args.spp})", f"{sampling:.4f} s/frame"),
+        ("  the same, measured just before the pvit generate command",
+         f"{mean(before_of.values()):.4f} s/frame"),
         ("auxiliary label layer (render call with labels - RGB only)", f"{aux:.4f} s/frame"),
         ("pass file reading + Kubric post-processors", f"{pass_io:.4f} s/frame"),
         ("label post-processing (generation.labels)", f"{label_post:.4f} s/frame"),
@@ -315,8 +341,11 @@ def main() -> None:
         "steady_s_per_frame_sequential": round(steady_per_frame, 4),
         # the issue's definition: the pvit generate worker's steady state (wall time),
         # over the path tracing of the same scenes
+        # over the path tracing of the same scenes, measured just before and just after
         "overhead_ratio": round(worker_wall / worker_sampling if worker_sampling else
-                                worker_per_frame / sampling, 3),
+                                worker_per_frame / mean(bracket_of.values()), 3),
+        # the slope just after the command / just before it (1 = no drift between them)
+        "sampling_drift": round(drift, 3),
         # the worker's loop again, in process 3 beside the runs that measure the slope
         "overhead_ratio_loop": round(loop_ratio, 3),
         # the phases added up, one scene after another (process 3)
