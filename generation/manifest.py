@@ -54,8 +54,8 @@ def versions() -> dict:
 
 
 # The modules whose code decides pixels and labels: editing one renders datasets again.
-RENDER_CODE = ("render_scene.py", "labels.py", "kubric_compat.py", "shard_format.py",
-               "recipes")
+RENDER_CODE = ("render_scene.py", "labels.py", "kubric_compat.py", "physics.py",
+               "asset_cache.py", "shard_format.py", "recipes")
 
 
 def renderer_fingerprint() -> dict:
