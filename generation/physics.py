@@ -22,7 +22,8 @@ from kubric import core
 from kubric.simulator import pybullet as kubric_pybullet
 
 # The parameters Kubric's PyBullet.__init__ sets on every new connection (its fix for
-# the sticky-walls problem, bullet3 issue 3094); a test compares them with Kubric's.
+# the sticky-walls problem, bullet3 issue 3094). tests/generation/test_physics.py checks
+# the engine against a new Kubric connection and the trajectories against Kubric's view.
 KUBRIC_ENGINE_PARAMETERS = dict(restitutionVelocityThreshold=0.0, warmStartingFactor=0.0,
                                 useSplitImpulse=True, contactSlop=0.0,
                                 enableConeFriction=False, deterministicOverlappingPairs=True)
@@ -35,7 +36,7 @@ class SceneBulletClient(kubric_pybullet._BulletClient):
     _connection: int | None = None       # the process's connection id
     _holder: SceneBulletClient | None = None
 
-    def __init__(self, connection_mode: int = pb.DIRECT):   # noqa: D107
+    def __init__(self, connection_mode: int = pb.DIRECT):
         cls = SceneBulletClient
         if cls._connection is None or not pb.isConnected(physicsClientId=cls._connection):
             cls._connection = pb.connect(connection_mode)
