@@ -245,10 +245,9 @@ def main() -> None:
                                           process_runs["labels_1spp"], strict=True)}
     sampling_of = slopes(runs)                  # process 3b, beside the loop
     before_of = slopes(before)                  # process 3a, just before the command
-    sampling = mean(sampling_of.values())
+    sampling, sampling_before = mean(sampling_of.values()), mean(before_of.values())
     # the pvit generate worker ran between 3a and 3b
     bracket_of = {seed: (before_of[seed] + sampling_of[seed]) / 2 for seed in seeds}
-    drift = mean(sampling_of.values()) / mean(before_of.values())
 
     def window_sampling(window_seeds, of=sampling_of) -> float:
         """Path tracing proper of these scenes, in seconds (a slope measurement)."""
@@ -272,7 +271,7 @@ def main() -> None:
     encode_per_frame = mean(s["encode_s"] for w in workers for s in w["scenes"]) / f
 
     def per_frame(scenes) -> float:
-        """One scene after another, phases added up (as process 3 renders)."""
+        """One scene after another, phases added up (as process 3b renders)."""
         return mean(s["build_s"] + s["render_s"] + s["pass_io_s"] + s["labels_s"]
                     for s in scenes) / f + encode_per_frame + write_per_frame
 
@@ -302,7 +301,7 @@ def main() -> None:
          f"{sync:.4f} s/frame"),
         (f"path tracing proper (slope over spp x {args.spp})", f"{sampling:.4f} s/frame"),
         ("  the same, measured just before the pvit generate command",
-         f"{mean(before_of.values()):.4f} s/frame"),
+         f"{sampling_before:.4f} s/frame"),
         ("auxiliary label layer (render call with labels - RGB only)", f"{aux:.4f} s/frame"),
         ("pass file reading + Kubric post-processors", f"{pass_io:.4f} s/frame"),
         ("label post-processing (generation.labels)", f"{label_post:.4f} s/frame"),
@@ -340,15 +339,14 @@ def main() -> None:
         "steady_s_per_frame_loop": round(loop_per_frame, 4),
         "steady_s_per_frame_sequential": round(steady_per_frame, 4),
         # the issue's definition: the pvit generate worker's steady state (wall time),
-        # over the path tracing of the same scenes
         # over the path tracing of the same scenes, measured just before and just after
         "overhead_ratio": round(worker_wall / worker_sampling if worker_sampling else
                                 worker_per_frame / mean(bracket_of.values()), 3),
         # the slope just after the command / just before it (1 = no drift between them)
-        "sampling_drift": round(drift, 3),
-        # the worker's loop again, in process 3 beside the runs that measure the slope
+        "sampling_drift": round(sampling / sampling_before, 3),
+        # the worker's loop again, in process 3b beside the runs that measure the slope
         "overhead_ratio_loop": round(loop_ratio, 3),
-        # the phases added up, one scene after another (process 3)
+        # the phases added up, one scene after another (process 3b)
         "overhead_ratio_sequential": round(steady_per_frame / sampling, 3),
         "fixed_s": round(fixed, 2),
         "rgb_psnr_db": round(psnr([ours[s] for s in seeds], refs), 2),

@@ -8,8 +8,8 @@ import pytest
 
 
 def _build(seed: int, simulator_class):
-    """The MOVi recipe's scene ``seed`` simulated by ``simulator_class``: every object's
-    keyframed trajectory and the scene's bodies as PyBullet reported them."""
+    """The MOVi recipe's scene ``seed`` simulated by ``simulator_class``: every placed
+    object's keyframes (position, quaternion, velocities) by name."""
     import kubric as kb
 
     from generation.asset_cache import asset_source
