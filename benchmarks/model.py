@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from generation.shard_format import CLASSES  # noqa: E402
+from generation.dataset.shard_format import CLASSES  # noqa: E402
 from training.convert import export_inference  # noqa: E402
 from training.drawn_clips import make_clip, write_shards  # noqa: E402
 from training.losses import compute_losses  # noqa: E402

@@ -62,10 +62,10 @@ BARE_KUBRIC_WORKER = textwrap.dedent("""
     import sys, time, numpy as np
     import kubric as kb
     from generation.config import SceneConfig
-    from generation.devices import use_device
-    from generation.kubric_compat import Blender45
-    from generation.recipes import get_recipe
-    from generation.assets import load_manifest
+    from generation.render.devices import use_device
+    from generation.render.kubric_compat import Blender45
+    from generation.render.recipes import get_recipe
+    from generation.render.assets import load_manifest
     cfg = SceneConfig.model_validate_json(sys.argv[1]); seed = int(sys.argv[2]); out = sys.argv[3]
     scene = kb.Scene(resolution=(cfg.resolution,) * 2, frame_start=1, frame_end=cfg.frames,
                      frame_rate=cfg.fps, step_rate=240)
@@ -83,8 +83,8 @@ BREAKDOWN = textwrap.dedent("""
     from pathlib import Path
     import numpy as np
     from generation.config import SceneConfig
-    from generation.render_scene import render_clip, render_clips
-    from generation.shard_format import write_samples
+    from generation.render.scene import render_clip, render_clips
+    from generation.dataset.shard_format import write_samples
     import webdataset  # as the render worker does at start-up: the first write_samples
     #                    would import it (and torch, ~1 s) inside the timed loop
     cfg = SceneConfig.model_validate_json(sys.argv[1]); seeds = json.loads(sys.argv[2])
@@ -179,9 +179,9 @@ def main() -> None:
 
     sys.path.insert(0, str(REPO))
     from generation.config import GenerationConfig
-    from generation.dataset import plan
-    from generation.devices import preflight, visible_gpus, worker_env
-    from generation.shard_format import read_shard
+    from generation.dataset.plan import plan
+    from generation.dataset.shard_format import read_shard
+    from generation.render.devices import preflight, visible_gpus, worker_env
 
     device = preflight(args.device)
     pin = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3",
@@ -304,7 +304,7 @@ def main() -> None:
          f"{sampling_before:.4f} s/frame"),
         ("auxiliary label layer (render call with labels - RGB only)", f"{aux:.4f} s/frame"),
         ("pass file reading + Kubric post-processors", f"{pass_io:.4f} s/frame"),
-        ("label post-processing (generation.labels)", f"{label_post:.4f} s/frame"),
+        ("label post-processing (generation.render.labels)", f"{label_post:.4f} s/frame"),
         ("shard encoding (zstd, PNG) + shard write",
          f"{encode_per_frame:.4f} + {write_per_frame:.4f} s/frame"),
         ("sum of the phases above, one scene after another (build to shard write)",

@@ -1,9 +1,9 @@
 """Bookkeeping at scale: what a run costs per committed shard, and what a rerun with
 nothing changed costs, at 1,000 and 10,000 shards. Measures the manifest, journal and
-keep decision (``generation.dataset.prepare`` / ``commit`` / ``compact``), not rendering:
+keep decision (``generation.dataset.plan.prepare`` / ``commit`` / ``compact``), not rendering:
 
 - one tiny shard (1 drawn clip, 2 frames of 16 px) is written with the real writer
-  (``generation.shard_format.write_shard`` via ``training.drawn_clips``) and copied
+  (``generation.dataset.shard_format.write_shard`` via ``training.drawn_clips``) and copied
   under every planned name (its clip keys are shard 0's: a bookkeeping benchmark,
   not a dataset ``pvit verify`` would pass);
 - ``commit_s_per_shard_N``: a first ``prepare`` on the empty directory plans N
@@ -105,7 +105,7 @@ class _Counting:
 @contextmanager
 def count_shard_reads():
     """Counts opens of shard files and the bytes read through them (see the docstring)."""
-    from generation.dataset import SHARD_RE
+    from generation.dataset.plan import SHARD_RE
     counter = {"opens": 0, "bytes": 0}
     real_open, real_io_open, real_os_open = builtins.open, io.open, os.open
     real_tar_open = tarfile.bltn_open
@@ -138,7 +138,7 @@ def count_shard_reads():
 
 
 def template_shard(directory: Path) -> Path:
-    from generation.shard_format import write_shard
+    from generation.dataset.shard_format import write_shard
     from training.drawn_clips import make_clip
     path = directory / "template.tar"
     write_shard(path, [make_clip("scene0000000", seed=0, frames=SCENE["frames"],
@@ -147,9 +147,9 @@ def template_shard(directory: Path) -> Path:
 
 
 def measure(n: int, root: Path, template: Path) -> dict:
-    from generation import dataset
     from generation.config import GenerationConfig, SceneConfig
-    from generation.manifest import JOURNAL_NAME, MANIFEST_NAME, sha256_file
+    from generation.dataset import plan as dataset
+    from generation.dataset.manifest import JOURNAL_NAME, MANIFEST_NAME, sha256_file
 
     out = root / f"ds-{label(n)}"
     cfg = GenerationConfig(out=out, scenes=n, scenes_per_shard=1, scene=SceneConfig(**SCENE))

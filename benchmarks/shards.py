@@ -36,7 +36,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from generation import shard_format as sf  # noqa: E402
+from generation.dataset import shard_format as sf  # noqa: E402
 
 IMAGE_FIELDS = ("rgb", "instance_seg", "semantic_seg")   # 8/16-bit: PNG is an option
 
@@ -58,8 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def render_demo_clips(config: Path, count: int) -> list[dict]:
     from generation.config import SceneConfig
-    from generation.dataset import scene_seed
-    from generation.render_scene import render_clip
+    from generation.dataset.plan import scene_seed
+    from generation.render.scene import render_clip
 
     generation = yaml.safe_load(config.read_text())["generation"]
     cfg = SceneConfig(**generation.get("scene", {}))

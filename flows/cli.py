@@ -12,8 +12,8 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from flows.commands import SetOpt
 from flows.experiment import ConfigError, ExperimentConfig, load_experiment
-from training.commands import SetOpt
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Synthetic scenes -> WebDataset shards -> PViT, as Prefect flows.")
@@ -36,7 +36,7 @@ def load_or_exit(config: Optional[Path], overrides: dict,
 def dataset_or_exit(location: Path) -> Path | str:
     """The shard directory (a local ``Path``) or object-store URL (``s3://b/ds``) named by
     a DIR argument; any other scheme (pipe:...) exits 2."""
-    from generation.locations import LocationError, dataset_path
+    from generation.dataset.storage import LocationError, dataset_path
     try:
         return dataset_path(str(location))
     except LocationError as exc:
@@ -46,9 +46,8 @@ def dataset_or_exit(location: Path) -> Path | str:
 def check_writable_dir(path: Path, what: str) -> None:
     """Fail (exit 2) before any work if ``path`` cannot become a writable directory (for
     an object-store URL: if its bucket does not answer or does not exist)."""
-    from generation.locations import LocationError
-    from generation.locations import check_writable_dir as probe
-    from generation.storage import Location, WriteError, is_remote
+    from generation.dataset.storage import Location, LocationError, WriteError, is_remote
+    from generation.dataset.storage import check_writable_dir as probe
     try:
         if is_remote(path):
             Location(path).makedirs()
@@ -105,7 +104,7 @@ def check_render_device(requested: str) -> str:
     """Exit 2 with one line, before any render, when Blender cannot see the requested
     GPU kind; else the line that says which device (``auto``'s pick) will render. It is
     printed once the other checks passed, so a refused run still says one line."""
-    from generation.devices import DeviceError, preflight
+    from generation.render.devices import DeviceError, preflight
     try:
         picked = preflight(requested)
     except DeviceError as exc:
@@ -121,8 +120,8 @@ def warn(message: str) -> None:
 def writer_lock(out: Path, owner: str, *, break_lock: bool = False):
     """Hold the dataset lock of ``out`` for the block (the flow takes it again, within
     this process); another writer: one line naming it, exit 2."""
-    from generation.dataset_lock import LockError, acquire, release
-    from generation.manifest import WriteError
+    from generation.dataset.lock import LockError, acquire, release
+    from generation.dataset.manifest import WriteError
     try:
         acquire(out, owner=owner, break_lock=break_lock, warn=warn)
     except LockError as exc:
@@ -138,7 +137,7 @@ def writer_lock(out: Path, owner: str, *, break_lock: bool = False):
 def check_spec_or_exit(gen, hint: Optional[str] = None) -> None:
     """Exit 2, naming the changed fields, before anything is touched when ``gen`` would
     replace a dataset made with another spec (and does not say overwrite)."""
-    from generation.spec_change import HINT, SpecChanged, check
+    from generation.dataset.spec_change import HINT, SpecChanged, check
     try:
         check(gen, hint or HINT)
     except SpecChanged as exc:
@@ -157,10 +156,10 @@ def _generate(gen, device_line: Optional[str] = None) -> None:
 
     from flows.generate import run_generate
     from flows.prefect_server import TemporaryServerError, use_early_server
-    from generation.dataset import RenderError
-    from generation.dataset_lock import LockError
-    from generation.manifest import WriteError
-    from generation.spec_change import SpecChanged
+    from generation.dataset.lock import LockError
+    from generation.dataset.manifest import WriteError
+    from generation.dataset.spec_change import SpecChanged
+    from generation.render.supervisor import RenderError
 
     def no_traceback(record: logging.LogRecord) -> bool:
         # Prefect logs each failed run with a traceback; for these errors the one line
@@ -176,7 +175,7 @@ def _generate(gen, device_line: Optional[str] = None) -> None:
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=False) as progress:
         # gen.out is a Path, which spells s3://b/p as s3:/b/p: print the URL form
-        from generation.storage import canonical
+        from generation.dataset.storage import canonical
         bar = progress.add_task(f"rendering into {canonical(gen.out)}", total=total)
         try:
             use_early_server()
@@ -200,9 +199,9 @@ def start_render_workers(gen) -> None:
     or a pipeline whose generate stage is cached)."""
     if gen.task_runner != "threads":
         return
-    from generation import warm_workers
-    from generation.dataset import unlisted_jobs
-    from generation.devices import worker_env
+    from generation.dataset.plan import unlisted_jobs
+    from generation.render import warm_workers
+    from generation.render.devices import worker_env
     first = unlisted_jobs(gen)[:gen.workers]     # the shards the first tasks render
     warm_workers.prewarm([worker_env(gen.device, job.index, gen.workers_per_gpu)
                           for job in first])
@@ -212,7 +211,7 @@ def start_render_workers(gen) -> None:
 def verify(directory: Path = typer.Argument(..., help="shard directory")) -> None:
     """Check every shard against the manifest and the planned dataset; exits 1 naming
     each bad or missing shard, 2 when DIR is not a shard directory."""
-    from generation.verify import NotADataset, verify_dataset
+    from generation.dataset.verify import NotADataset, verify_dataset
 
     directory = dataset_or_exit(directory)
     try:
@@ -236,7 +235,7 @@ def show(directory: Path = typer.Argument(..., help="shard directory"),
          sample: Optional[str] = typer.Option(None, help="sample key (default: the first)")
          ) -> None:
     """Write a contact sheet: RGB | depth | instance seg | semantic seg | normals."""
-    from generation.contact_sheet import write_contact_sheet
+    from generation.dataset.contact_sheet import write_contact_sheet
 
     try:
         path = write_contact_sheet(dataset_or_exit(directory), out, sample)
@@ -345,8 +344,8 @@ def _pipeline(cfg: ExperimentConfig, force: list[str]) -> None:
 
 
 def _register_commands() -> None:
+    from flows.commands import register as register_training
     from flows.serve import register as register_serve
-    from training.commands import register as register_training
     register_training(app)
     register_serve(app)
 

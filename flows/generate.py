@@ -1,4 +1,4 @@
-"""``generate_dataset``: the Prefect flow over ``generation.dataset``.
+"""``generate_dataset``: the Prefect flow over ``generation.dataset.plan``.
 
 A task renders a chunk of shards (one shard per task up to ``max_tasks_per_flow``
 shards, never more tasks than that), each in a fresh worker process, and renames each
@@ -21,16 +21,17 @@ from prefect.futures import as_completed
 from prefect.states import Completed, State
 from prefect.tasks import exponential_backoff
 
-from generation import dataset
 from generation.config import GenerationConfig
-from generation.manifest import location
-from generation.storage import Location
+from generation.dataset import plan as dataset
+from generation.dataset.manifest import location
+from generation.dataset.storage import Location
+from generation.render import supervisor
 
 # Where a render task leaves the record of each shard it finished (``NAME.json``), for
 # the flow to commit while the task goes on with the rest of its chunk. The flow empties
 # it before and after rendering; records left by a killed run are never trusted. On an
 # object store it is a prefix (one object per record), reached through the same
-# ``generation.storage.Location`` calls.
+# ``generation.dataset.storage.Location`` calls.
 RECORDS_DIR = ".render-records"
 # How often the flow looks there while render tasks run; records it has committed move
 # to RECORDS_DIR/COMMITTED.
@@ -71,13 +72,13 @@ def render_shard_task(jobs: list[dict], out_dir: str, threads: int, device: str 
             records.append(earlier)         # finished by an earlier attempt of this task
             continue
         try:
-            record = dataset.render_shard(
+            record = supervisor.render_shard(
                 shard, Path(out_dir), threads=threads, device=device,
                 workers_per_gpu=workers_per_gpu,
                 on_scene=lambda e, name=shard.name: logger.info(
                     "%s: scene %s rendered in %.2fs", name, e["seed"],
                     e["build_s"] + e["render_s"]))
-        except dataset.RenderError as exc:
+        except supervisor.RenderError as exc:
             if len(jobs) == 1:
                 raise
             logger.error("%s", exc)
@@ -88,7 +89,7 @@ def render_shard_task(jobs: list[dict], out_dir: str, threads: int, device: str 
                     record["bytes"] / 1e6)
         records.append(record)
     if failures:
-        raise dataset.RenderError("; ".join(failures))
+        raise supervisor.RenderError("; ".join(failures))
     return records
 
 
@@ -173,10 +174,10 @@ def generate_dataset(config: GenerationConfig) -> State[dict]:
     Render tasks run in this flow run, on a task runner the config chooses at run time
     (so deployments and ``pvit serve`` honour it too); when every shard is up to date no
     runner starts at all. The run holds the dataset's lock throughout
-    (``generation.dataset_lock``): a second writer of the same ``out`` fails naming it."""
+    (``generation.dataset.lock``): a second writer of the same ``out`` fails naming it."""
     from prefect.runtime import flow_run
 
-    from generation.dataset_lock import dataset_lock
+    from generation.dataset.lock import dataset_lock
     with dataset_lock(config.out, owner=f"generate_dataset flow run '{flow_run.name}'"):
         return _generate(config)
 
@@ -240,7 +241,7 @@ def _render(config: GenerationConfig, manifest: dict, jobs: list[dict]) -> dict:
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     out = location(config.out)
-    threads = config.render_threads or dataset.worker_threads(config.workers)
+    threads = config.render_threads or supervisor.worker_threads(config.workers)
     runner_task = render_shard_task.with_options(
         retries=config.retries, retry_delay_seconds=exponential_backoff(backoff_factor=1),
         retry_jitter_factor=0)
@@ -306,7 +307,7 @@ def _render(config: GenerationConfig, manifest: dict, jobs: list[dict]) -> dict:
     finally:
         out.delete_prefix(RECORDS_DIR)
     if failures:
-        raise dataset.RenderError("render failed for " + "; ".join(failures))
+        raise supervisor.RenderError("render failed for " + "; ".join(failures))
     return manifest
 
 
@@ -324,7 +325,7 @@ def _contact_sheet_artifact(out: Location) -> None:
 
     from prefect.artifacts import create_markdown_artifact
 
-    from generation.contact_sheet import contact_sheet, find_clip, save_sheet, sheet_png
+    from generation.dataset.contact_sheet import contact_sheet, find_clip, save_sheet, sheet_png
     logger = get_run_logger()
     path = out.join("contact_sheet.png")
     try:

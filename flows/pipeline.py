@@ -69,11 +69,11 @@ def force_stage(cfg: ExperimentConfig, stage: str) -> None:
     deleted here: the stage clears its own directory when it starts, and only if that
     directory carries its stage record (``stage_cache.begin``)."""
     if stage == "generate":
-        from generation.manifest import read_manifest
+        from generation.dataset.manifest import read_manifest
         # Without its manifest every shard renders again; only a manifest of ours (one
         # that lists shards) is removed.
         if read_manifest(cfg.generation.out) is not None:
-            from generation.storage import Location  # a directory or an s3:// prefix
+            from generation.dataset.storage import Location  # a directory or an s3:// prefix
             Location(cfg.generation.out).delete("manifest.json")
         # asked for by name: its shards are replaced (each as its new one is committed)
         cfg.generation = cfg.generation.model_copy(update={"overwrite": True})

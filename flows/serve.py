@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from training.commands import SetOpt
+from flows.commands import SetOpt
 
 if TYPE_CHECKING:
     from prefect import Flow

@@ -14,7 +14,7 @@ States of an output directory for a key:
   cleared; a non-empty one without it is someone else's and is refused.
 
 An output "directory" may also be an object-store prefix (``s3://bucket/ds``; see
-``generation.storage``): the record is then the object ``PREFIX/.stage.json``.
+``generation.dataset.storage``): the record is then the object ``PREFIX/.stage.json``.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from generation.manifest import write_json_atomic
-from generation.storage import Location
+from generation.dataset.manifest import source_digest, write_json_atomic
+from generation.dataset.storage import Location
 
 RECORD = ".stage.json"
 REPO = Path(__file__).resolve().parents[1]
@@ -36,16 +36,11 @@ REPO = Path(__file__).resolve().parents[1]
 def code_version(*packages: str) -> str:
     """Project version plus a hash of the named packages' sources: editing the code
     of a stage invalidates its cached outputs."""
-    digest = hashlib.sha256()
     try:
-        digest.update(metadata.version("pvit-synth").encode())
+        project = metadata.version("pvit-synth")
     except metadata.PackageNotFoundError:
-        pass
-    for package in packages:
-        for path in sorted((REPO / package).rglob("*.py")):
-            digest.update(str(path.relative_to(REPO)).encode())
-            digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
+        project = "unknown"
+    return hashlib.sha256(f"{project}:{source_digest(REPO, packages)}".encode()).hexdigest()[:16]
 
 
 def stage_key(stage: str, section: Any, upstream: dict[str, str], code: str) -> str:
@@ -58,7 +53,7 @@ def file_key(path) -> str:
     spellings of one file are one input), or "none" without a file."""
     if not path or not Path(path).is_file():
         return "none"
-    from generation.manifest import sha256_file
+    from generation.dataset.manifest import sha256_file
     return sha256_file(Path(path))
 
 

@@ -5,7 +5,7 @@ Each stage is a task whose output directory carries a content-keyed record
 (``flows.stage_cache``): an unchanged stage is skipped, a changed training stage starts
 from a clean directory, and a retried task resumes from its last checkpoint. The
 evaluate stage writes into the checkpoint's evaluation home, shared with
-``pvit evaluate`` (``training.evaluate.run_evaluate_in_home``): its record is rewritten,
+``pvit evaluate`` (``flows.evaluation_home.run_evaluate_in_home``): its record is rewritten,
 the other results there are kept. Paths come from ``training.run_layout``.
 """
 
@@ -68,7 +68,7 @@ def _metrics_artifact(stage: str, summary: dict) -> None:
 
         from prefect.artifacts import create_markdown_artifact
 
-        from generation.contact_sheet import sheet_png
+        from generation.dataset.contact_sheet import sheet_png
         png = base64.b64encode(sheet_png(image[..., ::-1], 150_000)).decode()
         create_markdown_artifact(key=f"{stage}-loss-curve",
                                  markdown=f"![{stage} loss curve](data:image/png;base64,{png})"
@@ -101,7 +101,7 @@ def _train(stage: str, cfg, run) -> dict:
     logger.info("%s: torchrun with %d processes (log: %s)", stage, nproc, log_path)
     with open(log_path, "a") as log:
         code = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                               f"--nproc-per-node={nproc}", "-m", "training.commands", stage,
+                               f"--nproc-per-node={nproc}", "-m", "flows.commands", stage,
                                str(config_path)], stdout=log, stderr=subprocess.STDOUT).returncode
     if code != 0:
         raise RuntimeError(f"{stage}: torchrun exited with code {code} (log: {log_path})")
@@ -131,7 +131,7 @@ def finetune_task(cfg: FinetuneConfig, key: str) -> dict:
 @task(name="evaluate", result_serializer="json")
 def evaluate_task(cfg: EvaluateConfig, key: str) -> dict:
     # the checkpoint's evaluation home, shared with `pvit evaluate` (training/evaluate.py)
-    from training.evaluate import run_evaluate_in_home
+    from flows.evaluation_home import run_evaluate_in_home
     result = run_evaluate_in_home(cfg, key)
     _metrics_artifact("evaluate", result)
     return result
@@ -166,7 +166,7 @@ def finetune(config: FinetuneConfig) -> State[dict]:
 @flow(name="evaluate", result_serializer="json")
 def evaluate(config: EvaluateConfig) -> State[dict]:
     """Top-1/top-5 (single and multi-view) of a fine-tuned checkpoint."""
-    from training.evaluate import evaluation_key
+    from flows.evaluation_home import evaluation_key
     out_dir = str(evaluation_dir(config.checkpoint))  # shared with `pvit evaluate`
     key = evaluation_key(config)
     return _cached_or_run("evaluate", out_dir, key, lambda: evaluate_task(config, key))
@@ -204,7 +204,7 @@ def dataset_key(directory) -> str:
     """Content key of a shard directory: its spec hash and every shard's sha256."""
     if not directory:
         return "none"
-    from generation.manifest import read_manifest
+    from generation.dataset.manifest import read_manifest
     manifest = read_manifest(Path(directory))
     if manifest is None:
         return "missing"

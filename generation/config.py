@@ -14,8 +14,10 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from generation.assets import DEFAULT_MANIFEST, load_manifest
-from generation.locations import dataset_path
+from generation.dataset.manifest import renderer_fingerprint
+from generation.dataset.storage import dataset_path
+from generation.render.assets import DEFAULT_MANIFEST, class_list, load_manifest
+from generation.render.recipes import RECIPES
 
 
 class SceneConfig(BaseModel):
@@ -23,7 +25,7 @@ class SceneConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    recipe: str = "movi"                    # name in generation.recipes.RECIPES
+    recipe: str = "movi"                    # name in generation.render.recipes.RECIPES
     resolution: int = Field(64, gt=0, le=4096)   # square frames, pixels
     frames: int = Field(4, gt=0, le=1000)   # T frames per clip
     fps: int = Field(12, gt=0, le=240)
@@ -41,7 +43,6 @@ class SceneConfig(BaseModel):
     def _check(self) -> "SceneConfig":
         if self.min_objects > self.max_objects:
             raise ValueError(f"min_objects ({self.min_objects}) > max_objects ({self.max_objects})")
-        from generation.recipes import RECIPES
         if self.recipe not in RECIPES:
             raise ValueError(f"unknown recipe {self.recipe!r} (known: {sorted(RECIPES)})")
         manifest = load_manifest(self.asset_manifest)
@@ -55,11 +56,15 @@ class SceneConfig(BaseModel):
     def digest(self) -> str:
         """Content hash of everything that determines a clip: this spec, the asset
         manifest's bytes, and the renderer's versions and code (``renderer_fingerprint``)."""
-        from generation.manifest import renderer_fingerprint
         data = self.model_dump(mode="json")
         data["asset_manifest"] = hashlib.sha256(Path(self.asset_manifest).read_bytes()).hexdigest()
         data["renderer"] = renderer_fingerprint()
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+    def classes(self) -> list[str]:
+        """The semantic classes its clips label: the fixed list, then any extra
+        categories of the asset manifest (what the manifest's ``classes`` records)."""
+        return class_list(load_manifest(self.asset_manifest))
 
 
 # Clips one dataset (one ``out``) may plan: planning, the keep check and the manifest are
@@ -80,7 +85,7 @@ class GenerationConfig(BaseModel):
     # output does not depend on it (shards stay byte-identical).
     render_threads: Optional[int] = Field(None, gt=0, le=1024)
     retries: int = Field(2, ge=0, le=20)    # re-runs of a crashed render worker
-    # Cycles device: auto = OptiX, then CUDA, then CPU (generation/devices.py). Recorded
+    # Cycles device: auto = OptiX, then CUDA, then CPU (generation/render/devices.py). Recorded
     # per shard, not part of the spec hash: labels are the same on every device and RGB
     # differs by sampling noise only (docs/generation.md, "Render devices").
     device: Literal["auto", "cpu", "cuda", "optix"] = "auto"
@@ -90,7 +95,7 @@ class GenerationConfig(BaseModel):
     task_runner: Literal["threads", "processes", "dask"] = "threads"
     dask_address: Optional[str] = None      # existing Dask scheduler; None = LocalCluster
     # Replace a dataset made with another spec (``--overwrite``); without it such a run
-    # exits naming the changed fields (generation/spec_change.py).
+    # exits naming the changed fields (generation/dataset/spec_change.py).
     overwrite: bool = False
     # The LocalCluster's dashboard ("127.0.0.1:8787", ":0"); None = no dashboard at all.
     dask_dashboard: Optional[str] = None

@@ -20,3 +20,23 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 import torch  # noqa: E402,F401
 import torch._dynamo  # noqa: E402,F401
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+# Made once per session and shared by tests/training and tests/flows (the commands).
+@pytest.fixture(scope="session")
+def shard_dir(tmp_path_factory) -> Path:
+    """Drawn-clip shards (training.drawn_clips): a synthetic dataset without Blender."""
+    from training.drawn_clips import write_shards
+    return write_shards(tmp_path_factory.mktemp("shards"))
+
+
+@pytest.fixture(scope="session")
+def toy_set(tmp_path_factory) -> dict:
+    """The toy action set (webm in the SSv2 layout, mp4 in the list layout)."""
+    from training.toy_actions import write_toy_actions
+    return write_toy_actions(tmp_path_factory.mktemp("toy") / "actions", clips_per_class=3,
+                             val_per_class=1, size=48, frames=16)

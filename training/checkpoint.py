@@ -8,7 +8,7 @@ killed run leaves either the old checkpoint or the new one, never half of one.
 
 from __future__ import annotations
 
-import os
+import io
 import random
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from generation.dataset.storage import write_atomic
 from training.heads import split_legacy_dense_heads
 from training.model import PromptonomyViT, create_model
 
@@ -28,18 +29,12 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable, or made for another model."""
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"format": FORMAT, **state}, tmp)
-    os.replace(tmp, path)
+    data = io.BytesIO()
+    torch.save({"format": FORMAT, **state}, data)
+    write_atomic(path, data.getbuffer())
 
 
 def _load_marked(path: Path) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from generation.locations import dataset_path
+from generation.dataset.storage import dataset_path
 
 Variant = Literal["vit", "mt", "pvit"]
 DataFormat = Literal["ssv2", "list"]

@@ -1,6 +1,6 @@
 """Shard-format clips drawn with numpy, no renderer: for tests, benchmarks and the
 ablation when no rendered shards are at hand. Written with the real shard writer
-(``generation.shard_format.write_shard``), so readers cannot tell them apart.
+(``generation.dataset.shard_format.write_shard``), so readers cannot tell them apart.
 
 A clip is a sky band (depth +inf), a floor (depth by row, normal up) and two squares
 moving right whose colour is their class, so every scene label is learnable from the
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from generation.shard_format import CLASSES, write_shard
+from generation.dataset.shard_format import CLASSES, write_shard
 
 
 def make_clip(key: str, seed: int, frames: int = 6, size: int = 40) -> dict:
@@ -67,7 +67,7 @@ def write_shards(directory: Path, shards: int = 2, clips_per_shard: int = 4, **k
         clips = [make_clip(f"clip{s:02d}{i:03d}", seed=100 * s + i, **kw)
                  for i in range(clips_per_shard)]
         write_shard(directory / f"shard-{s:05d}.tar", clips)
-    # training reads what a manifest lists (generation/dataset_index.py)
-    from generation.dataset_index import write_index
+    # training reads what a manifest lists (generation/dataset/index.py)
+    from generation.dataset.index import write_index
     write_index(directory, [f"shard-{s:05d}.tar" for s in range(shards)], CLASSES)
     return directory

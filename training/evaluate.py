@@ -23,13 +23,13 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from generation.locations import check_writable_dir
+from generation.dataset.storage import check_writable_dir
 from training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from training.config import EvaluateConfig
 from training.convert import export_inference
 from training.loader_workers import loader_worker_kwargs
 from training.run_files import write_text_atomic
-from training.run_layout import evaluation_dir, evaluation_file, evaluation_name
+from training.run_layout import evaluation_file
 from training.video_data import (
     VideoClips,
     VideoRecord,
@@ -79,15 +79,15 @@ def evaluate_model(model: torch.nn.Module, records: list[VideoRecord], *, num_fr
 def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     """Evaluate ``cfg.checkpoint`` on ``cfg.split``; writes and returns the JSON result
     (to ``cfg.out``, or the checkpoint's evaluation home without a stage record: see
-    ``run_evaluate_in_home`` for the one the commands use)."""
+    ``flows.evaluation_home`` for the recorded one the commands use)."""
     if not cfg.checkpoint:
         raise CheckpointError("checkpoint: none given")
     out = Path(cfg.out) if cfg.out else evaluation_file(cfg.checkpoint, cfg.split)
     check_writable_dir(out.parent, "out")  # before the evaluation, not after it
-    return _write_result(out, _score(cfg))
+    return write_result(out, score(cfg))
 
 
-def _score(cfg: EvaluateConfig) -> dict[str, Any]:
+def score(cfg: EvaluateConfig) -> dict[str, Any]:
     """The evaluation itself: checks the checkpoint and the split, then scores."""
     state = load_checkpoint(cfg.checkpoint)
     model = model_from_checkpoint(state, cfg.checkpoint)  # checks its fields agree
@@ -115,47 +115,8 @@ def _score(cfg: EvaluateConfig) -> dict[str, Any]:
     }
 
 
-def _write_result(out: Path, result: dict[str, Any]) -> dict[str, Any]:
+def write_result(out: Path, result: dict[str, Any]) -> dict[str, Any]:
     out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out, json.dumps(result, indent=2) + "\n")
     result["out"] = str(out)
-    return result
-
-
-def evaluation_key(cfg: EvaluateConfig) -> str:
-    """The stage key of evaluating ``cfg.checkpoint`` as ``cfg`` says: its settings, the
-    checkpoint's content (not its path: ``runs/x/...`` and ``/abs/runs/x/...`` are one
-    file) and the training code's version. ``pvit evaluate`` and the pipeline's stage
-    both key by it, so either finds the other's result up to date."""
-    from flows import stage_cache  # the stage records (no Prefect import)
-
-    section = cfg.model_dump(mode="json", exclude={"checkpoint", "out"})
-    return stage_cache.stage_key("evaluate", section,
-                                 {"checkpoint": stage_cache.file_key(cfg.checkpoint)},
-                                 stage_cache.code_version("training"))
-
-
-def run_evaluate_in_home(cfg: EvaluateConfig, key: str | None = None) -> dict[str, Any]:
-    """``run_evaluate`` into the checkpoint's evaluation home, recorded as a stage
-    (``key``: default ``evaluation_key(cfg)``).
-
-    The directory holds the results of several splits and checkpoints, written by
-    ``pvit evaluate`` and by the pipeline; so a stale record does not clear it (each
-    result file is rewritten whole, to a temporary name then renamed). A directory there
-    that is not a stage directory is someone else's: ``ForeignDirectory``, nothing
-    written. The record is started once the scores exist, so bad input leaves nothing."""
-    from flows import stage_cache
-
-    if not cfg.checkpoint:
-        raise CheckpointError("checkpoint: none given")
-    home = evaluation_dir(cfg.checkpoint)
-    if problem := stage_cache.foreign(home):
-        raise stage_cache.ForeignDirectory(f"out: {problem}")
-    check_writable_dir(home, "out")  # before the evaluation, not after it
-    key = key or evaluation_key(cfg)
-    result = _score(cfg)
-    name = evaluation_name(cfg.checkpoint, cfg.split)
-    stage_cache.begin(home, key, clear_files=False)
-    _write_result(home / name, result)
-    stage_cache.finish(home, key, result, [name])
     return result

@@ -4,20 +4,19 @@ and renamed into place; ``metrics.jsonl`` is appended line by line."""
 
 from __future__ import annotations
 
+import io
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from generation.dataset.storage import write_atomic
 from training.run_layout import RunLayout
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomic(path, text.encode())
 
 
 def write_config(run_dir: Path, stage: str, config: dict[str, Any]) -> None:
@@ -69,7 +68,7 @@ def plot_loss_curve(metrics_path: Path, png_path: Path) -> None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = png_path.with_name(png_path.stem + ".tmp.png")
-    fig.savefig(tmp)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
     plt.close(fig)
-    os.replace(tmp, png_path)
+    write_atomic(png_path, png.getvalue())

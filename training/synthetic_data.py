@@ -2,10 +2,10 @@
 
 Pipeline, per epoch pass (what flows between the stages):
 
-    shard urls (from the manifest: generation.dataset_index.open_dataset)
+    shard urls (from the manifest: generation.dataset.index.open_dataset)
     --split_by_node--> this rank's shards --split_by_worker--> this worker's
     shards --shardshuffle--> open, expand tar, group by key --> raw samples (bytes)
-    --shuffle(buffer)--> decode_sample (generation.shard_format) --> clip dicts
+    --shuffle(buffer)--> decode_sample (generation.dataset.shard_format) --> clip dicts
     --SceneTransform--> tensors (video + scene targets)
 
 ``EndlessPasses`` repeats this pass after pass (reshuffled each time) inside each
@@ -18,7 +18,7 @@ normals' x, mirrors object poses and boxes). Its randomness is a pure function o
 (seed, epoch, pass, clip key), so a resumed run sees the very same clips.
 
 Shards are local paths or object URLs (``s3://bucket/ds/shard-000000.tar``), opened here
-through ``generation.storage.open_file`` (fsspec for object stores, streamed), never
+through ``generation.dataset.storage.open_file`` (fsspec for object stores, streamed), never
 through webdataset's ``gopen``, which runs a ``pipe:`` URL as a shell command.
 
 A shard that does not decode (``bad_shards``):
@@ -46,19 +46,12 @@ import webdataset as wds
 from torch.utils.data import DataLoader
 from webdataset import tariterators
 
-from generation.dataset_index import DatasetIndex, open_dataset
-from generation.shard_format import FormatError, decode_sample
-from generation.storage import open_file
+from generation.dataset.index import DatasetIndex, open_dataset
+from generation.dataset.shard_format import FormatError, decode_sample
+from generation.dataset.storage import open_file
 from training.loader_workers import loader_worker_kwargs
 from training.tasks import ClipView, default_tasks, get_task
 from training.tasks.base import resize
-from training.tasks.pose import (  # noqa: F401 (re-exported: their old home)
-    NON_OBJECT_CLASSES,
-    matrix_to_quat,
-    mirror_poses,
-    object_poses,
-    quat_to_matrix,
-)
 
 # timm ViT (ImageNet) normalisation, so image-pretrained weights see familiar inputs
 RGB_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1, 1)
@@ -260,7 +253,7 @@ def synthetic_dataset(urls: list[str], transform: SceneTransform, seed: int,
         # raw samples: {"__key__", "rgb.npy": bytes, ...}
         lambda entries: _open_tar_samples(entries, bad),
         wds.shuffle(shuffle_buffer, initial=shuffle_buffer, seed=seed),  # bytes: cheap to hold
-        _decode_samples(bad),  # clip dicts (generation.shard_format)
+        _decode_samples(bad),  # clip dicts (generation.dataset.shard_format)
         _transform_clips(transform),  # model-ready tensors
     )
 

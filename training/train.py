@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -25,13 +24,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 from torch.utils.data import DataLoader
 
-from generation.dataset_index import DatasetIndex
-from generation.locations import check_writable_dir
-from generation.shard_format import CLASSES
+from generation.dataset.index import DatasetIndex
+from generation.dataset.shard_format import CLASSES
+from generation.dataset.storage import check_writable_dir, write_atomic
 from training import distributed
 from training.checkpoint import (
     CheckpointError,
@@ -63,7 +62,6 @@ from training.synthetic_data import (
     synthetic_batches,
     synthetic_index,
 )
-from training.tasks import target_keys
 from training.video_data import (
     VideoClips,
     VideoRecord,
@@ -73,8 +71,6 @@ from training.video_data import (
     require_decodable,
 )
 
-# the target keys of the built-in tasks, as samples carry them (training/tasks/)
-SCENE_KEYS = target_keys()
 # arguments a checkpoint must share with the model it initialises / resumes
 SAME_ARCH = ("variant", "tasks", "prompts_per_task", "tubelet_size", "num_seg_classes")
 
@@ -585,13 +581,10 @@ def _finish(run: Training) -> dict[str, Any]:
     setup, model, layout = run.setup, run.model, run.setup.layout
     cfg = setup.cfg
     final = layout.final_checkpoint
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.copyfile(layout.last_checkpoint, tmp)
-    tmp.replace(final)
+    write_atomic(final, layout.last_checkpoint.read_bytes())
     inference = export_inference(model)
-    tmp = layout.inference_weights.with_name(layout.inference_weights.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in inference.state_dict().items()}, str(tmp))
-    tmp.replace(layout.inference_weights)
+    write_atomic(layout.inference_weights,
+                 save({k: v.contiguous() for k, v in inference.state_dict().items()}))
 
     def count(m: nn.Module) -> int:
         return sum(p.numel() for p in m.parameters())

@@ -69,7 +69,7 @@ def test_a_bounded_run_renders_in_chunks_with_per_shard_commits(tmp_path, monkey
     )
 
     from flows import generate
-    from generation.manifest import read_manifest
+    from generation.dataset.manifest import read_manifest
 
     def config(out, **changes):
         return GenerationConfig(
@@ -129,8 +129,8 @@ def test_a_bounded_run_renders_in_chunks_with_per_shard_commits(tmp_path, monkey
 def test_a_failed_shard_does_not_stop_its_chunk_and_a_retry_renders_only_it(tmp_path,
                                                                           monkeypatch):
     from flows import generate
-    from generation.dataset import plan
-    from generation.manifest import read_manifest
+    from generation.dataset.manifest import read_manifest
+    from generation.dataset.plan import plan
 
     out = tmp_path / "ds"
     cfg = GenerationConfig(

@@ -29,7 +29,7 @@ def pvit(*args, env=None, timeout=600, cwd=REPO) -> subprocess.CompletedProcess:
 def rendered_clip():
     """One tiny clip rendered in this process (Blender + Kubric), with its config."""
     from generation.config import SceneConfig
-    from generation.render_scene import render_clip
+    from generation.render.scene import render_clip
 
     cfg = SceneConfig(resolution=48, frames=3, spp=4, min_objects=4, max_objects=6,
                       object_coordinates=True, flow=True)

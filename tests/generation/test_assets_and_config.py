@@ -6,7 +6,7 @@ import trimesh
 import yaml
 from conftest import pvit, write_config
 
-from generation.assets import (
+from generation.render.assets import (
     DEFAULT_MANIFEST,
     SHAPES,
     _fmt,
@@ -74,7 +74,7 @@ def test_the_process_asset_source_unpacks_once_and_keeps_no_call_state(tmp_path)
     version of the manifest gets a new source."""
     import shutil
 
-    from generation.asset_cache import asset_source
+    from generation.render.asset_cache import asset_source
 
     shutil.copytree(DEFAULT_MANIFEST.parent, tmp_path / "shapes")
     manifest = tmp_path / "shapes" / "manifest.json"
@@ -145,7 +145,7 @@ def test_unwritable_output_and_missing_config(tmp_path):
 def test_device_is_not_part_of_the_spec():
     """A device change re-renders nothing (docs/generation.md, "Render devices")."""
     from generation.config import GenerationConfig
-    from generation.dataset import plan
+    from generation.dataset.plan import plan
     cpu = GenerationConfig(device="cpu", workers_per_gpu=2)
     auto = GenerationConfig()
     assert auto.device == "auto" and auto.workers_per_gpu == 1

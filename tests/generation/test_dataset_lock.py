@@ -9,15 +9,16 @@ import sys
 import pytest
 from conftest import REPO, pvit, write_config
 
-from generation import dataset_lock, spec_change
 from generation.config import GenerationConfig, SceneConfig
-from generation.dataset_lock import LOCK_NAME, LockError, acquire, release
-from generation.dataset_lock import dataset_lock as lock
-from generation.manifest import new_manifest, renderer_fingerprint, write_json_atomic
+from generation.dataset import lock as dataset_lock
+from generation.dataset import spec_change
+from generation.dataset.lock import LOCK_NAME, LockError, acquire, release
+from generation.dataset.lock import dataset_lock as lock
+from generation.dataset.manifest import new_manifest, renderer_fingerprint, write_json_atomic
 
 HOLD = """
 import sys, time
-from generation.dataset_lock import acquire
+from generation.dataset.lock import acquire
 acquire(sys.argv[1], owner="test holder")
 print("held", flush=True)
 if sys.argv[2] == "die":

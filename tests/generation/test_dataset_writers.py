@@ -12,9 +12,9 @@ import psutil
 import pytest
 from conftest import PVIT, REPO, pvit, write_config
 
-from generation.dataset_lock import LOCK_NAME
-from generation.manifest import MANIFEST_NAME, read_manifest, sha256_file
-from generation.shard_format import read_shard
+from generation.dataset.lock import LOCK_NAME
+from generation.dataset.manifest import MANIFEST_NAME, read_manifest, sha256_file
+from generation.dataset.shard_format import read_shard
 
 pytestmark = [pytest.mark.slow, pytest.mark.blender]
 
@@ -57,7 +57,7 @@ def render_worker_for(proc, shard):
     try:
         for child in psutil.Process(proc.pid).children(recursive=True):
             cmd = " ".join(child.cmdline())
-            if "generation.render_worker" in cmd and f".{shard}." in cmd:
+            if "generation.render.worker" in cmd and f".{shard}." in cmd:
                 return child
     except psutil.NoSuchProcess:
         pass

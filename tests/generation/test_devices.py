@@ -1,4 +1,4 @@
-"""Render device selection (generation/devices.py): auto/cpu/cuda/optix, GPU pinning.
+"""Render device selection (generation/render/devices.py): auto/cpu/cuda/optix, GPU pinning.
 
 This machine has no GPU: ``auto`` must resolve to CPU, ``cuda``/``optix`` must be
 refused before rendering, and the pinning is checked through the real worker's
@@ -9,7 +9,7 @@ import json
 import pytest
 from conftest import pvit, write_config
 
-from generation import devices
+from generation.render import devices
 
 # What these tests expect of "this machine" holds only where no NVIDIA GPU is visible.
 no_gpu_here = pytest.mark.skipif(bool(devices.visible_gpus()), reason="a GPU is visible")
@@ -89,7 +89,8 @@ def _worker_pins(out):
 @pytest.mark.blender
 def test_cpu_device_renders_and_records_the_device(tmp_path):
     from generation.config import GenerationConfig
-    from generation.dataset import plan, render_shard
+    from generation.dataset.plan import plan
+    from generation.render.supervisor import render_shard
 
     cfg = GenerationConfig.model_validate({
         "out": str(tmp_path), "scenes": 1, "scenes_per_shard": 1, "device": "cpu",

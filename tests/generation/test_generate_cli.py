@@ -9,8 +9,8 @@ import psutil
 import pytest
 from conftest import PVIT, REPO, pvit, write_config
 
-from generation.manifest import read_manifest
-from generation.shard_format import read_shard
+from generation.dataset.manifest import read_manifest
+from generation.dataset.shard_format import read_shard
 
 pytestmark = [pytest.mark.slow, pytest.mark.blender]
 
@@ -84,7 +84,7 @@ def test_crashing_worker_fails_naming_seeds_and_leaves_no_shard(tmp_path):
     out = tmp_path / "ds"
     cfg = write_config(tmp_path / "c.yaml", out, scenes=2, scenes_per_shard=1, retries=1)
     from generation.config import GenerationConfig
-    from generation.dataset import plan
+    from generation.dataset.plan import plan
     jobs = plan(GenerationConfig(out=out, scenes=2, scenes_per_shard=1))
     bad_seed = jobs[1].seeds[0]
     env = {**os.environ, "PVIT_CRASH_ON_SEED": str(bad_seed)}
@@ -101,7 +101,7 @@ def test_crashing_worker_fails_naming_seeds_and_leaves_no_shard(tmp_path):
 def _workers_of(proc):
     try:
         return [c for c in psutil.Process(proc.pid).children(recursive=True)
-                if "generation.render_worker" in " ".join(c.cmdline())]
+                if "generation.render.worker" in " ".join(c.cmdline())]
     except psutil.NoSuchProcess:
         return []
 
@@ -109,7 +109,7 @@ def _workers_of(proc):
 def _wait_for_worker(proc, out, timeout=120):
     """The render workers of ``proc`` once one of them is rendering a shard (its log
     says which device it renders on): the CLI starts workers before their jobs exist
-    (generation.warm_workers), and killing one of those only makes it start another."""
+    (generation.render.warm_workers), and killing one of those only makes it start another."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         workers = _workers_of(proc)

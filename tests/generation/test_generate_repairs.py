@@ -14,16 +14,17 @@ import psutil
 import pytest
 from conftest import PVIT, REPO, pvit, write_config
 
-from generation import dataset
 from generation.config import GenerationConfig
-from generation.dataset_lock import LOCK_NAME
-from generation.manifest import (
+from generation.dataset import plan as dataset
+from generation.dataset.lock import LOCK_NAME
+from generation.dataset.manifest import (
     JOURNAL_NAME,
     MANIFEST_NAME,
     WriteError,
     read_manifest,
     write_json_atomic,
 )
+from generation.render import supervisor
 
 # Smaller than conftest's TINY_SCENE: these tests render many times on two cores.
 SMALL = {"resolution": 32, "frames": 2, "spp": 1, "min_objects": 3, "max_objects": 4}
@@ -121,11 +122,11 @@ def test_error_line_quotes_the_cause_not_the_noise_after_it():
            "    sink.write(encode_clip(clip))\n"
            "OSError: [Errno 28] No space left on device\n"
            f"{banner}\n\n")
-    assert dataset.error_line(log) == "OSError: [Errno 28] No space left on device"
-    assert dataset.error_line(f"{banner}\nFatal Python error: Segmentation fault\n{banner}\n") \
+    assert supervisor.error_line(log) == "OSError: [Errno 28] No space left on device"
+    assert supervisor.error_line(f"{banner}\nFatal Python error: Segmentation fault\n{banner}\n") \
         == "Fatal Python error: Segmentation fault"
-    assert dataset.error_line(f"starting\n{banner}\n") == banner
-    assert dataset.error_line("\n") is None
+    assert supervisor.error_line(f"starting\n{banner}\n") == banner
+    assert supervisor.error_line("\n") is None
 
 
 # -- real runs -----------------------------------------------------------------------
@@ -187,7 +188,7 @@ def _render_worker(proc, timeout=180):
     while time.time() < deadline:
         try:
             for child in psutil.Process(proc.pid).children(recursive=True):
-                if "generation.render_worker" in " ".join(child.cmdline()):
+                if "generation.render.worker" in " ".join(child.cmdline()):
                     return child
         except psutil.NoSuchProcess:
             pass

@@ -1,4 +1,4 @@
-"""One test per Blender 4.5 fix in generation/kubric_compat.py, each checking the
+"""One test per Blender 4.5 fix in generation/render/kubric_compat.py, each checking the
 label (or pixels) the fix affects on a real render."""
 
 import tempfile
@@ -15,7 +15,7 @@ RES = 32
 def make_scene(*, spp=4, denoise=False, view_transform="Filmic", sun=True):
     import kubric as kb
 
-    from generation.kubric_compat import Blender45
+    from generation.render.kubric_compat import Blender45
 
     scene = kb.Scene(resolution=(RES, RES), frame_start=1, frame_end=1)
     renderer = Blender45(scene, scratch_dir=tempfile.mkdtemp(), samples_per_pixel=spp,
@@ -82,7 +82,7 @@ def test_object_coordinates_aov_is_filled():
 def test_obj_asset_imports_unrotated():
     import bpy
 
-    from generation.assets import DEFAULT_MANIFEST
+    from generation.render.assets import DEFAULT_MANIFEST
     kb, scene, renderer = make_scene()
     with kb.AssetSource.from_manifest(str(DEFAULT_MANIFEST)) as source:
         pyramid = source.create(asset_id="pyramid")
@@ -103,7 +103,7 @@ def test_cryptomatte_channels_are_read_case_insensitively():
     import OpenEXR
     from kubric.renderer.blender_utils import mm3hash
 
-    from generation.kubric_compat import read_exr_layers
+    from generation.render.kubric_compat import read_exr_layers
     kb, scene, renderer = make_scene(spp=1)
     cube = kb.Cube(name="cube", scale=0.8, position=(0, 0, 0.8),
                    material=kb.PrincipledBSDFMaterial())
@@ -157,7 +157,7 @@ def test_openimagedenoise_replaces_nlm_and_denoises():
 def test_png_reader_returns_what_kubrics_reader_returns(tmp_path):
     from kubric import file_io
 
-    from generation.kubric_compat import read_png
+    from generation.render.kubric_compat import read_png
     rng = np.random.default_rng(0)
     for shape, dtype in (((5, 7, 4), np.uint8), ((5, 7, 3), np.uint8), ((6, 4, 1), np.uint16),
                          ((6, 4, 3), np.uint16)):
@@ -174,7 +174,7 @@ def _moving_cube_renderer(**options):
     without denoising, ready for ``render``; ``options`` go to ``Blender45``."""
     import kubric as kb
 
-    from generation.kubric_compat import Blender45
+    from generation.render.kubric_compat import Blender45
 
     scene = kb.Scene(resolution=(RES, RES), frame_start=1, frame_end=3)
     renderer = Blender45(scene, scratch_dir=tempfile.mkdtemp(), samples_per_pixel=2,
@@ -213,7 +213,7 @@ def test_dropping_vector_and_uv_passes_keeps_every_other_byte():
     loses just those channels, and with flow on the flows are unchanged."""
     import kubric as kb
 
-    from generation.kubric_compat import Blender45, read_exr_layers
+    from generation.render.kubric_compat import Blender45, read_exr_layers
 
     layers = ("rgba", "z", "normal_float", "segmentation", "object_coordinates")
     flows = ("forward_flow", "backward_flow")
@@ -244,7 +244,7 @@ def test_pass_files_without_compression_or_unread_slots_keep_every_array():
     """render_clip writes its pass files uncompressed and without the EXR's linear image
     (never read) and object coordinates (unless asked for): every array read back is
     Kubric's, and the files really are written the other way."""
-    from generation.kubric_compat import read_exr_layers
+    from generation.render.kubric_compat import read_exr_layers
 
     layers = ("rgba", "z", "normal_float", "segmentation")
 

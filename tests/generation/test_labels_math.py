@@ -3,7 +3,7 @@
 import numpy as np
 from pyquaternion import Quaternion
 
-from generation import labels
+from generation.render import labels
 
 
 def look_at_blender_quat(position, target):

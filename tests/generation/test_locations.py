@@ -8,8 +8,8 @@ import pytest
 import yaml
 from conftest import pvit, write_config
 
-from generation.locations import LocationError, dataset_path
-from generation.shard_format import read_shard, webdataset_pipeline, write_shard
+from generation.dataset.shard_format import read_shard, webdataset_pipeline, write_shard
+from generation.dataset.storage import LocationError, dataset_path
 from training.drawn_clips import make_clip, write_shards
 
 PIPE = "pipe:touch PWNED;w"   # relative to the command's cwd: PWNED lands in tmp_path
@@ -100,7 +100,7 @@ def test_shard_paths_that_look_like_urls_are_opened_as_files(tmp_path, monkeypat
 
     # a dataset location that reads as a command is refused; a shard name that does is
     # opened as the file it names
-    from generation.dataset_index import DatasetError
+    from generation.dataset.index import DatasetError
     with pytest.raises(DatasetError, match="scheme 'pipe:' is not supported"):
         shard_urls(Path("pipe:touch PWNED;d"))
     directory = Path("data")

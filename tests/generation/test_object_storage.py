@@ -12,10 +12,10 @@ import pytest
 import yaml
 from conftest import REPO, TINY_SCENE, pvit
 
-from generation import dataset
 from generation.config import GenerationConfig
-from generation.dataset_lock import LockError, acquire, release
-from generation.manifest import (
+from generation.dataset import plan as dataset
+from generation.dataset.lock import LockError, acquire, release
+from generation.dataset.manifest import (
     JOURNAL_PREFIX,
     MANIFEST_NAME,
     append_journal,
@@ -26,8 +26,8 @@ from generation.manifest import (
     sha256_file,
     write_manifest,
 )
-from generation.shard_format import CLASSES, write_shard
-from generation.storage import Location, WriteError, filesystem
+from generation.dataset.shard_format import CLASSES, write_shard
+from generation.dataset.storage import Location, WriteError, filesystem
 from training.drawn_clips import make_clip
 
 BUCKET = "pvit-test"
@@ -47,7 +47,7 @@ def s3_env():
            "AWS_EC2_METADATA_DISABLED": "true"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    from generation import storage
+    from generation.dataset import storage
     storage._filesystems.clear()
     filesystem("s3").clear_instance_cache()
     storage._filesystems.clear()
@@ -131,7 +131,7 @@ def test_the_journal_is_one_object_per_commit_folded_by_readers_and_compaction(p
 
 HOLD = """
 import sys, time
-from generation.dataset_lock import acquire
+from generation.dataset.lock import acquire
 acquire(sys.argv[1], owner="holder")
 print("held", flush=True)
 time.sleep(60)
@@ -223,7 +223,7 @@ def test_verify_on_a_bucket_names_the_corrupted_object(prefix, tmp_path, s3_env)
 
 
 def test_training_streams_the_listed_objects_of_a_bucket(prefix, tmp_path):
-    from generation.dataset_index import DatasetError, open_dataset
+    from generation.dataset.index import DatasetError, open_dataset
     from training.synthetic_data import SceneTransform, synthetic_dataset
 
     cfg = _tiny_config(prefix)

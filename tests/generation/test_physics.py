@@ -1,4 +1,4 @@
-"""generation.physics: Kubric's PyBullet view on the process's one connection behaves
+"""generation.render.physics: Kubric's PyBullet view on the process's one connection behaves
 as Kubric's own view on a new connection per scene (no Blender needed: the scenes are
 built without a renderer, so only Kubric's scene and PyBullet see them)."""
 
@@ -12,10 +12,10 @@ def _build(seed: int, simulator_class):
     object's keyframes (position, quaternion, velocities) by name."""
     import kubric as kb
 
-    from generation.asset_cache import asset_source
-    from generation.assets import DEFAULT_MANIFEST, load_manifest
     from generation.config import SceneConfig
-    from generation.recipes import movi
+    from generation.render.asset_cache import asset_source
+    from generation.render.assets import DEFAULT_MANIFEST, load_manifest
+    from generation.render.recipes import movi
 
     cfg = SceneConfig(resolution=32, frames=6)
     scene = kb.Scene(resolution=(32, 32), frame_start=1, frame_end=cfg.frames,
@@ -40,7 +40,7 @@ def test_scenes_on_the_shared_connection_move_exactly_as_on_new_connections():
     from the world before the simulation), so the reset after it is exercised too."""
     from kubric.simulator import PyBullet as KubricPyBullet
 
-    from generation.physics import PyBullet
+    from generation.render.physics import PyBullet
 
     fresh = {seed: _build(seed, KubricPyBullet) for seed in (5, 402, 9)}
     _build(11, PyBullet)
@@ -65,7 +65,7 @@ def test_one_connection_serves_every_scene_with_kubrics_parameters():
     import kubric as kb
     from kubric.simulator import PyBullet as KubricPyBullet
 
-    from generation.physics import PyBullet
+    from generation.render.physics import PyBullet
 
     kubric_view = KubricPyBullet(kb.Scene())
     reference = pb.getPhysicsEngineParameters(physicsClientId=kubric_view.physics_client)
@@ -83,7 +83,7 @@ def test_a_scene_whose_connection_was_taken_cannot_touch_the_next_scenes_bodies(
     scene's objects; it raises instead, naming the call."""
     import kubric as kb
 
-    from generation.physics import PyBullet
+    from generation.render.physics import PyBullet
 
     stale = PyBullet(kb.Scene())
     PyBullet(kb.Scene())

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from generation.shard_format import CLASSES, decode_sample, encode_clip
+from generation.dataset.shard_format import CLASSES, decode_sample, encode_clip
 
 pytestmark = pytest.mark.blender
 
@@ -115,7 +115,7 @@ def test_worker_without_tensorflow_renders_what_kubric_with_it_renders(rendered_
     import sys
 
     from generation.config import SceneConfig
-    from generation.shard_format import read_shard
+    from generation.dataset.shard_format import read_shard
 
     cfg = SceneConfig(resolution=48, frames=3, spp=4, min_objects=4, max_objects=6,
                       object_coordinates=True, flow=True)   # the fixture's spec
@@ -123,7 +123,7 @@ def test_worker_without_tensorflow_renders_what_kubric_with_it_renders(rendered_
            "keys": ["scene0000003", "scene0000007", "scene0000011"],
            "out": str(tmp_path / "s.tar"), "device": "cpu"}
     (tmp_path / "job.json").write_text(json.dumps(job))
-    proc = subprocess.run([sys.executable, "-m", "generation.render_worker",
+    proc = subprocess.run([sys.executable, "-m", "generation.render.worker",
                            str(tmp_path / "job.json")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "oneDNN" not in proc.stderr and "TensorFlow" not in proc.stderr  # never loaded
@@ -142,8 +142,8 @@ def test_a_scene_finished_beside_the_next_ones_render_keeps_its_bytes(rendered_c
     computes its labels and encodes it on a thread while Blender renders scene 3: the
     sample is byte for byte the fixture's clip, rendered alone."""
     from generation.config import SceneConfig
-    from generation.render_scene import render_clips
-    from generation.shard_format import encode_clip
+    from generation.dataset.shard_format import encode_clip
+    from generation.render.scene import render_clips
 
     cfg = SceneConfig(resolution=48, frames=3, spp=4, min_objects=4, max_objects=6,
                       object_coordinates=True, flow=True)   # the fixture's spec
@@ -161,7 +161,7 @@ def test_an_object_with_no_free_spot_is_left_out_and_the_seed_still_renders():
     import bpy
 
     from generation.config import SceneConfig
-    from generation.render_scene import render_clip
+    from generation.render.scene import render_clip
 
     cfg = SceneConfig(resolution=32, frames=2, spp=1)
     assert cfg.max_objects == 10

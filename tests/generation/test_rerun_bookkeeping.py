@@ -14,9 +14,9 @@ import pytest
 from conftest import pvit, write_config
 from pydantic import ValidationError
 
-from generation import dataset
 from generation.config import MAX_SCENES, GenerationConfig, SceneConfig
-from generation.manifest import (
+from generation.dataset import plan as dataset
+from generation.dataset.manifest import (
     JOURNAL_NAME,
     MANIFEST_NAME,
     WriteError,
@@ -24,8 +24,8 @@ from generation.manifest import (
     read_manifest,
     sha256_file,
 )
-from generation.shard_format import write_shard
-from generation.verify import verify_dataset
+from generation.dataset.shard_format import write_shard
+from generation.dataset.verify import verify_dataset
 from training.drawn_clips import make_clip
 
 FRAMES, SIZE = 2, 16

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import zstandard
 
-from generation import manifest
-from generation import shard_format as sf
+from generation.dataset import manifest
+from generation.dataset import shard_format as sf
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "dataset-format.md"
 ARRAYS = ("rgb", "depth", "instance_seg", "semantic_seg", "normal", "K", "world_to_camera")
@@ -279,7 +279,7 @@ def test_real_render_gives_the_same_bytes_twice(rendered_clip, tmp_path):
     assert (tmp_path / "a.tar").read_bytes() == (tmp_path / "b.tar").read_bytes()
     assert sf.encode_clip(rendered_clip) == sf.encode_clip(rendered_clip)
     # and in a fresh process (its own zstd contexts, hash seed and thread defaults)
-    code = ("import sys; from generation import shard_format as sf; "
+    code = ("import sys; from generation.dataset import shard_format as sf; "
             "sf.write_shard(sys.argv[2], sf.read_shard(sys.argv[1]))")
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "a.tar"), str(tmp_path / "c.tar")],
                    check=True, cwd=Path(__file__).resolve().parents[2])

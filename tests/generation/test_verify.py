@@ -4,9 +4,9 @@ clips are drawn with numpy), damaged the ways disks and killed runs damage them.
 import pytest
 from conftest import pvit
 
-from generation.dataset import SHARD_PATTERN
-from generation.manifest import MANIFEST_NAME, new_manifest, sha256_file, write_json_atomic
-from generation.shard_format import CLASSES, write_shard
+from generation.dataset.manifest import MANIFEST_NAME, new_manifest, sha256_file, write_json_atomic
+from generation.dataset.plan import SHARD_PATTERN
+from generation.dataset.shard_format import CLASSES, write_shard
 from training.drawn_clips import make_clip
 
 FRAMES, SIZE = 2, 16

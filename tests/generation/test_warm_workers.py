@@ -1,4 +1,4 @@
-"""Render workers started before their jobs (generation/warm_workers.py): the shard a
+"""Render workers started before their jobs (generation/render/warm_workers.py): the shard a
 warm worker renders is the one a fresh worker renders, its log is whole, and a warm
 worker nobody takes never outlives the process that started it."""
 
@@ -13,15 +13,15 @@ import time
 import psutil
 import pytest
 
-from generation import warm_workers
-from generation.devices import worker_env
+from generation.render import warm_workers
+from generation.render.devices import worker_env
 
 CPU_PIN = worker_env("cpu", 0)
 
 
 def _tiny(tmp_path, name):
     from generation.config import GenerationConfig
-    from generation.dataset import plan
+    from generation.dataset.plan import plan
     out = tmp_path / name
     out.mkdir()
     cfg = GenerationConfig.model_validate({
@@ -46,7 +46,7 @@ def _gone(pid: int, within_s: float) -> bool:
 @pytest.mark.slow
 @pytest.mark.blender
 def test_warm_worker_renders_the_bytes_a_fresh_worker_renders(tmp_path):
-    from generation.dataset import render_shard
+    from generation.render.supervisor import render_shard
 
     cold_out, job = _tiny(tmp_path, "cold")
     cold = render_shard(job, cold_out, threads=1, device="cpu")
@@ -88,7 +88,7 @@ def test_warm_workers_do_not_outlive_a_killed_parent(tmp_path):
     parent = subprocess.Popen(
         [sys.executable, "-c",
          "import sys, time\n"
-         "from generation import warm_workers\n"
+         "from generation.render import warm_workers\n"
          "warm_workers.prewarm([{'CUDA_VISIBLE_DEVICES': ''}] * 2)\n"
          "print(*warm_workers.waiting(), flush=True)\n"
          "time.sleep(120)\n"],

@@ -26,8 +26,8 @@ def _ablation():
 def _synth(n=8):
     g = torch.Generator().manual_seed(0)
     batch = {"video": torch.randn(n, 3, 2, 8, 8, generator=g)}
-    from training.train import SCENE_KEYS
-    for key in SCENE_KEYS:
+    from training.tasks import target_keys
+    for key in target_keys():
         batch[key] = torch.arange(n).view(n, *([1] * 2)).expand(n, 2, 3).float() + 0.5
     return batch
 

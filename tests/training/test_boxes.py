@@ -10,7 +10,7 @@ import yaml
 from torchvision.ops import box_convert
 from typer.testing import CliRunner
 
-from generation.shard_format import CLASSES
+from generation.dataset.shard_format import CLASSES
 from training.config import PretrainConfig
 from training.model import create_model
 from training.synthetic_data import SceneTransform

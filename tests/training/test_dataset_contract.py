@@ -1,4 +1,4 @@
-"""The dataset manifest is training's contract (generation/dataset_index.py): training
+"""The dataset manifest is training's contract (generation/dataset/index.py): training
 reads what ``manifest.json`` lists, sizes the segmentation head from its ``classes``,
 refuses a dataset without a manifest or with a listed shard missing, ignores unlisted
 shards with a warning, and stops on a shard that does not decode with one line naming
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import yaml
 
-from generation.dataset_index import DatasetError, open_dataset, write_index
-from generation.shard_format import CLASSES, write_shard
+from generation.dataset.index import DatasetError, open_dataset, write_index
+from generation.dataset.shard_format import CLASSES, write_shard
 from training.drawn_clips import make_clip, write_shards
 
 PVIT = shutil.which("pvit", path=str(Path(sys.executable).parent)) or "pvit"
@@ -250,7 +250,7 @@ def test_a_rendered_dataset_with_a_user_category_trains(tmp_path):
     assert gen.returncode == 0, gen.stderr[-3000:]
     index = open_dataset(out)
     assert index.classes == (*CLASSES, "gizmo")
-    from generation.shard_format import read_shard
+    from generation.dataset.shard_format import read_shard
     seen = set()
     for url in index.urls:
         for clip in read_shard(url):

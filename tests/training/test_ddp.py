@@ -26,7 +26,7 @@ def _torchrun_pretrain(tmp_path, **pretrain) -> None:
         label_size=16, pose_slots=3, num_workers=0, log_every=1, batch_size=2, **pretrain)}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           "-m", "training.commands", "pretrain", str(exp)]
+           "-m", "flows.commands", "pretrain", str(exp)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=240,
                           env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr[-3000:]

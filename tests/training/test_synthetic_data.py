@@ -1,18 +1,10 @@
 import numpy as np
 import torch
 
-from generation.shard_format import read_shard
+from generation.dataset.shard_format import read_shard
 from training.drawn_clips import make_clip
-from training.synthetic_data import (
-    SceneTransform,
-    matrix_to_quat,
-    mirror_poses,
-    object_poses,
-    quat_to_matrix,
-    shard_urls,
-    synthetic_batches,
-    synthetic_index,
-)
+from training.synthetic_data import SceneTransform, shard_urls, synthetic_batches, synthetic_index
+from training.tasks.pose import matrix_to_quat, mirror_poses, object_poses, quat_to_matrix
 
 
 def transform(**kw):

@@ -48,7 +48,7 @@ def test_loss_weights_come_from_the_registry_and_yaml_keys_still_work():
 
 
 def test_each_task_declares_fields_the_shards_hold_and_fills_its_target_keys(shard_dir):
-    from generation.shard_format import read_shard
+    from generation.dataset.shard_format import read_shard
     clip = next(read_shard(sorted(shard_dir.glob("*.tar"))[0]))  # a clip as training reads it
     shard_fields = set(clip)
     for name in BUILTIN:

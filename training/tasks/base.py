@@ -74,7 +74,7 @@ class SyntheticTask:
 
     name: str
     weight: float  # the paper's loss weight (LossWeights default)
-    fields: tuple[str, ...]  # shard fields (generation.shard_format) the targets read
+    fields: tuple[str, ...]  # shard fields (generation.dataset.shard_format) the targets read
     target_keys: tuple[str, ...]
     targets: Callable[[ClipView], dict[str, torch.Tensor]]
     build_head: Callable[[HeadContext], nn.Module]

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from generation.shard_format import CLASSES
+from generation.dataset.shard_format import CLASSES
 from training.heads import PoseHead, clip_frames
 from training.tasks.base import ClipView, SyntheticTask
 

@@ -1,6 +1,6 @@
-"""A shard directory as plain functions (no Prefect): plan which shards a config
-asks for, decide which are already done, render one shard in a worker process,
-commit it atomically, and keep ``manifest.json`` up to date.
+"""A shard directory as plain functions (no Prefect, no renderer): plan which shards a
+config asks for, decide which are already done, commit each finished one, and keep
+``manifest.json`` up to date. Rendering a shard is ``generation.render.supervisor``'s.
 
 Shard ``i`` holds scenes ``i*M .. min((i+1)*M, N) - 1``; scene ``j``'s seed is derived
 from ``(seed, j)`` so adding scenes never changes existing ones. A shard is kept on a
@@ -18,38 +18,35 @@ exactly what a killed one left and nothing a user put in the directory.
 
 from __future__ import annotations
 
-import itertools
-import json
 import logging
 import os
 import re
 import shutil
-import subprocess
-import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from generation.assets import load_manifest
-from generation.config import GenerationConfig
-from generation.manifest import (
+from generation.dataset import spec_change
+from generation.dataset.manifest import (  # noqa: F401 - SHARD_*: the names of a plan's shards
     MANIFEST_NAME,
+    SHARD_PATTERN,
+    SHARD_RE,
     append_journal,
     journal_exists,
     location,
     new_manifest,
     read_manifest,
     remove_journal,
-    sha256_file,
     sha256_object,
     write_manifest,
 )
-from generation.storage import Location, Meta, scratch_dir
+from generation.dataset.storage import Location, Meta
 
-SHARD_PATTERN = "shard-{:06d}.tar"
-SHARD_RE = re.compile(r"shard-\d{6}\.tar")
+if TYPE_CHECKING:   # the stage's config; the store reads its fields and never imports it
+    from generation.config import GenerationConfig
+
 # Temporary files of a run (see the module docstring); a killed run leaves them behind.
 LEFTOVER_RE = re.compile(r"\.shard-\d{6}\.tar\.\d+\.\d+\.(partial|job\.json|scratch)"
                          r"|\." + re.escape(MANIFEST_NAME) + r"\.\d+\.tmp")
@@ -58,12 +55,8 @@ RECORD_FIELDS = {"name": str, "sha256": str, "samples": int, "seeds": list, "key
                  "bytes": int}
 
 # Plain logging (this module has no Prefect); in a flow run it reaches the console
-# through Prefect's root handler, as "WARNING | generation.dataset - ...".
+# through Prefect's root handler, as "WARNING | generation.dataset.plan - ...".
 log = logging.getLogger(__name__)
-
-
-class RenderError(RuntimeError):
-    """A render worker failed; the message names the shard and its scene seeds."""
 
 
 @dataclass
@@ -96,11 +89,6 @@ def plan(cfg: GenerationConfig) -> list[ShardJob]:
                              keys=[f"scene{j:07d}" for j in scene_ids],
                              spec_hash=spec_hash, scene=spec))
     return jobs
-
-
-def classes_for(cfg: GenerationConfig) -> list[str]:
-    from generation.render_scene import class_list
-    return class_list(load_manifest(cfg.scene.asset_manifest))
 
 
 def prepare(cfg: GenerationConfig) -> tuple[dict, list[ShardJob], list[ShardJob]]:
@@ -170,7 +158,7 @@ def unlisted_jobs(cfg: GenerationConfig) -> list[ShardJob]:
     """The planned shards the manifest of ``cfg.out`` does not list for this spec, in
     order: read-only, without the file checks ``prepare`` adds (a shard deleted by hand
     still counts as listed). The CLI starts render workers for the first of them before
-    the flow decides (``generation.warm_workers``)."""
+    the flow decides (``generation.render.warm_workers``)."""
     jobs = plan(cfg)
     old = read_manifest(location(cfg.out))
     if old is None or old.get("spec_hash") != jobs[0].spec_hash:
@@ -184,7 +172,6 @@ def _replacing(cfg: GenerationConfig, old: dict | None) -> dict | None:
     Refuses (``SpecChanged``, before anything is touched) a spec change without
     ``cfg.overwrite``; a resumed overwrite (the manifest already has the new spec and
     a ``replacing`` record) carries the record over."""
-    from generation import spec_change
     spec_change.check(cfg)
     if old is None:
         return None
@@ -205,7 +192,7 @@ def _classes(cfg: GenerationConfig, old: dict | None, job: ShardJob) -> list[str
         classes = old.get("classes")
         if isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes):
             return classes
-    return classes_for(cfg)
+    return cfg.scene.classes()
 
 
 def _records_by_name(manifest: dict | None) -> dict[str, dict]:
@@ -261,7 +248,7 @@ def _remove_leftovers(out: Path, todo: list[ShardJob]) -> None:
         if not LEFTOVER_RE.fullmatch(path.name) or path.is_symlink():
             continue
         if path.name.endswith(".scratch") and path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)   # made by render_shard, see there
+            shutil.rmtree(path, ignore_errors=True)   # made by generation.render.supervisor
         elif path.is_file():
             path.unlink(missing_ok=True)
     logs = out / "logs"
@@ -292,140 +279,6 @@ def _name_list(names: list[str], limit: int = 6) -> str:
     return f"{len(names)} shard{'s' if len(names) != 1 else ''} ({shown}{more})"
 
 
-def worker_threads(workers: int) -> int:
-    return max(1, (os.cpu_count() or 1) // max(1, workers))
-
-
-def render_shard(job: ShardJob, out_dir: Path, *, threads: int = 0,
-                 log_dir: Path | None = None, on_scene=None, device: str = "auto",
-                 workers_per_gpu: int = 1) -> dict:
-    """Render one shard in a fresh worker process and rename it into place.
-
-    Returns the shard's manifest record. Raises ``RenderError`` naming the seeds if the
-    worker dies or fails; no partial shard is ever left under the final name. For an
-    object-store ``out_dir`` the shard is rendered on local scratch and uploaded (see
-    ``_render_and_upload``)."""
-    where = location(out_dir)
-    if where.remote:
-        return _render_and_upload(job, where, threads=threads, log_dir=log_dir,
-                                  on_scene=on_scene, device=device,
-                                  workers_per_gpu=workers_per_gpu)
-    out_dir = Path(out_dir)
-    final = out_dir / job.name
-    stamp = f".{job.name}.{os.getpid()}.{time.monotonic_ns()}"
-    tmp = out_dir / f"{stamp}.partial"
-    # Next to the partial, not in the system temp dir: a killed run's job file is then
-    # found and removed by the next run's prepare (LEFTOVER_RE).
-    job_path = out_dir / f"{stamp}.job.json"
-    # Blender's scratch files too (kubric's .blend and assets; render_clip removes its
-    # own subdirectory, but not when the worker is killed).
-    scratch = out_dir / f"{stamp}.scratch"
-    log_dir = Path(log_dir) if log_dir else out_dir / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    done_event = None
-    try:
-        scratch.mkdir()
-        job_path.write_text(json.dumps({"scene": job.scene, "seeds": job.seeds,
-                                        "keys": job.keys, "out": str(tmp), "threads": threads,
-                                        "scratch": str(scratch), "device": device}))
-        from generation import warm_workers
-        from generation.devices import worker_env  # one GPU per worker process
-        env = warm_workers.environment(worker_env(device, job.index, workers_per_gpu))
-        log_path, log = _open_attempt_log(log_dir, Path(job.name).stem)
-        with log:
-            warm = warm_workers.take(env)
-            if warm is not None:   # started while Prefect's server started, imports done
-                proc = warm.hand(job_path, log_path, log)
-            else:
-                proc = subprocess.Popen([sys.executable, "-m", "generation.render_worker",
-                                         job_path], stdout=subprocess.PIPE, stderr=log,
-                                        text=True, env=env)
-            for line in proc.stdout:
-                try:
-                    event = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if event.get("event") == "scene" and on_scene is not None:
-                    on_scene(event)
-                elif event.get("event") == "done":
-                    done_event = event
-            code = proc.wait()
-        if code != 0 or done_event is None or not tmp.is_file():
-            cause = error_line(log_path.read_text(errors="replace"))
-            raise RenderError(f"render worker for {job.label} exited with code {code}"
-                              + (f": {cause}" if cause else "") + f" (log: {log_path})")
-        digest = sha256_file(tmp)
-        size = tmp.stat().st_size
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
-        job_path.unlink(missing_ok=True)
-        shutil.rmtree(scratch, ignore_errors=True)   # this attempt's own, named by stamp
-    return {"name": job.name, "sha256": digest, "samples": len(job.seeds), "seeds": job.seeds,
-            "keys": job.keys, "bytes": size,
-            "worker_seconds": round(time.perf_counter() - t0, 3),
-            "render_seconds": round(done_event["scenes_s"], 3),
-            "device": done_event.get("device", "cpu")}   # the worker's resolved device
-
-
-def _render_and_upload(job: ShardJob, out: Location, *, log_dir: Path | None,
-                       **kwargs) -> dict:
-    """An object store's shard: rendered into a local scratch directory (``PVIT_SCRATCH``
-    or the system's temp dir), then uploaded under its final name in one PUT (or a
-    multipart upload, visible only once complete), so a reader never sees part of it;
-    the record carries the object's ETag for the next run's keep check. Worker logs stay
-    on this machine (``log_dir``, default ``SCRATCH/pvit-logs/BUCKET_PREFIX``)."""
-    scratch = scratch_dir(f"pvit-{Path(job.name).stem}-")
-    if log_dir is None:
-        base = Path(os.environ.get("PVIT_SCRATCH") or scratch.parent)
-        log_dir = base / "pvit-logs" / out.root.replace("/", "_")
-    try:
-        record = render_shard(job, scratch, log_dir=log_dir, **kwargs)
-        meta = out.upload(scratch / job.name, job.name)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    if meta.size != record["bytes"]:
-        raise RenderError(f"{job.label}: the upload to {out.join(job.name)} holds {meta.size} "
-                          f"bytes, not {record['bytes']}")
-    record["etag"] = meta.etag
-    return record
-
-
-def _open_attempt_log(log_dir: Path, stem: str):
-    """``LOG_DIR/STEM.attempt-K.log`` for the first free K, created exclusively, so a
-    retry (same process or another) never writes over the log of the attempt that failed."""
-    for attempt in itertools.count(1):
-        path = log_dir / f"{stem}.attempt-{attempt}.log"
-        try:
-            return path, open(path, "x")
-        except FileExistsError:
-            continue
-
-
-_EXCEPTION_LINE = re.compile(r"(?:[A-Za-z_][\w.]*)?(?:Error|Exception)\b.*"
-                             r"|Fatal Python error\b.*|Segmentation fault\b.*")
-
-
-def error_line(log_text: str) -> str | None:
-    """The line of a worker's log that says why it failed: the exception line that ends
-    its last Python traceback, else the last line that looks like an error, else the
-    last non-empty line. Quoting the plain last line would often quote start-up noise
-    (a TensorFlow banner) or shutdown chatter rather than the cause."""
-    lines = [line.rstrip() for line in log_text.splitlines() if line.strip()]
-    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent")]
-    if starts:
-        # The exception line is the first one after the traceback that is not indented
-        # (frames and source lines are).
-        for line in lines[starts[-1] + 1:]:
-            if not line[0].isspace():
-                return line.strip()
-    for line in reversed(lines):
-        if _EXCEPTION_LINE.match(line.strip()):
-            return line.strip()
-    return lines[-1].strip() if lines else None
-
-
 def commit(out_dir: Path, manifest: dict, record: dict) -> int:
     """Record a finished shard: its record (with the file's ``mtime_ns``, which the next
     ``prepare`` compares instead of reading the shard) is one line appended to the
@@ -442,7 +295,7 @@ def commit(out_dir: Path, manifest: dict, record: dict) -> int:
             record["mtime_ns"] = os.stat(out_dir.local / record["name"]).st_mtime_ns
         except FileNotFoundError:
             record.pop("mtime_ns", None)   # no file: the next prepare finds it missing
-    # (on an object store the upload's ETag is in the record already, see render_shard)
+    # (on an object store the upload's ETag is in the record already: the supervisor put it)
     written = append_journal(out_dir, manifest.get("spec_hash"), record)
     shards = manifest["shards"]
     shards.append(record)
@@ -463,8 +316,8 @@ def commit(out_dir: Path, manifest: dict, record: dict) -> int:
 def compact(out_dir: Path, manifest: dict) -> dict:
     """The end of a run (failed or not): fold the journal into ``manifest.json``
     (atomic replace), remove the journal, and return the manifest with ``shards``
-    sorted and de-duplicated. See ``generation.manifest.compact``."""
-    from generation.manifest import compact as compact_manifest
+    sorted and de-duplicated. See ``generation.dataset.manifest.compact``."""
+    from generation.dataset.manifest import compact as compact_manifest
     return compact_manifest(location(out_dir), manifest)
 
 

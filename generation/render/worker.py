@@ -1,7 +1,7 @@
 """Render worker: one process renders every scene of one shard and writes the shard.
 
-Run as ``python -m generation.render_worker JOB.json``, or started ahead of its job as
-``... --wait`` (``generation.warm_workers``: its imports overlap Prefect's server start)
+Run as ``python -m generation.render.worker JOB.json``, or started ahead of its job as
+``... --wait`` (``generation.render.warm_workers``: its imports overlap Prefect's server start)
 and handed the job on stdin. A fresh process per shard
 means Blender's state and leaks die with it, while the TensorFlow/bpy import is paid
 once per shard, not once per scene. The job file names the scene spec, the seeds and
@@ -24,8 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-# ``python -m generation.render_worker --wait``: import everything, then wait for a job
-# on stdin (see generation.warm_workers).
+# ``python -m generation.render.worker --wait``: import everything, then wait for a job
+# on stdin (see generation.render.warm_workers).
 WAIT_FLAG = "--wait"
 
 
@@ -63,7 +63,7 @@ def use_gfile_without_tensorflow() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m generation.render_worker JOB.json | --wait", file=sys.stderr)
+        print("usage: python -m generation.render.worker JOB.json | --wait", file=sys.stderr)
         return 2
     warm = argv[0] == WAIT_FLAG
     if not warm:
@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         interpreter_s = 0.0
 
     from generation.config import SceneConfig  # noqa: I001  (bpy after webdataset)
-    from generation.render_scene import render_clips
-    from generation.shard_format import write_samples
+    from generation.render.scene import render_clips
+    from generation.dataset.shard_format import write_samples
 
     # write_shard's (lazily imported there), with torch: worker start-up, not shard write.
     import webdataset  # noqa: F401, I001  (before bpy, the order it always had)
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
     waited_s = 0.0
     if warm:
-        # Started before its job existed (generation.warm_workers): the imports above are
+        # Started before its job existed (generation.render.warm_workers): the imports above are
         # done; the parent now sends one line, {"job": JOB.json, "log": LOG}, or closes
         # stdin (no shard for this worker, or the parent died): exit quietly.
         t_wait = time.perf_counter()
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         job = json.loads(Path(handed["job"]).read_text())
     cfg = SceneConfig.model_validate(job["scene"])
 
-    from generation import devices
+    from generation.render import devices
     threads = int(job.get("threads", 0))
     requested = job.get("device", "auto")
     try:

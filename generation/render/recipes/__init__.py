@@ -12,7 +12,7 @@ process (TensorFlow loaded before torch's triton crashes the process).
 
 from importlib import import_module
 
-RECIPES = {"movi": "generation.recipes.movi:build"}
+RECIPES = {"movi": "generation.render.recipes.movi:build"}
 
 
 def get_recipe(name: str):

@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from generation.config import GenerationConfig
-from generation.manifest import read_manifest, renderer_fingerprint
+from generation.dataset.manifest import SHARD_RE, read_manifest, renderer_fingerprint
+from generation.dataset.storage import Location, canonical
+
+if TYPE_CHECKING:   # the stage's config; the store reads its fields and never imports it
+    from generation.config import GenerationConfig
 
 HINT = ("rerun with --overwrite (or set generation.overwrite: true) to replace them; each "
         "old shard stays until its replacement is rendered")
@@ -25,7 +29,6 @@ class SpecChanged(ValueError):
     naming the changed fields."""
 
     def __init__(self, out: Path, changes: list[str], shards: int, hint: str = HINT):
-        from generation.storage import canonical
         self.out, self.changes, self.shards = canonical(out), changes, shards
         super().__init__(f"{self.out} holds {shards} shard{'s' if shards != 1 else ''} made with "
                          f"another spec ({'; '.join(changes)}): {hint}")
@@ -72,8 +75,6 @@ def changes(old: dict, cfg: GenerationConfig) -> list[str]:
 
 def existing_shards(out) -> list[str]:
     """Shard files in ``out`` (a directory or an object-store prefix): one listing."""
-    from generation.dataset import SHARD_RE
-    from generation.storage import Location
     return sorted(name for name in Location(out).listing() if SHARD_RE.fullmatch(name))
 
 

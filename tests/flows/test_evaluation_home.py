@@ -11,10 +11,10 @@ from typer.testing import CliRunner
 
 from flows import stage_cache
 from flows.cli import app
+from flows.evaluation_home import evaluation_key
 from flows.experiment import load_experiment
 from flows.pipeline import wire
 from training.config import FinetuneConfig
-from training.evaluate import evaluation_key
 from training.run_layout import RunLayout, evaluation_dir, evaluation_file
 from training.train import run_finetune
 

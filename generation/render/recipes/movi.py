@@ -1,7 +1,7 @@
 """MOVi-style scene: a floor, 3-10 rubber or metal shapes thrown at each other,
 a sun and sky light, and a camera on a random point of a shell looking at the
 centre (optionally moving along a short arc). Physics by PyBullet through Kubric
-(on the process's one connection: ``generation.physics``).
+(on the process's one connection: ``generation.render.physics``).
 
 An object that finds no free spot in ``SPAWN_REGION`` within Kubric's 100 tries
 is left out of the scene (``_place``): the clip has fewer objects than were
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import kubric as kb
 import numpy as np
 
-from generation.physics import PyBullet
+from generation.render.physics import PyBullet
 
 FLOOR_CATEGORY = "floor"
 FLOOR_HALF_SIZE = 20.0          # metres; large enough that the camera sees no edge

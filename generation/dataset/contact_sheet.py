@@ -7,15 +7,14 @@ stay crisp.
 
 from __future__ import annotations
 
-import contextlib
-import os
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from generation.manifest import read_manifest
-from generation.shard_format import read_shard
+from generation.dataset.manifest import read_manifest
+from generation.dataset.shard_format import read_shard
+from generation.dataset.storage import write_atomic
 
 COLUMNS = ("rgb", "depth", "instance", "semantic", "normal")
 
@@ -61,7 +60,7 @@ def contact_sheet(clip: dict, max_frames: int = 4, min_tile: int = 128) -> np.nd
 
 def find_clip(directory, key: str | None) -> dict:
     """The clip ``key`` (default: the first) of a dataset (a path or an object URL)."""
-    from generation.storage import Location
+    from generation.dataset.storage import Location
     where = Location(directory)
     manifest = read_manifest(where)
     if manifest is None or not manifest["shards"]:
@@ -86,18 +85,15 @@ def save_sheet(sheet: np.ndarray, out: Path) -> Path:
     temporary file behind."""
     out = Path(out)
     _check_target(out)
-    tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp.png")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        if not cv2.imwrite(str(tmp), sheet[..., ::-1]):
+        ok, png = cv2.imencode(".png", sheet[..., ::-1])
+        if not ok:
             raise ValueError(f"could not write {out}")
-        os.replace(tmp, out)
+        write_atomic(out, png.tobytes())
     except (OSError, cv2.error) as exc:
         raise ValueError(f"could not write {out}: {getattr(exc, 'strerror', None) or exc}"
                          ) from exc
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)      # only there after a failure
     return out
 
 

@@ -40,8 +40,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Optional
 
-from generation.manifest import WriteError
-from generation.storage import Location, is_remote
+from generation.dataset.manifest import WriteError
+from generation.dataset.storage import Location, is_remote
 
 LOCK_NAME = ".pvit.lock"
 

@@ -51,8 +51,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 import numpy as np
 import zstandard
 
-from generation.locations import shard_url
-from generation.storage import open_file
+from generation.dataset.storage import open_file, shard_url
 
 if TYPE_CHECKING:
     import webdataset as wds
@@ -244,7 +243,7 @@ def _check_shapes(clip: dict) -> None:
 
 def write_shard(path: Path, clips: Iterable[dict]) -> int:
     """Write clips to ``path`` (a .tar) deterministically; returns the number written.
-    The caller renames a temporary path into place (see ``generation.dataset``)."""
+    The caller renames a temporary path into place (see ``generation.dataset.plan``)."""
     return write_samples(path, (encode_clip(clip) for clip in clips))
 
 
@@ -269,7 +268,7 @@ def write_samples(path: Path, samples: Iterable[dict]) -> int:
 def iter_raw_samples(path: Path) -> Iterator[dict]:
     """Group a shard's members into raw samples with plain ``tarfile`` (no webdataset)."""
     current: dict | None = None
-    # a local path or an object URL (generation.storage.open_file)
+    # a local path or an object URL (generation.dataset.storage.open_file)
     with open_file(path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
         for info in tar:
             if not info.isfile():

@@ -8,7 +8,7 @@ The worker asks Blender itself (Cycles' add-on preferences) once, resolves ``aut
 
 An explicit ``cuda``/``optix`` that Blender cannot see is refused before anything
 renders: ``preflight`` probes Blender in a short subprocess (``python -m
-generation.devices``, ~1 s) and raises ``DeviceError`` with one line naming the device.
+generation.render.devices``, ~1 s) and raises ``DeviceError`` with one line naming the device.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def preflight(requested: str, gpus: list[str] | None = None) -> str:
 def probe_in_subprocess(gpus: list[str]) -> dict[str, list[str]]:
     """``probe()`` run by a fresh interpreter that sees the first GPU a worker gets."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpus[0] if gpus else ""}
-    proc = subprocess.run([sys.executable, "-m", "generation.devices"], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "generation.render.devices"], capture_output=True,
                           text=True, env=env, timeout=300)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:

@@ -23,6 +23,9 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
+from generation.dataset.shard_format import CLASSES
+from generation.dataset.storage import write_atomic
+
 if TYPE_CHECKING:
     import trimesh
 
@@ -37,7 +40,7 @@ def _trimesh():
 
 ASSET_SET_NAME = "PViTShapes"
 ASSET_SET_VERSION = "1"
-DEFAULT_MANIFEST = Path(__file__).resolve().parent.parent / "assets" / "shapes" / "manifest.json"
+DEFAULT_MANIFEST = Path(__file__).resolve().parents[2] / "assets" / "shapes" / "manifest.json"
 
 # Density of a hard rubber-ish solid (kg/m^3); masses follow from the volume so that
 # big objects are heavy, as in Kubric's KuBasic set.
@@ -233,21 +236,21 @@ def build_asset_set(out_dir: Path) -> Path:
             f"{name}/object.urdf": _urdf(props).encode(),
             f"{name}/data.json": json.dumps(props, indent=2, sort_keys=True).encode(),
         }
-        _write_atomic(out_dir / f"{name}.tar.gz", _deterministic_targz(files))
+        write_atomic(out_dir / f"{name}.tar.gz", _deterministic_targz(files))
         assets[name] = manifest_entry(props)
     manifest = {"name": ASSET_SET_NAME, "version": ASSET_SET_VERSION,
                 "description": "Offline primitive shapes for PViT scene recipes (built by "
-                               "generation/assets.py with trimesh).",
+                               "generation/render/assets.py with trimesh).",
                 "assets": assets}
     path = out_dir / "manifest.json"
-    _write_atomic(path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    write_atomic(path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
     return path
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+def class_list(manifest: dict) -> list[str]:
+    """The fixed class list, then any extra categories of a user's asset manifest."""
+    categories = {a.get("metadata", {}).get("category", k) for k, a in manifest["assets"].items()}
+    return list(CLASSES) + sorted(categories - set(CLASSES))
 
 
 def load_manifest(path: Path) -> dict:

@@ -13,7 +13,7 @@ reader never sees less than what was committed. A journal line names the manifes
 ``spec_hash``: lines of another spec (a journal left by a compaction that was killed
 before removing it) are ignored, as is a torn last line of a killed run.
 
-On an object store (``s3://``, ``gs://``; see ``generation.storage``) nothing can be
+On an object store (``s3://``, ``gs://``; see ``generation.dataset.storage``) nothing can be
 appended to, so each committed shard is one object of its own,
 ``manifest.journal/NNNNNNNNNNNNNNNNNNNN-PID-NAME.json`` (a nanosecond stamp first, so a
 listing is in commit order): one PUT per commit, O(1) as locally, folded and removed
@@ -25,22 +25,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from importlib import metadata
 from pathlib import Path
-from urllib.parse import urlparse
 
-from generation.storage import (  # noqa: F401 - WriteError: re-exported for callers
+from generation.dataset.storage import (  # noqa: F401 - WriteError: re-exported for callers
     OBJECT_STORES,
     Location,
     WriteError,
-    write_local_atomic,
+    write_atomic,
 )
 
 MANIFEST_NAME = "manifest.json"
 JOURNAL_NAME = "manifest.journal.jsonl"
 JOURNAL_PREFIX = "manifest.journal"      # its object-store form: one object per record
-FORMAT_VERSION = 2  # the shard format: generation.shard_format.FORMAT_VERSION
+FORMAT_VERSION = 2  # the shard format: generation.dataset.shard_format.FORMAT_VERSION
 
 
 def versions() -> dict:
@@ -53,23 +53,39 @@ def versions() -> dict:
             "bpy": version("bpy"), "format": FORMAT_VERSION}
 
 
-# The modules whose code decides pixels and labels: editing one renders datasets again.
-RENDER_CODE = ("render_scene.py", "labels.py", "kubric_compat.py", "physics.py",
-               "asset_cache.py", "shard_format.py", "recipes")
+# A shard's name: a plan's shard i is SHARD_PATTERN.format(i); anything else in the
+# directory (``shard-old.tar``) is a user's and never touched.
+SHARD_PATTERN = "shard-{:06d}.tar"
+SHARD_RE = re.compile(r"shard-\d{6}\.tar")
+
+# The code that decides pixels and labels, relative to the ``generation`` package: editing
+# any of it renders datasets again. The store hashes these files; it never imports them.
+RENDER_CODE = ("render/scene.py", "render/labels.py", "render/kubric_compat.py",
+               "render/physics.py", "render/asset_cache.py", "render/recipes",
+               "dataset/shard_format.py")
+GENERATION_ROOT = Path(__file__).resolve().parents[1]
+
+
+def source_digest(root: Path, names) -> str:
+    """sha256 (16 hex digits) of the ``.py`` files named by ``names`` (files or
+    directories, relative to ``root``): each file's path relative to ``root`` and its
+    bytes, in sorted order. The one code fingerprint: the renderer's here, a training
+    stage's in ``flows.stage_cache``."""
+    digest = hashlib.sha256()
+    for name in names:
+        path = root / name
+        for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            digest.update(file.relative_to(root).as_posix().encode())
+            digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def renderer_fingerprint() -> dict:
     """Versions of the renderer and of the code that makes the clips (part of the
     spec hash, so a new Blender/Kubric or a changed recipe renders again)."""
-    root = Path(__file__).resolve().parent
-    digest = hashlib.sha256()
-    for name in RENDER_CODE:
-        paths = sorted((root / name).rglob("*.py")) if (root / name).is_dir() else [root / name]
-        for path in paths:
-            digest.update(path.relative_to(root).as_posix().encode())
-            digest.update(path.read_bytes())
     v = versions()
-    return {"bpy": v["bpy"], "kubric": v["kubric"], "code": digest.hexdigest()[:16]}
+    return {"bpy": v["bpy"], "kubric": v["kubric"],
+            "code": source_digest(GENERATION_ROOT, RENDER_CODE)}
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -86,16 +102,9 @@ def location(directory) -> Location:
 
 
 def write_json_atomic(path, data: dict) -> None:
-    """Replace ``path`` (a local path, or an object URL) with ``data`` as JSON: written
-    and fsynced under a temporary name, then renamed (one PUT on object stores), so
-    readers (and a crash) see the old file or the new one, never part of one. On
-    failure the temporary file is removed and ``WriteError`` raised."""
-    text = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
-    name = os.fspath(path)
-    if urlparse(name).scheme in OBJECT_STORES:   # anything else is a local file name
-        Location(os.path.dirname(name)).write_bytes(os.path.basename(name), text)
-    else:
-        write_local_atomic(Path(path), text)
+    """Replace ``path`` (a local path, or an object URL) with ``data`` as JSON, through
+    ``storage.write_atomic``."""
+    write_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
 
 def read_manifest(directory: Path) -> dict | None:
@@ -241,10 +250,3 @@ def new_manifest(spec: dict, spec_hash: str, classes: list[str], dataset: dict) 
     return {"format_version": FORMAT_VERSION, "spec": spec, "spec_hash": spec_hash,
             "versions": versions(), "renderer": renderer_fingerprint(), "classes": classes,
             "dataset": dataset, "shards": []}
-
-
-def upsert_shard(manifest: dict, record: dict) -> None:
-    """Add or replace one shard record, keeping shards sorted by name."""
-    shards = [s for s in manifest["shards"] if s["name"] != record["name"]]
-    shards.append(record)
-    manifest["shards"] = sorted(shards, key=lambda s: s["name"])

@@ -17,10 +17,10 @@ from collections import defaultdict
 
 import numpy as np
 
-from generation.dataset import SHARD_PATTERN
-from generation.manifest import MANIFEST_NAME, read_manifest, sha256_object
-from generation.shard_format import FormatError, read_shard
-from generation.storage import Location, LocationError
+from generation.dataset.manifest import MANIFEST_NAME, read_manifest, sha256_object
+from generation.dataset.plan import SHARD_PATTERN
+from generation.dataset.shard_format import FormatError, read_shard
+from generation.dataset.storage import Location, LocationError
 
 
 def check_clip(clip: dict, spec: dict, classes: list[str]) -> list[str]:

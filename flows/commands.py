@@ -4,7 +4,7 @@
 reads its section of the experiment file, applies flags as overrides, checks every
 input (``error: ...`` on stderr, exit 2, before any training), then calls the plain
 function in ``training/`` that Prefect tasks call too. Under ``torchrun`` run this
-module directly: ``torchrun --nproc_per_node 2 -m training.commands pretrain CONFIG``.
+module directly: ``torchrun --nproc_per_node 2 -m flows.commands pretrain CONFIG``.
 """
 
 from __future__ import annotations
@@ -137,9 +137,10 @@ def evaluate(
     """Top-1 / top-5, single view and multi-view, written as JSON."""
     from pydantic import ValidationError
 
+    from flows.evaluation_home import run_evaluate_in_home
     from training.checkpoint import CheckpointError
     from training.config import EvaluateConfig
-    from training.evaluate import run_evaluate, run_evaluate_in_home
+    from training.evaluate import run_evaluate
 
     section: dict[str, Any] = {}
     if config is not None or sets:
@@ -175,7 +176,7 @@ def register(app: typer.Typer) -> None:
 
 
 def main() -> None:
-    """Entry for ``torchrun -m training.commands``: the training commands alone."""
+    """Entry for ``torchrun -m flows.commands``: the training commands alone."""
     app = typer.Typer(add_completion=False, no_args_is_help=True)
     register(app)
     app()

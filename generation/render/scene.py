@@ -17,17 +17,11 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from generation import labels
 from generation.config import SceneConfig
-from generation.shard_format import CLASSES
+from generation.render import labels
+from generation.render.assets import class_list
 
 logger = logging.getLogger(__name__)
-
-
-def class_list(manifest: dict) -> list[str]:
-    """The fixed class list, then any extra categories of a user's asset manifest."""
-    categories = {a.get("metadata", {}).get("category", k) for k, a in manifest["assets"].items()}
-    return list(CLASSES) + sorted(categories - set(CLASSES))
 
 
 @contextlib.contextmanager
@@ -52,7 +46,7 @@ def render_clip(cfg: SceneConfig, seed: int, key: str, *, scratch_root: Path | N
 
     ``labels_on=False`` renders RGB only (used by the label-overhead benchmark);
     ``threads > 0`` caps Blender's render threads (several workers share the cores);
-    ``device`` is a resolved Cycles device (``generation.devices``: cpu, cuda, optix);
+    ``device`` is a resolved Cycles device (``generation.render.devices``: cpu, cuda, optix);
     ``frames`` (RGB only) renders just those frame numbers (benchmark reference images)."""
     passes, timings = render_passes(cfg, seed, key, scratch_root=scratch_root,
                                     labels_on=labels_on, threads=threads, device=device,
@@ -91,10 +85,10 @@ def render_passes(cfg: SceneConfig, seed: int, key: str, *, scratch_root: Path |
     renderer's set-up), ``render_s`` and ``render_calls_s`` (the render call, in Cycles)."""
     import kubric as kb  # TensorFlow (not in the render worker: see render_worker.py)
 
-    from generation.asset_cache import asset_source
-    from generation.assets import load_manifest
-    from generation.kubric_compat import Blender45
-    from generation.recipes import get_recipe
+    from generation.render.asset_cache import asset_source
+    from generation.render.assets import load_manifest
+    from generation.render.kubric_compat import Blender45
+    from generation.render.recipes import get_recipe
 
     timings = {}
     scratch = Path(tempfile.mkdtemp(prefix=f"render_{key}_", dir=scratch_root))
@@ -116,7 +110,7 @@ def render_passes(cfg: SceneConfig, seed: int, key: str, *, scratch_root: Path |
                                  object_coordinates=cfg.object_coordinates,
                                  linear_image=False, compress_scratch=False)
         timings["setup_s"] = time.perf_counter() - t0
-        from generation.devices import use_device
+        from generation.render.devices import use_device
         use_device(device)
         if threads > 0:
             import bpy
@@ -157,7 +151,7 @@ def render_passes(cfg: SceneConfig, seed: int, key: str, *, scratch_root: Path |
 def finish_clip(passes: RenderedPasses, timings: dict) -> dict:
     """Read the passes back and compute the labels: the clip dict in the shard format
     (RGB only if the scene was rendered without labels). Adds ``pass_io_s`` (pass files
-    and Kubric's post-processors) and ``labels_s`` (``generation.labels``) to
+    and Kubric's post-processors) and ``labels_s`` (``generation.render.labels``) to
     ``timings``; removes the scratch files. No bpy: safe beside another scene's render."""
     try:
         t1 = time.perf_counter()
@@ -194,7 +188,7 @@ def render_clips(cfg: SceneConfig, seeds: list[int], keys: list[str], *,
     from which the wall time of a run follows."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from generation.shard_format import encode_clip
+    from generation.dataset.shard_format import encode_clip
 
     def finish(passes: RenderedPasses, timings: dict) -> dict:
         clip = finish_clip(passes, timings)

@@ -28,13 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from generation.locations import shard_url
-from generation.manifest import MANIFEST_NAME, read_manifest, write_manifest
-from generation.storage import Location, LocationError
+from generation.dataset.manifest import MANIFEST_NAME, read_manifest, write_manifest
+from generation.dataset.storage import Location, LocationError, shard_url
 
 log = logging.getLogger(__name__)
 
-# What every clip holds (generation/shard_format.py, docs/dataset-format.md), and the
+# What every clip holds (generation/dataset/shard_format.py, docs/dataset-format.md), and the
 # optional fields a spec switch adds.
 BASE_FIELDS = ("rgb", "depth", "instance_seg", "semantic_seg", "normal", "K",
                "world_to_camera", "instances", "meta")
@@ -158,7 +157,7 @@ def write_index(directory: Path, names: Iterable[str], classes: Iterable[str],
     """A minimal ``manifest.json`` for shards written by other means than ``pvit
     generate`` (drawn test clips, converted data): name, sha256, sample count, keys and
     bytes of each listed shard, and the class list. Returns the manifest."""
-    from generation.shard_format import iter_raw_samples
+    from generation.dataset.shard_format import iter_raw_samples
 
     directory = Path(directory)
     shards = []

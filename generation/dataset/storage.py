@@ -263,7 +263,7 @@ class Location:
         """Replace ``name`` with ``data`` atomically (see the module docstring); on failure
         nothing is left under a temporary name and ``WriteError`` names the file."""
         if not self.remote:
-            write_local_atomic(self.local / name, data)
+            write_atomic(self.local / name, data)
             return
         try:
             self.fs.pipe_file(self._key(name), data)
@@ -354,10 +354,17 @@ def _first_line(exc: Exception) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def write_local_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path``: fsynced under ``.NAME.PID.tmp`` next to it, then
-    renamed (a rename that outlives the data would leave 0 bytes). On failure the
-    temporary file is removed and ``WriteError`` raised naming ``path``."""
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """The project's one atomic write: replace the file ``path`` (a local path, or an
+    object URL ``s3://bucket/key``) with ``data``, so readers (and a crash) see the old
+    file or the new one, never part of one. Locally: written and fsynced under
+    ``.NAME.PID.tmp`` next to it, then renamed (a rename that outlives the data would
+    leave 0 bytes); on an object store: one PUT. On failure the temporary file is
+    removed and ``WriteError`` raised naming ``path``."""
+    name = os.fspath(path)
+    if urlparse(name).scheme in OBJECT_STORES:   # anything else is a local file name
+        Location(name.rsplit("/", 1)[0]).write_bytes(name.rsplit("/", 1)[1], data)
+        return
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -385,3 +392,53 @@ def scratch_dir(prefix: str) -> Path:
     if base:
         Path(base).mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=prefix, dir=base))
+
+
+# Dataset locations: the one check every shard directory named by a user passes.
+#
+# webdataset opens a string through ``gopen``, which dispatches on the URL scheme, and
+# ``pipe:CMD`` runs CMD in a shell. A location is a config value or a flag (deployments
+# take the config as a run parameter), so a location with a scheme the project does not
+# handle must be refused before anything opens it, and shards are opened as files (see
+# ``shard_url``) so that no path reaches ``gopen`` as a raw string.
+#
+# Accepted: a plain path (``data/shards``, ``/data/shards``), ``file:`` URLs of
+# absolute paths (``file:///data/shards``) and object-store prefixes (``s3://bucket/ds``,
+# ``gs://bucket/ds``, opened through fsspec, see ``Location`` above). A relative path
+# that starts like another scheme (``pipe:x``) is refused, because webdataset would read
+# it as one.
+
+
+def dataset_path(location: str | os.PathLike) -> Path | str:
+    """The dataset named by ``location``: a local ``Path``, or the canonical URL
+    (``s3://bucket/prefix``, ``gs://...``) of an object-store prefix; raises
+    ``LocationError`` for any other scheme (``pipe:``, ``https:``...)."""
+    return canonical(location)
+
+
+def shard_url(path: str | os.PathLike) -> str:
+    """A ``file:`` URL of a local shard for webdataset: built from the resolved absolute
+    path and percent-encoded, so gopen opens the file itself whatever its name holds
+    (``pipe:``, ``#``, ``?``), never a shell."""
+    return Path(path).resolve().as_uri()
+
+
+def check_writable_dir(path: str | Path, what: str) -> None:
+    """Raise ``LocationError`` ("<what>: ...") unless ``path`` is, or can be made, a directory
+    this process can write in. It creates and removes a file in the nearest existing
+    ancestor: permission bits say nothing for root, nor for read-only mounts or /proc."""
+    path = Path(path)
+    probe = path
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        if probe == path:
+            raise LocationError(f"{what}: {path} is a file, not a directory")
+        raise LocationError(f"{what}: {path} cannot be created: {probe} is a file")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".write-probe-", dir=probe)
+    except OSError as exc:
+        raise LocationError(f"{what}: {path} is not writable (creating a file in {probe}: "
+                            f"{exc.strerror})") from None
+    os.close(fd)
+    os.unlink(name)

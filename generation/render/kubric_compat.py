@@ -140,7 +140,7 @@ class Blender45(Blender):
         """Kubric's reset (an empty scene with a new world, or ``custom_scene``), with the
         preferences and add-ons reset only on the process's first scene: nothing this
         project renders reads a preference that a scene changes (the Cycles device is set
-        per scene by ``generation.devices.use_device``)."""
+        per scene by ``generation.render.devices.use_device``)."""
         if not Blender45._preferences_reset:
             Blender.clear_and_reset_blender_scene(verbose, custom_scene=custom_scene)
             Blender45._preferences_reset = True

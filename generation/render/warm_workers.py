@@ -4,8 +4,8 @@ command's own start instead of following it.
 A render worker spends its first seconds importing torch (webdataset's), bpy and
 Kubric; ``pvit generate`` spends its first seconds waiting for Prefect's temporary
 server, a process that uses one core while the CLI waits. ``prewarm`` starts
-``python -m generation.render_worker --wait`` processes at that point; each does its
-imports and then blocks reading one line from stdin. ``generation.dataset.render_shard``
+``python -m generation.render.worker --wait`` processes at that point; each does its
+imports and then blocks reading one line from stdin. ``generation.dataset.plan.render_shard``
 asks ``take`` for one started with the environment it would give a new worker (the GPU
 pin included) and hands it the job file and the shard's log path on that line; with
 none left (more shards than warm workers, another task runner's process, a warm worker
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
-from generation.render_worker import WAIT_FLAG
+from generation.render.worker import WAIT_FLAG
 
 
 @dataclass
@@ -74,7 +74,7 @@ _warm: list[WarmWorker] = []
 
 def environment(pin: dict[str, str]) -> dict[str, str]:
     """The environment a render worker gets: this process's, Blender quiet about
-    TensorFlow, and ``pin`` (``generation.devices.worker_env``)."""
+    TensorFlow, and ``pin`` (``generation.render.devices.worker_env``)."""
     return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **pin}
 
 
@@ -86,7 +86,7 @@ def prewarm(pins: list[dict[str, str]]) -> None:
     for pin in pins:
         env = environment(pin)
         early = tempfile.TemporaryFile()
-        process = subprocess.Popen([sys.executable, "-m", "generation.render_worker",
+        process = subprocess.Popen([sys.executable, "-m", "generation.render.worker",
                                     WAIT_FLAG], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                    stderr=early, text=True, env=env)
         with _lock:
