@@ -13,6 +13,18 @@ States of an output directory for a key:
   changed config never resumes an old run. Only a directory carrying a record is
   cleared; a non-empty one without it is someone else's and is refused.
 
+Why not Prefect's ``cache_policy`` / ``cache_key_fn`` with ``key_storage``: Prefect
+caches a task's *return value* under a key and answers "is there a result for this
+key"; it has no notion of the files a stage writes. The records here answer what the
+pipeline needs and Prefect's cache cannot: whether the outputs the record names still
+exist (a deleted checkpoint makes the stage run again, a cached result would not); a
+*resumable* state (a killed training run continues from its last checkpoint, a
+cache only knows done or not); clearing what a stale run wrote and refusing a
+directory the project did not write (``foreign``); and a record that travels with the
+outputs, so whoever copies or mounts a run directory (another machine, no shared
+``key_storage``) sees it done. Prefect still keeps what it is good at: the flow's
+states, retries and artifacts.
+
 An output "directory" may also be an object-store prefix (``s3://bucket/ds``; see
 ``generation.dataset.storage``): the record is then the object ``PREFIX/.stage.json``.
 """
