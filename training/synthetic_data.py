@@ -8,6 +8,12 @@ Pipeline, per epoch pass (what flows between the stages):
     --shuffle(buffer)--> decode_sample (generation.dataset.shard_format) --> clip dicts
     --SceneTransform--> tensors (video + scene targets)
 
+This is the project's one webdataset pipeline (``synthetic_dataset``; with no transform
+it ends at the clip dicts, which is how the shard format's tests read shards through
+it). A shard is expanded and grouped by ``generation.dataset.shard_format`` (its own
+bounded tar reader, webdataset's ``group_by_keys``), the same code as ``read_shard``,
+``pvit verify`` and ``pvit show``.
+
 ``EndlessPasses`` repeats this pass after pass (reshuffled each time) inside each
 DataLoader worker; ``synthetic_batches`` batches it for one epoch.
 
@@ -17,9 +23,10 @@ through that same view: one geometry for RGB and every label (a flip also negate
 normals' x, mirrors object poses and boxes). Its randomness is a pure function of
 (seed, epoch, pass, clip key), so a resumed run sees the very same clips.
 
-Shards are local paths or object URLs (``s3://bucket/ds/shard-000000.tar``), opened here
-through ``generation.dataset.storage.open_file`` (fsspec for object stores, streamed), never
-through webdataset's ``gopen``, which runs a ``pipe:`` URL as a shell command.
+Shards are local paths or object URLs (``s3://bucket/ds/shard-000000.tar``), opened by
+``shard_format.iter_members`` through ``generation.dataset.storage.open_file`` (fsspec for
+object stores, streamed), never through webdataset's ``gopen``, which runs a ``pipe:`` URL
+as a shell command.
 
 A shard that does not decode (``bad_shards``):
 - ``stop`` (default): the run stops with ``ShardDecodeError``, one line naming the shard
@@ -44,11 +51,9 @@ import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
-from webdataset import tariterators
 
 from generation.dataset.index import DatasetIndex, open_dataset
-from generation.dataset.shard_format import FormatError, decode_sample
-from generation.dataset.storage import open_file
+from generation.dataset.shard_format import FormatError, decode_sample, group_samples, iter_members
 from training.loader_workers import loader_worker_kwargs
 from training.tasks import ClipView, default_tasks, get_task
 from training.tasks.base import resize
@@ -142,18 +147,20 @@ class SceneTransform:
         return sample
 
 
-def _shard_members(url: str) -> Iterator[dict]:
-    """The members of one shard (``{"fname", "data", "__url__"}``), streamed; a shard
-    that cannot be opened or read (truncated, not a tar) is a ``ShardDecodeError``
-    naming it and the last member read."""
+def _shard_samples(url: str) -> Iterator[dict]:
+    """The raw samples of one shard (``shard_format.iter_members`` grouped by
+    ``group_samples``, as ``read_shard`` reads it), streamed; a shard that cannot be
+    opened, read or grouped (truncated, not a plain tar, a member twice) is a
+    ``ShardDecodeError`` naming it and the last member read."""
     last = None
+
+    def named(members: Iterator[dict]) -> Iterator[dict]:
+        nonlocal last
+        for member in members:
+            last = member["fname"]
+            yield member
     try:
-        with open_file(url) as stream:
-            for member in tariterators.tar_file_iterator(stream):
-                last = member["fname"]
-                yield {**member, "__url__": url}
-    except ShardDecodeError:
-        raise
+        yield from group_samples(named(iter_members(url)))
     except Exception as exc:  # noqa: BLE001 - any reader error: one line naming the shard
         where = f"after member {last}" if last else "at its first member"
         raise ShardDecodeError(f"synthetic: shard {url} does not decode {where}: "
@@ -167,19 +174,17 @@ def _first_line(exc: BaseException) -> str:
 
 def _open_tar_samples(urls: Iterable[dict], bad: Optional[dict[str, str]] = None
                       ) -> Iterator[dict]:
-    """``{"url"}`` dicts -> raw samples. webdataset's own grouping lower-cases member
-    suffixes (``K.npy`` would become ``k.npy``), so the stages are chained here with
-    ``lcase=False`` to hand ``decode_sample`` the names the writer wrote. ``bad`` (skip
-    mode): the shards found bad so far; a shard in it is not read (further)."""
+    """``{"url"}`` dicts -> raw samples (``_shard_samples``). ``bad`` (skip mode): the
+    shards found bad so far; a shard in it is not read (further)."""
     for entry in urls:
         url = entry["url"]
         if bad is None:
-            yield from tariterators.group_by_keys(_shard_members(url), lcase=False)
+            yield from _shard_samples(url)
             continue
         if url in bad:
             continue
         try:
-            for sample in tariterators.group_by_keys(_shard_members(url), lcase=False):
+            for sample in _shard_samples(url):
                 if url in bad:  # one of its samples failed to decode meanwhile
                     break
                 yield sample
@@ -237,15 +242,18 @@ def _transform_clips(transform: SceneTransform):
     return stage
 
 
-def synthetic_dataset(urls: list[str], transform: SceneTransform, seed: int,
+def synthetic_dataset(urls: list[str], transform: Optional[SceneTransform], seed: int,
                       shuffle_buffer: int, split_by_node: bool = True,
                       bad: Optional[dict[str, str]] = None) -> wds.DataPipeline:
     """One pass over the shards, shuffled by ``seed`` (see the module docstring).
-    ``bad``: None stops on a shard that does not decode; a dict (skip mode) collects
-    the bad shards' reasons, and the stream carries a marker for each."""
+    ``transform`` None: the pass yields the decoded clip dicts (``decode_sample``'s,
+    plus ``__key__``) instead of tensors. ``bad``: None stops on a shard that does not
+    decode; a dict (skip mode) collects the bad shards' reasons, and the stream carries
+    a marker for each."""
     return wds.DataPipeline(
         # {"url": path or object URL} per shard, in sorted order, opened by
-        # _open_tar_samples (never by gopen, which runs "pipe:..." as a shell command)
+        # _open_tar_samples through storage.open_file (never by webdataset's gopen,
+        # which runs "pipe:..." as a shell command)
         wds.SimpleShardList(list(urls)),
         *([wds.split_by_node] if split_by_node else []),  # this rank's shards
         wds.split_by_worker,  # this DataLoader worker's shards
@@ -254,7 +262,7 @@ def synthetic_dataset(urls: list[str], transform: SceneTransform, seed: int,
         lambda entries: _open_tar_samples(entries, bad),
         wds.shuffle(shuffle_buffer, initial=shuffle_buffer, seed=seed),  # bytes: cheap to hold
         _decode_samples(bad),  # clip dicts (generation.dataset.shard_format)
-        _transform_clips(transform),  # model-ready tensors
+        *([_transform_clips(transform)] if transform is not None else []),  # tensors
     )
 
 

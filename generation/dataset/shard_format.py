@@ -46,15 +46,12 @@ import json
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import zstandard
 
-from generation.dataset.storage import open_file, shard_url
-
-if TYPE_CHECKING:
-    import webdataset as wds
+from generation.dataset.storage import open_file
 
 # The fixed semantic class list of the built-in asset set. A dataset built from another
 # asset manifest appends its extra categories (sorted); meta["classes"] is authoritative.
@@ -265,42 +262,80 @@ def write_samples(path: Path, samples: Iterable[dict]) -> int:
     return count
 
 
-def iter_raw_samples(path: Path) -> Iterator[dict]:
-    """Group a shard's members into raw samples with plain ``tarfile`` (no webdataset)."""
-    current: dict | None = None
-    # a local path or an object URL (generation.dataset.storage.open_file)
-    with open_file(path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            base = info.name.rsplit("/", 1)[-1]
-            key, _, field = base.partition(".")
-            if current is None or current["__key__"] != key:
-                if current is not None:
-                    yield current
-                current = {"__key__": key, "__url__": str(path)}
-            current[field] = tar.extractfile(info).read()
-    if current is not None:
-        yield current
+def iter_members(path: str | Path) -> Iterator[dict]:
+    """The file members of one shard, in order, as webdataset's member dicts
+    (``{"fname", "data", "__url__"}``), for ``group_samples``. ``path``: a local path or
+    an object URL (``generation.dataset.storage.open_file``). Member names are only
+    strings here: nothing is extracted to a path.
+
+    The project's own, not webdataset's ``tar_file_iterator``: that opens the tar with
+    ``tarfile`` mode ``r|*``, which decompresses a gzip, bzip2 or xz shard on the fly, so
+    a small crafted shard could expand into members of any size (and it appends its file
+    object to a read error's message). Here only a plain tar is read (``r:``: a
+    compressed one is ``ReadError: invalid header``), and a member whose header claims
+    more bytes than the shard holds is ``ReadError: unexpected end of data``, the error a
+    short read of it gives, before anything is read (``r:`` reads a member in one call
+    of its claimed size: a claim of 100 GB was a ``MemoryError``). So no member costs
+    more memory than the shard's size, whatever its headers say."""
+    url = str(path)
+    with open_file(path) as f:
+        size = f.seek(0, io.SEEK_END)
+        f.seek(0)
+        with tarfile.open(fileobj=f, mode="r:") as tar:
+            for info in tar:
+                if not info.isfile():      # directories, links, devices: skipped
+                    continue
+                if info.offset_data + info.size > size:
+                    raise tarfile.ReadError("unexpected end of data")
+                yield {"fname": info.name, "data": tar.extractfile(info).read(),
+                       "__url__": url}
 
 
-def read_shard(path: Path) -> Iterator[dict]:
+def group_samples(members: Iterable[dict]) -> Iterator[dict]:
+    """Member dicts (``iter_members``) -> raw samples (``{"__key__", "__url__",
+    "rgb.npy.zst": bytes, ...}``): webdataset's ``group_by_keys``. The key is the member
+    name up to the first dot after its last slash (directories included), the field the
+    rest; consecutive members of one key make one sample; a name without a dot is
+    skipped, and so is a field starting ``__`` (group_by_keys keeps its own entries,
+    ``__key__``, ``__url__``, ``__bad__``, in the sample: a member ``KEY.__bad__`` would
+    drop its sample unseen). ``lcase=False``: fields keep the case the writer wrote
+    (``K.npy.zst``; webdataset's default would make it ``k.npy.zst``). A field twice in
+    one sample is a ``FormatError``, one line naming it."""
+    # Imported here: webdataset imports torch (seconds), and `prepare` imports this
+    # module for CLASSES alone. (A reader pays it once: `pvit verify` and `pvit show`
+    # at their first shard.)
+    from webdataset import tariterators
+
+    last: list[str] = []
+
+    def named(stream: Iterable[dict]) -> Iterator[dict]:
+        for member in stream:
+            last[:] = [member["fname"]]
+            yield member
+
+    def twice(exc: Exception) -> bool:
+        # group_by_keys' only error: a field twice in one sample (its message is the
+        # member name, then the sample's fields, with (None, None) appended to args)
+        key, field = tariterators.base_plus_ext(last[0]) if last else (None, None)
+        if not isinstance(exc, ValueError) or field is None:
+            raise exc
+        raise FormatError(f"sample {key!r}: {field} appears twice") from None
+
+    def key_field(fname: str) -> tuple[str | None, str | None]:
+        key, field = tariterators.base_plus_ext(fname)
+        return (None, None) if field is not None and field.startswith("__") else (key, field)
+
+    return tariterators.group_by_keys(named(members), keys=key_field, lcase=False,
+                                      handler=twice)
+
+
+def iter_raw_samples(path: str | Path) -> Iterator[dict]:
+    """The raw samples of one shard (``iter_members`` grouped by ``group_samples``), in
+    order; nothing decoded, nothing unpickled."""
+    return group_samples(iter_members(path))
+
+
+def read_shard(path: str | Path) -> Iterator[dict]:
     """Decoded clips of one shard, in order."""
     for sample in iter_raw_samples(path):
         yield decode_sample(sample)
-
-
-def webdataset_pipeline(paths, *, shardshuffle: int = 0, seed: int = 0) -> wds.DataPipeline:
-    """A webdataset pipeline over local shard paths that yields clip dicts; like
-    ``wds.WebDataset``, each DataLoader worker reads its own shards."""
-    import webdataset as wds
-
-    return wds.DataPipeline(
-        # file: URLs built here: gopen runs a string starting with "pipe:" as a shell
-        # command. They are read by gopen (tarfile_to_samples), which decodes them, not by
-        # wds.WebDataset's opener, which does not (a ";", "#" or "%" in a name breaks it).
-        wds.SimpleShardList([shard_url(p) for p in paths]),
-        wds.split_by_worker,
-        *([wds.shuffle(shardshuffle, seed=seed)] if shardshuffle else []),
-        wds.tarfile_to_samples(),
-        wds.map(decode_sample))

@@ -12,6 +12,7 @@ import zstandard
 
 from generation.dataset import manifest
 from generation.dataset import shard_format as sf
+from generation.dataset.storage import shard_url
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "dataset-format.md"
 ARRAYS = ("rgb", "depth", "instance_seg", "semantic_seg", "normal", "K", "world_to_camera")
@@ -62,6 +63,17 @@ def assert_clips_equal(a, b):
     for name in a["instances"]:
         assert_same_bits(np.asarray(a["instances"][name]), b["instances"][name], name)
     assert a["meta"] == b["meta"]
+
+
+def pipeline_clips(paths, bad=None):
+    """The clips of ``paths`` through training's webdataset pipeline (the project's one:
+    ``training.synthetic_data.synthetic_dataset``, no transform), as training opens
+    them (file: URLs), sorted by key (the pipeline shuffles shards and samples)."""
+    from training.synthetic_data import synthetic_dataset
+
+    clips = synthetic_dataset([shard_url(p) for p in paths], None, seed=0, shuffle_buffer=4,
+                              split_by_node=False, bad=bad)
+    return sorted(clips, key=lambda clip: clip.get("key", ""))
 
 
 def write_format1_shard(path, clips):
@@ -119,14 +131,18 @@ def test_round_trip_is_lossless(tmp_path):
     assert np.isinf(back[0]["depth"][0, 0, 0])
 
 
-def test_webdataset_pipeline_yields_clips(tmp_path):
+def test_the_training_pipeline_yields_the_clips(tmp_path):
     clips = [make_clip(f"scene{i:07d}", seed=i) for i in range(4)]
     sf.write_shard(tmp_path / "a.tar", clips[:2])
     sf.write_shard(tmp_path / "b.tar", clips[2:])
-    got = list(sf.webdataset_pipeline([tmp_path / "a.tar", tmp_path / "b.tar"]))
+    got = pipeline_clips([tmp_path / "a.tar", tmp_path / "b.tar"])
     assert [c["key"] for c in got] == [c["key"] for c in clips]
     for a, b in zip(clips, got, strict=True):
         assert_clips_equal(a, b)
+    # the raw samples keep the member names as written (K.npy.zst, not k.npy.zst)
+    raw = next(sf.iter_raw_samples(tmp_path / "a.tar"))
+    assert raw["__key__"] == "scene0000000" and "K.npy.zst" in raw
+    assert raw["__url__"] == str(tmp_path / "a.tar")
 
 
 def test_same_clips_give_the_same_bytes(tmp_path):
@@ -176,7 +192,7 @@ def test_format1_shards_are_still_read(tmp_path):
     write_format1_shard(tmp_path / "old.tar", clips)
     for a, b in zip(clips, sf.read_shard(tmp_path / "old.tar"), strict=True):
         assert_clips_equal(a, b)
-    for a, b in zip(clips, sf.webdataset_pipeline([tmp_path / "old.tar"]), strict=True):
+    for a, b in zip(clips, pipeline_clips([tmp_path / "old.tar"]), strict=True):
         assert_clips_equal(a, b)
 
 
@@ -254,6 +270,90 @@ def test_pickled_npy_is_refused():
         sf.decode_sample(sample)
 
 
+# --- crafted shards: the same one-line error from every reader, bounded memory -------
+def read_both(path):
+    """(read_shard's keys or error, training's pipeline's keys or error), one line each."""
+    from training.synthetic_data import ShardDecodeError
+
+    results = []
+    for read in (lambda: list(sf.read_shard(path)), lambda: pipeline_clips([path])):
+        try:
+            results.append([clip["key"] for clip in read()])
+        except (sf.FormatError, tarfile.TarError, ShardDecodeError) as exc:
+            assert "\n" not in str(exc)
+            results.append(f"{type(exc).__name__}: {exc}")
+    return results
+
+
+def crafted_shard(path, members):
+    """A tar of ``(name, bytes)`` members, in the order given."""
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data in members:
+            add_member(tar, name, data)
+
+
+def shard_members(clips):
+    return [(f"{clip['key']}.{name}", data) for clip in clips
+            for name, data in sorted(sf.encode_clip(clip).items()) if name != "__key__"]
+
+
+def test_a_compressed_shard_is_not_expanded(tmp_path):
+    """A gzip tar is refused like any file that is not a plain tar: a small shard
+    never inflates into members larger than itself (webdataset's reader would inflate
+    it)."""
+    sf.write_shard(tmp_path / "s.tar", [make_clip()])
+    import gzip
+    (tmp_path / "z.tar").write_bytes(gzip.compress((tmp_path / "s.tar").read_bytes()))
+    shard, training = read_both(tmp_path / "z.tar")
+    assert shard == "ReadError: invalid header"
+    assert training.startswith("ShardDecodeError: synthetic: shard file://")
+    assert training.endswith("z.tar does not decode at its first member: invalid header")
+
+
+@pytest.mark.parametrize("claimed", [10**6, 10**12])
+def test_a_member_claiming_more_than_the_shard_holds_is_refused(tmp_path, claimed):
+    """Its header's size is checked against the shard's before anything is read (a
+    claim of 10**12 bytes used to be a MemoryError)."""
+    info = tarfile.TarInfo("scene0000001.rgb.npy.zst")
+    info.size = claimed
+    (tmp_path / "s.tar").write_bytes(info.tobuf(format=tarfile.GNU_FORMAT) + bytes(1024))
+    shard, training = read_both(tmp_path / "s.tar")
+    assert shard == "ReadError: unexpected end of data"
+    assert training.endswith("s.tar does not decode at its first member: "
+                             "unexpected end of data")
+
+
+def test_a_field_twice_in_a_sample_is_one_line_naming_it(tmp_path):
+    members = shard_members([make_clip()])
+    crafted_shard(tmp_path / "s.tar", members[:3] + [members[1]] + members[3:])
+    shard, training = read_both(tmp_path / "s.tar")
+    assert shard == "FormatError: sample 'scene0000001': depth.npy.zst appears twice"
+    assert training.endswith("s.tar does not decode after member scene0000001.depth.npy.zst: "
+                             "sample 'scene0000001': depth.npy.zst appears twice")
+    # skip mode: a marker in the shard's place, not a crash
+    marker, = pipeline_clips([tmp_path / "s.tar"], bad={})
+    assert "appears twice" in marker["__reason__"]
+
+
+def test_member_names_only_group_members(tmp_path):
+    """Names are strings: a directory in one is part of the key, nothing is extracted,
+    a name without a field (or a field of webdataset's own, ``__bad__``) is skipped,
+    links and directories are skipped."""
+    clips = [make_clip("scene0000001"), make_clip("scene0000002", seed=1)]
+    members = shard_members(clips)
+    crafted_shard(tmp_path / "s.tar",
+                  [("junk", b"x"), ("scene0000001.__bad__", b"1"), *members[:14],
+                   ("../d/scene0000002.x", b"")] + [(f"../d/{n}", d) for n, d in members[14:]])
+    with tarfile.open(tmp_path / "s.tar", "a") as tar:
+        link = tarfile.TarInfo("scene0000003.rgb.npy.zst")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+    shard, training = read_both(tmp_path / "s.tar")
+    assert shard == ["scene0000001", "../d/scene0000002"]      # in the shard's order
+    assert training == sorted(shard)
+    assert not (tmp_path.parent / "d").exists()
+
+
 # --- real renders (Blender): the format must be exact on what the renderer makes ------
 @pytest.mark.blender
 def test_real_render_round_trips_bit_for_bit(rendered_clip, tmp_path):
@@ -263,7 +363,7 @@ def test_real_render_round_trips_bit_for_bit(rendered_clip, tmp_path):
     assert all(name in clip for name in OPTIONAL)
     sf.write_shard(tmp_path / "s.tar", [clip])
     assert_clips_equal(clip, next(sf.read_shard(tmp_path / "s.tar")))
-    assert_clips_equal(clip, next(iter(sf.webdataset_pipeline([tmp_path / "s.tar"]))))
+    assert_clips_equal(clip, pipeline_clips([tmp_path / "s.tar"])[0])
     assert_docs_read_the_clip(docs_reader()(tmp_path / "s.tar")[clip["key"]], clip)
     # and the members are compressed: every big array is stored smaller than its .npy
     with tarfile.open(tmp_path / "s.tar") as tar:

@@ -1,6 +1,8 @@
 """``pvit verify`` on shard directories built with the real writer (no Blender: the
 clips are drawn with numpy), damaged the ways disks and killed runs damage them."""
 
+import gzip
+
 import pytest
 from conftest import pvit
 
@@ -40,7 +42,7 @@ def bad_lines(result):
 
 def test_every_damaged_shard_is_one_line_and_the_others_are_still_checked(tmp_path):
     out = tmp_path / "ds"
-    manifest = make_dataset(out, scenes=10, per_shard=2)
+    manifest = make_dataset(out, scenes=12, per_shard=2)
     ok = pvit("verify", out)
     assert ok.returncode == 0 and ok.stderr.startswith("ok:"), ok.stderr
 
@@ -50,6 +52,8 @@ def test_every_damaged_shard_is_one_line_and_the_others_are_still_checked(tmp_pa
     header = bytearray((out / "shard-000003.tar").read_bytes())
     header[100] ^= 0xFF                                        # first tar header: bad checksum
     (out / "shard-000003.tar").write_bytes(bytes(header))
+    packed = out / "shard-000005.tar"                          # gzipped: not expanded
+    packed.write_bytes(gzip.compress(packed.read_bytes()))
     del manifest["shards"][4]["sha256"]                        # a hand-edited manifest
     write_json_atomic(out / MANIFEST_NAME, manifest)
 
@@ -61,10 +65,11 @@ def test_every_damaged_shard_is_one_line_and_the_others_are_still_checked(tmp_pa
     assert "bad: shard-000001.tar: does not decode after 0 samples: unexpected end of data" in lines
     assert "bad: shard-000002.tar: does not decode after 0 samples: empty file" in lines
     assert "bad: shard-000003.tar: does not decode after 0 samples: bad checksum" in lines
+    assert "bad: shard-000005.tar: does not decode after 0 samples: invalid header" in lines
     assert "bad: shard-000004.tar: manifest record has no sha256" in lines
-    for name in ("shard-000001.tar", "shard-000002.tar", "shard-000003.tar"):
+    for name in ("shard-000001.tar", "shard-000002.tar", "shard-000003.tar", "shard-000005.tar"):
         assert f"bad: {name}: sha256 does not match the manifest" in lines
-    assert "bad: dataset: 8 of 10 planned clips are missing or in damaged shards" in lines
+    assert "bad: dataset: 10 of 12 planned clips are missing or in damaged shards" in lines
 
 
 def test_an_incomplete_dataset_names_the_shards_never_written(tmp_path):
