@@ -1,19 +1,18 @@
-"""Checkpoints that rebuild their model, resume exactly, and load with ``weights_only``.
+"""Checkpoint files: they rebuild their model and load with ``weights_only``.
 
 A checkpoint is a dict of tensors and plain Python values only (no pickled objects):
 model name and arguments, state dicts, the loop position, RNG states and the resolved
-stage config. Files are written to a temporary name and renamed into place, so a
-killed run leaves either the old checkpoint or the new one, never half of one.
+stage config (what a training run puts in one, and how it resumes from it:
+``training.resume``). Files are written to a temporary name and renamed into place, so
+a killed run leaves either the old checkpoint or the new one, never half of one.
 """
 
 from __future__ import annotations
 
 import io
-import random
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from generation.dataset.storage import write_atomic
@@ -74,24 +73,6 @@ def is_pvit_checkpoint(path: str | Path) -> bool:
         return False
 
 
-def check_compatible(state: dict[str, Any], model_name: str, model_kwargs: dict[str, Any],
-                     keys: tuple[str, ...], path: str | Path) -> None:
-    """Fail with a sentence, not a shape traceback, when ``state`` was made for another
-    size or variant (``keys``: which model arguments must agree)."""
-    if state["model_name"] != model_name:
-        from training.model import list_models, model_family
-
-        theirs = state["model_name"]
-        family = f" ({model_family(theirs)})" if theirs in list_models() else ""
-        raise CheckpointError(f"checkpoint: {path} is a {theirs}{family} model, this run "
-                              f"builds {model_name} ({model_family(model_name)})")
-    for key in keys:
-        theirs, ours = state["model_kwargs"].get(key), model_kwargs.get(key)
-        if theirs != ours:
-            raise CheckpointError(
-                f"checkpoint: {path} has {key}={theirs!r}, this run wants {ours!r}")
-
-
 def model_from_checkpoint(state: dict[str, Any], path: str | Path) -> PromptonomyViT:
     """The model a checkpoint describes, with its weights. A checkpoint whose fields
     disagree (edited by hand, or written by other code) fails with one line naming it."""
@@ -114,27 +95,3 @@ def model_from_checkpoint(state: dict[str, Any], path: str | Path) -> Promptonom
                               f"model_name/model_kwargs ({'; '.join(found)})")
     model.load_state_dict(weights)
     return model
-
-
-def capture_rng() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    rng = {
-        "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    return rng
-
-
-def restore_rng(rng: dict[str, Any]) -> None:
-    torch.set_rng_state(rng["torch"])
-    n = rng["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
-                         n["has_gauss"], n["cached"]))
-    version, internal, gauss = rng["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])

@@ -3,13 +3,12 @@
     run_pretrain(cfg)  synthetic shards only, every task head
     run_finetune(cfg)  real clips + synthetic clips mixed in each batch (the joint recipe)
 
-Read top to bottom: ``prepare`` (data, schedule, model arguments, the checkpoint to
-resume; ``preflight`` runs the same checks) -> ``_start`` (model: resume > init >
-scratch, optimizer, position) -> ``_run_epoch`` per epoch (``_train_step``,
-``_log_step``, ``_save_checkpoint``) -> ``_finish`` (final checkpoint, exported weights,
-validation) -> summary. A run whose directory holds ``checkpoints/last.pt`` resumes from
-it (model, optimizer, schedule position, RNG), so a retried task continues instead of
-starting over, and a resumed run matches an uninterrupted one step for step.
+``_run`` reads top to bottom: setup (``prepare``: data, schedule, model arguments, the
+checkpoint to resume, the same checks ``preflight`` runs; then model, optimizer and
+position), one loop over epochs and their steps (learning rate ``lr_at(step)``, the
+step, logging, periodic checkpoint, the epoch's end), and ``_finish`` (final checkpoint,
+exported weights, validation) -> summary. What a checkpoint holds and how a run resumes
+from it (bit-identical to an uninterrupted run) is ``training.resume``'s.
 """
 
 from __future__ import annotations
@@ -19,8 +18,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -32,28 +30,19 @@ from generation.dataset.index import DatasetIndex
 from generation.dataset.shard_format import CLASSES
 from generation.dataset.storage import check_writable_dir, write_atomic
 from training import distributed
-from training.checkpoint import (
-    CheckpointError,
-    capture_rng,
-    check_compatible,
-    is_pvit_checkpoint,
-    load_checkpoint,
-    restore_rng,
-    save_checkpoint,
-)
 from training.config import FinetuneConfig, PretrainConfig
-from training.convert import (
-    SOURCE_CONVERTERS,
-    CheckpointMismatch,
-    export_inference,
-    image_to_video,
-    pretrain_to_finetune,
-    read_weights,
-)
+from training.convert import export_inference
 from training.evaluate import evaluate_model
 from training.loader_workers import loader_worker_kwargs
 from training.losses import compute_losses
 from training.model import PromptonomyViT, create_model
+from training.resume import (
+    RunState,
+    initial_weights,
+    restore,
+    resumable_checkpoint,
+    save_last,
+)
 from training.run_files import MetricsLog, plot_loss_curve, write_config, write_summary
 from training.run_layout import RunLayout
 from training.synthetic_data import (
@@ -70,9 +59,6 @@ from training.video_data import (
     read_records,
     require_decodable,
 )
-
-# arguments a checkpoint must share with the model it initialises / resumes
-SAME_ARCH = ("variant", "tasks", "prompts_per_task", "tubelet_size", "num_seg_classes")
 
 log = logging.getLogger(__name__)
 
@@ -122,26 +108,6 @@ def run_finetune(cfg: FinetuneConfig, *, progress: Progress = None,
     ``stop_after`` ends the run after that many optimizer steps without any final
     checkpoint, as a kill would (for resume tests)."""
     return _run("finetune", cfg, progress, stop_after)
-
-
-# config fields that may change between a run and its resumption (they do not change
-# what is computed); any other difference means a different run
-RESUME_FREE = {"out", "num_workers", "log_every", "checkpoint_every", "compile", "amp"}
-
-
-def check_resumable(state: dict[str, Any], cfg: PretrainConfig | FinetuneConfig,
-                    path: Path) -> None:
-    """A run resumes only a checkpoint of the very same configuration."""
-    ours = cfg.model_dump(mode="json")
-    fields = type(cfg).model_fields
-    for key in sorted(set(ours) | set(state["config"])):
-        if key not in state["config"] and key in fields and \
-                ours[key] == fields[key].get_default(call_default_factory=True):
-            continue  # a field added since that checkpoint, left at its default
-        if key not in RESUME_FREE and state["config"].get(key) != ours.get(key):
-            raise CheckpointError(
-                f"checkpoint: {path} was made with {key}={state['config'].get(key)!r}, this run "
-                f"has {ours.get(key)!r}; use a new --out (or the same config) to resume")
 
 
 class InputError(ValueError):
@@ -199,15 +165,7 @@ def prepare(stage: str, cfg: PretrainConfig | FinetuneConfig, world_size: int) -
                      total_steps=steps_per_epoch * cfg.epochs,
                      warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
                      model_kwargs=model_kwargs, resume=None)
-    last = setup.layout.last_checkpoint
-    if last.is_file():  # a resume must be of this very model, config and schedule
-        resume = load_checkpoint(last)
-        check_compatible(resume, cfg.model, model_kwargs, tuple(model_kwargs), last)
-        check_resumable(resume, cfg, last)
-        if resume["scheduler"] != setup.schedule:
-            raise CheckpointError(f"checkpoint: {last} was made with another schedule "
-                                  f"{resume['scheduler']}; use a new --out")
-        setup.resume = resume
+    setup.resume = resumable_checkpoint(setup)
     return setup
 
 
@@ -221,7 +179,7 @@ def preflight(stage: str, cfg: PretrainConfig | FinetuneConfig) -> None:
         # torchrun every rank checks with the world size it will train with.
         setup = prepare(stage, cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
         if setup.resume is None and cfg.init:
-            _initial_weights(cfg, create_model(cfg.model, **setup.model_kwargs),
+            initial_weights(cfg, create_model(cfg.model, **setup.model_kwargs),
                              setup.model_kwargs)
     except (FileNotFoundError, ValueError) as exc:
         raise InputError(str(exc).splitlines()[0]) from None
@@ -241,99 +199,6 @@ def _real_records(cfg: FinetuneConfig) -> tuple[list[VideoRecord], int]:
     return records, num_classes
 
 
-def _initial_weights(cfg: PretrainConfig | FinetuneConfig, model: PromptonomyViT,
-                     model_kwargs: dict[str, Any]) -> Optional[dict[str, torch.Tensor]]:
-    """Weights named by ``cfg.init``, read as ``cfg.init_format`` says: a pvit checkpoint
-    (pretrain -> finetune), torchvision MViT, VideoMAE (repository or HF) or, by default
-    for files without our marker, timm image weights (inflated); None: from scratch."""
-    if not cfg.init:
-        return None
-    if not Path(cfg.init).is_file():
-        raise CheckpointError(f"init: no such file {cfg.init}")
-    fmt = cfg.init_format
-    if is_pvit_checkpoint(cfg.init):
-        if fmt not in (None, "pvit"):
-            raise CheckpointError(f"init: {cfg.init} is a pvit checkpoint, not init_format "
-                                  f"'{fmt}'")
-        state = load_checkpoint(cfg.init)
-        check_compatible(state, cfg.model, model_kwargs, SAME_ARCH, cfg.init)
-        return pretrain_to_finetune(state["model"], model)
-    if fmt == "pvit":
-        raise CheckpointError(f"init: {cfg.init} is not a pvit checkpoint (init_format 'pvit')")
-    try:
-        weights = read_weights(cfg.init)
-    except CheckpointMismatch:  # its own message says only "KeyError" or the like
-        raise CheckpointError(f"init: {cfg.init} is not a checkpoint or weights file "
-                              "(a pvit .pt, a torch state dict or .safetensors)") from None
-    convert = SOURCE_CONVERTERS.get(fmt or "timm_image", image_to_video)
-    try:
-        return convert(weights, model)
-    except CheckpointMismatch as exc:  # weights of another architecture: name the file
-        raise CheckpointError(f"init: {cfg.init} (model {cfg.model}): {exc}") from None
-
-
-@dataclass
-class Training:
-    """A run in progress: its parts, and the position a checkpoint saves."""
-
-    setup: RunSetup
-    dist: distributed.Dist
-    model: PromptonomyViT
-    forward: nn.Module  # the model's forward_train, maybe DDP- and compile-wrapped
-    optimizer: torch.optim.Optimizer
-    metrics: Optional[MetricsLog]  # rank 0 only
-    progress: Progress
-    step: int = 0  # optimizer steps taken (skipped empty batches count)
-    start_epoch: int = 0  # where this process starts (a resume's position)
-    start_in_epoch: int = 0
-    skipped_videos: set[str] = field(default_factory=set)
-    skipped_shards: set[str] = field(default_factory=set)  # bad_shards: skip
-    epoch_losses: dict[str, float] = field(default_factory=dict)  # last finished epoch
-    sums: dict[str, float] = field(default_factory=dict)  # running loss sums of the epoch
-    counts: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def loss_names(self) -> list[str]:
-        return ["total", *(["action"] if self.setup.finetune else []), *self.model.tasks]
-
-
-def _start(setup: RunSetup, dist: distributed.Dist, progress: Progress) -> Training:
-    """Model (resume > init > scratch), optimizer and position; the seeded RNG is
-    consumed by model creation first, then a resume restores its own."""
-    cfg, resume = setup.cfg, setup.resume
-    model = create_model(cfg.model, **setup.model_kwargs)
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-    else:
-        weights = _initial_weights(cfg, model, setup.model_kwargs)
-        if weights is not None:
-            model.load_state_dict(weights)
-    model.to(dist.device)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                                  betas=(0.9, 0.999))
-    run = Training(setup=setup, dist=dist, model=model, forward=TrainForward(model),
-                   optimizer=optimizer, metrics=None, progress=progress)
-    if resume is not None:
-        optimizer.load_state_dict(resume["optimizer"])
-        run.start_epoch, run.start_in_epoch = resume["epoch"], resume["step_in_epoch"]
-        run.skipped_videos = set(resume["skipped"])
-        run.skipped_shards = set(resume.get("skipped_shards", []))  # older: none
-        # a finished run that is started again trains nothing and reports its last epoch
-        run.epoch_losses = dict(resume["epoch_losses"])
-        rngs = resume["rng"]  # one per rank of the run that saved it
-        restore_rng(rngs[dist.rank] if dist.rank < len(rngs) else rngs[0])
-    run.step = run.start_epoch * setup.steps_per_epoch + run.start_in_epoch
-    if dist.world_size > 1:
-        run.forward = nn.parallel.DistributedDataParallel(
-            run.forward, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
-    if cfg.compile:
-        run.forward = torch.compile(run.forward)
-    if dist.is_main:
-        write_config(setup.layout.root, setup.stage, cfg.model_dump(mode="json"))
-        run.metrics = MetricsLog(setup.layout.metrics, resume_step=run.step)
-    return run
-
-
 def _run(stage: str, cfg: PretrainConfig | FinetuneConfig, progress: Progress,
          stop_after: Optional[int]) -> dict[str, Any]:
     start_time = time.perf_counter()
@@ -343,166 +208,128 @@ def _run(stage: str, cfg: PretrainConfig | FinetuneConfig, progress: Progress,
     torch.manual_seed(cfg.seed + dist.rank)  # dropout differs per rank, reproducibly
     # checked again here: Prefect tasks call run_pretrain/run_finetune without preflight
     setup = prepare(stage, cfg, dist.world_size)
-    run = _start(setup, dist, progress)
+
+    # model (resume > init > scratch), optimizer and position; creating the model consumes
+    # the seeded RNG first, then a resume restores its own
+    model = create_model(cfg.model, **setup.model_kwargs)
+    if setup.resume is None:
+        weights = initial_weights(cfg, model, setup.model_kwargs)
+        if weights is not None:
+            model.load_state_dict(weights)
+    model.to(dist.device)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                                  betas=(0.9, 0.999))
+    state = (restore(setup, model, optimizer, dist.rank) if setup.resume is not None
+             else RunState())
+    forward: nn.Module = TrainForward(model)
+    if dist.world_size > 1:
+        forward = nn.parallel.DistributedDataParallel(
+            forward, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+    if cfg.compile:
+        forward = torch.compile(forward)
+    metrics = None  # rank 0 writes the run's files
+    if dist.is_main:
+        write_config(setup.layout.root, stage, cfg.model_dump(mode="json"))
+        metrics = MetricsLog(setup.layout.metrics, resume_step=state.step)
+    loss_names = ["total", *(["action"] if setup.finetune else []), *model.tasks]
+    amp = cfg.amp and dist.device.type == "cuda"  # bf16 autocast
 
     stopped = False
-    loop_start, first_step = time.perf_counter(), run.step
-    for epoch in range(run.start_epoch, cfg.epochs):
-        stopped = _run_epoch(run, epoch, stop_after)
+    loop_start, first_step = time.perf_counter(), state.step
+    # a run resumed mid-epoch draws that epoch's first batches again without training on
+    # them, so the rest of the epoch sees the data an uninterrupted run would
+    start_epoch, replay = state.epoch, state.step_in_epoch
+    for epoch in range(start_epoch, cfg.epochs):
+        if epoch > start_epoch:  # the resumed epoch goes on with its saved loss sums
+            state.epoch_sums, state.epoch_counts = {}, {}
+        real_iter, synth_iter = _epoch_iterators(setup, epoch, dist)
+        tick, clips = time.perf_counter(), 0  # throughput since the last logged step
+        for in_epoch in range(setup.steps_per_epoch):
+            real = next(real_iter) if real_iter is not None else None
+            synth = next(synth_iter) if synth_iter is not None else None
+            if synth is not None:  # bad_shards: skip, warned once each (a replay finds
+                # the skipped ones again: already counted, not warned)
+                for url, reason in sorted(synth.pop(SKIPPED_SHARDS).items()):
+                    if url not in state.skipped_shards:
+                        log.warning("%s; skipping that shard (bad_shards: skip)", reason)
+                    state.skipped_shards.add(url)
+            if epoch == start_epoch and in_epoch < replay:
+                continue
+            if real is not None:
+                state.skipped_videos.update(real["skipped"])
+            video, targets = _assemble(real, synth, dist.device,
+                                       _label_shuffle(cfg, synth, state.step))
+            if video is None:  # every real video failed and there is no synthetic part:
+                state.step += 1  # the step still counts, so every rank stays in step
+                continue
+
+            # the step
+            lr = lr_at(state.step, total_steps=setup.total_steps,
+                       warmup_steps=setup.warmup_steps, lr=cfg.lr, min_lr=cfg.min_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext():
+                outputs = forward(video)
+            outputs = {k: v.float() for k, v in outputs.items()}
+            loss, parts = compute_losses(outputs, targets, cfg.loss_weights.model_dump())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = (nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                         if cfg.grad_clip > 0 else torch.tensor(0.0))
+            optimizer.step()
+            state.step += 1
+            state.epoch, state.step_in_epoch = epoch, in_epoch + 1
+            values = {"total": loss.item(), **{k: v.item() for k, v in parts.items()}}
+            clips += video.shape[0]
+            for k, v in values.items():
+                state.epoch_sums[k] = state.epoch_sums.get(k, 0.0) + v
+                state.epoch_counts[k] = state.epoch_counts.get(k, 0) + 1
+
+            # logging: losses averaged over ranks (every rank takes part), written by rank 0
+            if state.step % cfg.log_every == 0 or in_epoch == setup.steps_per_epoch - 1:
+                mean = distributed.mean_across(dist, values, loss_names)
+                elapsed = time.perf_counter() - tick
+                record = {"kind": "step", "stage": stage, "step": state.step, "epoch": epoch,
+                          "lr": lr, "grad_norm": float(grad_norm),
+                          "clips_per_s": clips * dist.world_size / max(elapsed, 1e-9),
+                          **{f"loss/{k}": v for k, v in mean.items()}}
+                tick, clips = time.perf_counter(), 0
+                if metrics is not None:
+                    metrics.write(record)
+                    if progress:
+                        progress({**record, "total_steps": setup.total_steps})
+            if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
+                save_last(setup, dist, model, optimizer, state)
+            # for resume tests: ends the run as a kill would, without a final checkpoint
+            if stop_after is not None and state.step >= stop_after:
+                stopped = True
+                break
         if stopped:
             break
+
+        # the epoch's end: its mean losses, and a checkpoint at the next epoch's start
+        state.epoch_losses = distributed.mean_across(
+            dist, {k: state.epoch_sums[k] / state.epoch_counts[k] for k in state.epoch_sums},
+            loss_names)
+        if metrics is not None:
+            metrics.write({"kind": "epoch", "stage": stage, "epoch": epoch, "step": state.step,
+                           **{f"loss/{k}": v for k, v in state.epoch_losses.items()}})
+        state.epoch, state.step_in_epoch = epoch + 1, 0
+        save_last(setup, dist, model, optimizer, state)
     train_time = time.perf_counter() - loop_start
 
-    _gather_skips(run)
+    _gather_skips(state, dist)
     summary: dict[str, Any] = {
         "stage": stage, "stopped_early": stopped, "train_time_s": train_time,
         # this process's steps only (a resumed run times what it ran)
-        "step_time_s": train_time / max(1, run.step - first_step)}
+        "step_time_s": train_time / max(1, state.step - first_step)}
     if not stopped and dist.is_main:
-        summary.update(_finish(run))
+        summary.update(_finish(setup, dist, model, state))
         summary["wall_time_s"] = time.perf_counter() - start_time
         write_summary(setup.layout.root, summary)
         plot_loss_curve(setup.layout.metrics, setup.layout.loss_curve)
     distributed.barrier(dist)
     return summary
-
-
-def _run_epoch(run: Training, epoch: int, stop_after: Optional[int]) -> bool:
-    """One epoch (or its rest, after a mid-epoch resume: its first steps' data is drawn
-    again and not trained on). Returns whether ``stop_after`` ended the run."""
-    setup = run.setup
-    real_iter, synth_iter = _epoch_iterators(setup, epoch, run.dist)
-    replay = run.start_in_epoch if epoch == run.start_epoch else 0
-    resumed_mid_epoch = setup.resume is not None and replay > 0
-    run.sums = dict(setup.resume["epoch_sums"]) if resumed_mid_epoch else {}
-    run.counts = dict(setup.resume["epoch_counts"]) if resumed_mid_epoch else {}
-    meter = _Throughput()
-    for in_epoch in range(setup.steps_per_epoch):
-        real = next(real_iter) if real_iter is not None else None
-        synth = next(synth_iter) if synth_iter is not None else None
-        if synth is not None:  # found again in a replay: already counted, not warned
-            _note_skipped_shards(run, synth.pop(SKIPPED_SHARDS))
-        if in_epoch < replay:  # resumed mid-epoch: replay the data, not the step
-            continue
-        if real is not None:
-            run.skipped_videos.update(real["skipped"])
-        done = _train_step(run, real, synth)
-        if done is None:  # every real video failed and there is no synthetic part
-            continue
-        values, grad_norm, clips = done
-        meter.clips += clips
-        for k, v in values.items():
-            run.sums[k] = run.sums.get(k, 0.0) + v
-            run.counts[k] = run.counts.get(k, 0) + 1
-        if run.step % setup.cfg.log_every == 0 or in_epoch == setup.steps_per_epoch - 1:
-            _log_step(run, epoch, values, grad_norm, meter)
-        if setup.cfg.checkpoint_every and run.step % setup.cfg.checkpoint_every == 0:
-            _save_checkpoint(run, epoch, in_epoch + 1)
-        if stop_after is not None and run.step >= stop_after:
-            return True
-    run.epoch_losses = distributed.mean_across(
-        run.dist, {k: run.sums[k] / run.counts[k] for k in run.sums}, run.loss_names)
-    if run.metrics is not None:
-        run.metrics.write({"kind": "epoch", "stage": setup.stage, "epoch": epoch,
-                           "step": run.step,
-                           **{f"loss/{k}": v for k, v in run.epoch_losses.items()}})
-    _save_checkpoint(run, epoch + 1, 0)
-    return False
-
-
-def _train_step(run: Training, real: Optional[dict], synth: Optional[dict]
-                ) -> Optional[tuple[dict[str, float], float, int]]:
-    """One optimizer step on one batch: (loss values, grad norm, clips), or None when
-    the batch holds no clip (the step still counts, so every rank stays in step)."""
-    cfg, setup = run.setup.cfg, run.setup
-    shuffle = _label_shuffle(cfg, synth, run.step)
-    video, targets = _assemble(real, synth, run.dist.device, shuffle)
-    if video is None:
-        run.step += 1
-        return None
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr_at(run.step, total_steps=setup.total_steps,
-                            warmup_steps=setup.warmup_steps, lr=cfg.lr, min_lr=cfg.min_lr)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                if cfg.amp and run.dist.device.type == "cuda" else nullcontext())
-    with autocast:
-        outputs = run.forward(video)
-    outputs = {k: v.float() for k, v in outputs.items()}
-    loss, parts = compute_losses(outputs, targets, cfg.loss_weights.model_dump())
-    run.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norm = (nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
-                 if cfg.grad_clip > 0 else torch.tensor(0.0))
-    run.optimizer.step()
-    run.step += 1
-    values = {"total": loss.item(), **{k: v.item() for k, v in parts.items()}}
-    return values, float(grad_norm), video.shape[0]
-
-
-@dataclass
-class _Throughput:
-    """Clips trained since the last logged step, and when that was."""
-
-    tick: float = field(default_factory=time.perf_counter)
-    clips: int = 0
-
-
-def _log_step(run: Training, epoch: int, values: dict[str, float], grad_norm: float,
-              meter: _Throughput) -> None:
-    """A ``kind: step`` line (losses averaged over ranks) and the progress callback."""
-    mean = distributed.mean_across(run.dist, values, run.loss_names)
-    elapsed = time.perf_counter() - meter.tick
-    record = {"kind": "step", "stage": run.setup.stage, "step": run.step, "epoch": epoch,
-              "lr": run.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
-              "clips_per_s": meter.clips * run.dist.world_size / max(elapsed, 1e-9),
-              **{f"loss/{k}": v for k, v in mean.items()}}
-    meter.tick, meter.clips = time.perf_counter(), 0
-    if run.metrics is not None:
-        run.metrics.write(record)
-        if run.progress:
-            run.progress({**record, "total_steps": run.setup.total_steps})
-
-
-def _note_skipped_shards(run: Training, reported: dict[str, str]) -> None:
-    """Count the shards a loader skipped (``bad_shards: skip``), warning once each."""
-    for url, reason in sorted(reported.items()):
-        if url not in run.skipped_shards:
-            log.warning("%s; skipping that shard (bad_shards: skip)", reason)
-        run.skipped_shards.add(url)
-
-
-def _save_checkpoint(run: Training, epoch: int, in_epoch: int) -> None:
-    """``last.pt``: everything a resume needs to continue as if never stopped (every
-    rank's RNG included, gathered on all ranks and written by rank 0)."""
-    rng = [capture_rng()]
-    if run.dist.world_size > 1:  # every rank's RNG, so each resumes its own dropout stream
-        rng = [None] * run.dist.world_size
-        torch.distributed.all_gather_object(rng, capture_rng())
-    if not run.dist.is_main:
-        return
-    setup = run.setup
-    save_checkpoint(setup.layout.last_checkpoint, {
-        "stage": setup.stage, "model_name": setup.cfg.model,
-        "model_kwargs": setup.model_kwargs, "model": run.model.state_dict(),
-        "optimizer": run.optimizer.state_dict(), "scheduler": setup.schedule,
-        "epoch": epoch, "step_in_epoch": in_epoch, "step": run.step, "rng": rng,
-        "config": setup.cfg.model_dump(mode="json"), "skipped": sorted(run.skipped_videos),
-        "skipped_shards": sorted(run.skipped_shards),
-        "epoch_losses": run.epoch_losses,  # of the last finished epoch (for the summary)
-        # a mid-epoch checkpoint carries the epoch's running loss sums
-        "epoch_sums": dict(run.sums) if in_epoch else {},
-        "epoch_counts": dict(run.counts) if in_epoch else {}})
-
-
-def _gather_skips(run: Training) -> None:
-    """Every rank skipped its own undecodable videos and shards: the union, on all."""
-    if run.dist.world_size == 1:
-        return
-    gathered: list = [None] * run.dist.world_size
-    torch.distributed.all_gather_object(
-        gathered, (sorted(run.skipped_videos), sorted(run.skipped_shards)))
-    run.skipped_videos = set().union(*(videos for videos, _ in gathered))
-    run.skipped_shards = set().union(*(shards for _, shards in gathered))
 
 
 def _epoch_iterators(setup: RunSetup, epoch: int, dist: distributed.Dist
@@ -576,10 +403,21 @@ def _assemble(real: Optional[dict], synth: Optional[dict], device: torch.device,
     return torch.cat(videos).to(device, non_blocking=True), targets
 
 
-def _finish(run: Training) -> dict[str, Any]:
+def _gather_skips(state: RunState, dist: distributed.Dist) -> None:
+    """Every rank skipped its own undecodable videos and shards: the union, on all."""
+    if dist.world_size == 1:
+        return
+    gathered: list = [None] * dist.world_size
+    torch.distributed.all_gather_object(
+        gathered, (sorted(state.skipped_videos), sorted(state.skipped_shards)))
+    state.skipped_videos = set().union(*(videos for videos, _ in gathered))
+    state.skipped_shards = set().union(*(shards for _, shards in gathered))
+
+
+def _finish(setup: RunSetup, dist: distributed.Dist, model: PromptonomyViT,
+            state: RunState) -> dict[str, Any]:
     """Final checkpoint, exported inference weights, validation accuracy."""
-    setup, model, layout = run.setup, run.model, run.setup.layout
-    cfg = setup.cfg
+    cfg, layout = setup.cfg, setup.layout
     final = layout.final_checkpoint
     write_atomic(final, layout.last_checkpoint.read_bytes())
     inference = export_inference(model)
@@ -590,21 +428,22 @@ def _finish(run: Training) -> dict[str, Any]:
         return sum(p.numel() for p in m.parameters())
 
     summary: dict[str, Any] = {
-        "epochs": cfg.epochs, "steps": run.step, "losses": run.epoch_losses,
+        "epochs": cfg.epochs, "steps": state.step, "losses": state.epoch_losses,
         "checkpoint": str(final), "inference_weights": str(layout.inference_weights),
         "params_train": count(model), "params_inference": count(inference),
-        "skipped_videos": len(run.skipped_videos), "skipped_paths": sorted(run.skipped_videos),
-        "skipped_shards": len(run.skipped_shards),
-        "skipped_shard_paths": sorted(run.skipped_shards),
+        "skipped_videos": len(state.skipped_videos),
+        "skipped_paths": sorted(state.skipped_videos),
+        "skipped_shards": len(state.skipped_shards),
+        "skipped_shard_paths": sorted(state.skipped_shards),
     }
     if setup.finetune and cfg.val_split:
         records, _ = read_records(cfg.data_format, cfg.data_root, cfg.val_split, cfg.videos_dir,
                                   num_classes=model.num_classes)
-        result = evaluate_model(inference.to(run.dist.device), records,
+        result = evaluate_model(inference.to(dist.device), records,
                                 num_frames=cfg.num_frames, img_size=cfg.img_size,
                                 stride=cfg.frame_stride, sampling=cfg.sampling,
                                 batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                                device=run.dist.device)
+                                device=dist.device)
         summary.update(top1=result["top1"], top5=result["top5"], val_clips=result["clips"],
                        # per validation clip, in split order: what paired comparisons
                        # between runs (benchmarks/ablation.py) resample

@@ -134,7 +134,7 @@ def test_finetune_starts_from_image_weights(tmp_path, toy_set):
 
 
 def test_a_checkpoint_from_before_a_new_config_field_resumes_only_at_its_default():
-    from training.train import check_resumable
+    from training.resume import check_resumable
 
     cfg = PretrainConfig(**dict(TINY, synthetic="data/x"))
     older = cfg.model_dump(mode="json")
