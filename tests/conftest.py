@@ -8,6 +8,7 @@ Kubric run in render workers), but pytest does, so load torch's side first.
 
 import os
 import tempfile
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # Every Prefect run of the suite (in-process or in `pvit` subprocesses) uses its own
@@ -18,12 +19,9 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # need more than Prefect's 20 s for the temporary server to start.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402,F401
 import torch._dynamo  # noqa: E402,F401
-
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
 
 
 # Made once per session and shared by tests/training and tests/flows (the commands).
