@@ -7,30 +7,15 @@ import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
-from rich.console import Console
 
-from flows.commands import SetOpt
-from flows.experiment import ConfigError, ExperimentConfig, load_experiment
+from flows.cli_common import ConfigFlags, SetOpt, console, fail, load_or_exit
+from flows.experiment import ExperimentConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Synthetic scenes -> WebDataset shards -> PViT, as Prefect flows.")
-console = Console(stderr=True)
-
-
-def fail(message: str, code: int = 2) -> None:
-    console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
-
-
-def load_or_exit(config: Optional[Path], overrides: dict,
-                 sets: Optional[list[str]] = None) -> ExperimentConfig:
-    try:
-        return load_experiment(config, overrides, sets)
-    except ConfigError as exc:
-        fail(str(exc))
 
 
 def dataset_or_exit(location: Path) -> Path | str:
@@ -57,42 +42,32 @@ def check_writable_dir(path: Path, what: str) -> None:
         fail(f"{what}: {exc}" if isinstance(exc, WriteError) else str(exc))
 
 
+# Each flag sets one key of the experiment file (type and help: that field's, see
+# flows/cli_common.py); `--set` sets any key.
+GENERATE_FLAGS = ConfigFlags({
+    "out": "generation.out", "scenes": "generation.scenes",
+    "frames": "generation.scene.frames", "resolution": "generation.scene.resolution",
+    "spp": "generation.scene.spp", "seed": "generation.seed",
+    "scenes_per_shard": "generation.scenes_per_shard", "workers": "generation.workers",
+    "retries": "generation.retries", "task_runner": "generation.task_runner",
+    "overwrite": "generation.overwrite", "device": "generation.device",
+    "workers_per_gpu": "generation.workers_per_gpu"})
+
+
 @app.command()
+@GENERATE_FLAGS.add_options
 def generate(
     config: Path = typer.Argument(..., help="experiment YAML (its `generation` section is used)"),
-    out: Optional[Path] = typer.Option(None, help="shard directory"),
-    scenes: Optional[int] = typer.Option(None, help="number of clips"),
-    frames: Optional[int] = typer.Option(None, help="frames per clip"),
-    resolution: Optional[int] = typer.Option(None, help="square frame size, pixels"),
-    spp: Optional[int] = typer.Option(None, help="Cycles samples per pixel"),
-    seed: Optional[int] = typer.Option(None, help="dataset seed"),
-    scenes_per_shard: Optional[int] = typer.Option(None, help="clips per shard"),
-    workers: Optional[int] = typer.Option(None, help="shards rendered at once"),
-    retries: Optional[int] = typer.Option(None, help="re-runs of a crashed render worker"),
-    task_runner: Optional[str] = typer.Option(None, help="threads | processes | dask"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="replace a dataset made with "
-                                   "another spec (each old shard stays until its replacement "
-                                   "is rendered); without it such a run exits naming the "
-                                   "changed fields"),
     break_lock: bool = typer.Option(False, "--break-lock", help="remove another host's lock "
                                     "on --out (only when that run is known to be gone)"),
-    device: Optional[str] = typer.Option(None, help="Cycles device: auto (OptiX, then CUDA, "
-                                         "then CPU) | cpu | cuda | optix"),
-    workers_per_gpu: Optional[int] = typer.Option(None, help="render workers sharing one GPU"),
     sets: Optional[list[str]] = SetOpt,
+    **flags: Any,
 ) -> None:
     """Render synthetic clips with Kubric/Blender into verified WebDataset shards.
 
     One run writes a dataset at a time (lock file OUT/.pvit.lock); a second exits 2
     naming the first."""
-    cfg = load_or_exit(config, {
-        "generation.out": out, "generation.scenes": scenes, "generation.scene.frames": frames,
-        "generation.scene.resolution": resolution, "generation.scene.spp": spp,
-        "generation.seed": seed, "generation.scenes_per_shard": scenes_per_shard,
-        "generation.workers": workers, "generation.retries": retries,
-        "generation.task_runner": task_runner, "generation.device": device,
-        "generation.workers_per_gpu": workers_per_gpu,
-        "generation.overwrite": True if overwrite else None}, sets)
+    cfg = load_or_exit(config, GENERATE_FLAGS.overrides(flags), sets)
     gen = cfg.generation
     device = check_render_device(gen.device)
     check_writable_dir(gen.out, "generation.out")

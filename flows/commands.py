@@ -15,23 +15,24 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.console import Console
 
-DataFormatOpt = typer.Option(None, "--data-format", help="ssv2 | list")
-MODEL_HELP = ("pvit_test | pvit_tiny | pvit_small | pvit_base | mvitv2_s | videomae_vit_s | "
-              "videomae_vit_b")
-INIT_FORMAT_HELP = ("format of --init: pvit | timm_image | torchvision_mvit | videomae | "
-                    "videomae_hf [default: pvit if it is one, else timm_image]")
-# every command takes it (flows/cli.py too); keys are the file's, dotted from the top
-SET_HELP = ("override any key of the experiment file: section.key=value (repeatable; the "
-            "value is YAML, e.g. null, 1e-4, [depth, pose]; unknown keys are errors)")
-SetOpt = typer.Option(None, "--set", help=SET_HELP, metavar="KEY=VALUE")
-err_console = Console(stderr=True)
+from flows.cli_common import ConfigFlags, SetOpt, console, fail
 
-
-def _fail(message: str) -> None:
-    err_console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
+# Each flag sets one key of the experiment file (type and help: that field's); the
+# sections' paths are `str` fields, parsed as paths. `--set` sets any key.
+PRETRAIN_FLAGS = ConfigFlags({
+    "out": ("pretrain.out", Path), "epochs": "pretrain.epochs", "model": "pretrain.model",
+    "variant": "pretrain.variant", "synthetic": ("pretrain.synthetic", Path),
+    "init": ("pretrain.init", Path), "init_format": "pretrain.init_format"})
+FINETUNE_FLAGS = ConfigFlags({
+    "out": ("finetune.out", Path), "epochs": "finetune.epochs", "model": "finetune.model",
+    "variant": "finetune.variant", "synthetic": ("finetune.synthetic", Path),
+    "init": ("finetune.init", Path), "init_format": "finetune.init_format",
+    "data_format": "finetune.data_format", "data_root": ("finetune.data_root", Path)})
+EVALUATE_FLAGS = ConfigFlags({
+    "data_format": "evaluate.data_format", "data_root": ("evaluate.data_root", Path),
+    "split": "evaluate.split", "out": ("evaluate.out", Path),
+    "temporal_clips": "evaluate.temporal_clips", "spatial_crops": "evaluate.spatial_crops"})
 
 
 def _stage_config(stage: str, config: Optional[Path], overrides: dict[str, Any],
@@ -39,10 +40,9 @@ def _stage_config(stage: str, config: Optional[Path], overrides: dict[str, Any],
     from flows.experiment import ConfigError, load_experiment
 
     try:
-        dotted = {f"{stage}.{k}": v for k, v in overrides.items()}
-        return load_experiment(config, dotted, sets).require(stage)
+        return load_experiment(config, overrides, sets).require(stage)
     except ConfigError as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
 
 def _train(stage: str, cfg) -> None:
@@ -55,12 +55,12 @@ def _train(stage: str, cfg) -> None:
     try:
         train.preflight(stage, cfg)
     except (train.InputError, CheckpointError) as exc:
-        _fail(f"{stage}.{exc}")
+        fail(f"{stage}.{exc}")
     run = train.run_pretrain if stage == "pretrain" else train.run_finetune
     # under torchrun only rank 0 draws the bar (the others would draw empty ones)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(),
-                  console=err_console, disable=os.environ.get("RANK", "0") != "0") as bar:
+                  console=console, disable=os.environ.get("RANK", "0") != "0") as bar:
         task = bar.add_task(f"{stage} -> {cfg.out}", total=None, loss=float("nan"))
 
         def progress(record: dict[str, Any]) -> None:
@@ -71,8 +71,7 @@ def _train(stage: str, cfg) -> None:
             summary = run(cfg, progress=progress)
         except ShardDecodeError as exc:  # bad data met while training: one line, exit 1
             bar.stop()
-            err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
+            fail(str(exc), code=1)
     if summary.get("checkpoint"):  # rank 0 only
         # the counts, not the lists (summary.json has those)
         shown = {k: v for k, v in summary.items()
@@ -80,59 +79,34 @@ def _train(stage: str, cfg) -> None:
         typer.echo(json.dumps(shown, indent=2))
 
 
+@PRETRAIN_FLAGS.add_options
 def pretrain(
     config: Path = typer.Argument(..., help="experiment YAML (its `pretrain` section)"),
-    out: Optional[Path] = typer.Option(None, help="run directory"),
-    epochs: Optional[int] = typer.Option(None, help="training epochs"),
-    model: Optional[str] = typer.Option(None, help=MODEL_HELP),
-    variant: Optional[str] = typer.Option(None, help="mt | pvit"),
-    synthetic: Optional[Path] = typer.Option(None, help="shard directory"),
-    init: Optional[Path] = typer.Option(None, help="initial weights (see --init-format)"),
-    init_format: Optional[str] = typer.Option(None, help=INIT_FORMAT_HELP),
     sets: Optional[list[str]] = SetOpt,
+    **flags: Any,
 ) -> None:
     """Prompt pretraining on synthetic shards (all task heads)."""
-    cfg = _stage_config("pretrain", config, {
-        "out": out and str(out), "epochs": epochs, "model": model, "variant": variant,
-        "synthetic": synthetic and str(synthetic), "init": init and str(init),
-        "init_format": init_format}, sets)
+    cfg = _stage_config("pretrain", config, PRETRAIN_FLAGS.overrides(flags), sets)
     _train("pretrain", cfg)
 
 
+@FINETUNE_FLAGS.add_options
 def finetune(
     config: Path = typer.Argument(..., help="experiment YAML (its `finetune` section)"),
-    out: Optional[Path] = typer.Option(None, help="run directory"),
-    epochs: Optional[int] = typer.Option(None, help="training epochs"),
-    model: Optional[str] = typer.Option(None, help=MODEL_HELP),
-    variant: Optional[str] = typer.Option(None, help="vit | mt | pvit"),
-    synthetic: Optional[Path] = typer.Option(None, help="shard directory mixed into batches"),
-    init: Optional[Path] = typer.Option(None, help="pretrain checkpoint or other weights"),
-    init_format: Optional[str] = typer.Option(None, help=INIT_FORMAT_HELP),
-    data_format: Optional[str] = DataFormatOpt,
-    data_root: Optional[Path] = typer.Option(None, help="downstream data set root"),
     sets: Optional[list[str]] = SetOpt,
+    **flags: Any,
 ) -> None:
     """Downstream training with synthetic batches mixed in (synthetic_ratio)."""
-    cfg = _stage_config("finetune", config, {
-        "out": out and str(out), "epochs": epochs, "model": model, "variant": variant,
-        "synthetic": synthetic and str(synthetic), "init": init and str(init),
-        "init_format": init_format, "data_format": data_format,
-        "data_root": data_root and str(data_root)}, sets)
+    cfg = _stage_config("finetune", config, FINETUNE_FLAGS.overrides(flags), sets)
     _train("finetune", cfg)
 
 
+@EVALUATE_FLAGS.add_options
 def evaluate(
     checkpoint: Path = typer.Argument(..., help="finetune checkpoint (.pt)"),
-    data_format: Optional[str] = DataFormatOpt,
-    data_root: Optional[Path] = typer.Option(None, help="downstream data set root"),
-    split: Optional[str] = typer.Option(None, help="split to evaluate [default: validation]"),
     config: Optional[Path] = typer.Option(None, help="experiment YAML (its `evaluate` section)"),
-    out: Optional[Path] = typer.Option(None, help="result JSON [default: the run's evaluation "
-                                       "home, CHECKPOINT_DIR/evaluate/, shared with the "
-                                       "pipeline]"),
-    temporal_clips: Optional[int] = typer.Option(None, help="clips per video (multi-view)"),
-    spatial_crops: Optional[int] = typer.Option(None, help="crops per clip, 1 or 3"),
     sets: Optional[list[str]] = SetOpt,
+    **flags: Any,
 ) -> None:
     """Top-1 / top-5, single view and multi-view, written as JSON."""
     from pydantic import ValidationError
@@ -147,22 +121,21 @@ def evaluate(
         # validates the file and --set; then this command's flags win
         cfg = _stage_config("evaluate", config, {}, sets)
         section = cfg.model_dump(exclude_unset=True)
-    flags = {"checkpoint": str(checkpoint), "data_format": data_format,
-             "data_root": data_root and str(data_root), "split": split, "out": out and str(out),
-             "temporal_clips": temporal_clips, "spatial_crops": spatial_crops}
-    section.update({k: v for k, v in flags.items() if v is not None})
+    section["checkpoint"] = str(checkpoint)
+    section.update({key.removeprefix("evaluate."): value
+                    for key, value in EVALUATE_FLAGS.overrides(flags).items()})
     try:
         cfg = EvaluateConfig.model_validate(section)
     except ValidationError as exc:
         first = exc.errors()[0]
-        _fail(f"evaluate.{'.'.join(map(str, first['loc']))}: "
-              f"{first['msg'].removeprefix('Value error, ')}".replace("evaluate.: ", "evaluate."))
+        fail(f"evaluate.{'.'.join(map(str, first['loc']))}: "
+             f"{first['msg'].removeprefix('Value error, ')}".replace("evaluate.: ", "evaluate."))
     try:
         # no --out: into the checkpoint's evaluation home, through its stage record, so
         # `pvit pipeline` finds the result where its own evaluate stage puts it
         result = run_evaluate(cfg) if cfg.out else run_evaluate_in_home(cfg)
     except (CheckpointError, FileNotFoundError, ValueError) as exc:
-        _fail(f"evaluate.{str(exc).splitlines()[0]}")
+        fail(f"evaluate.{str(exc).splitlines()[0]}")
     typer.echo(json.dumps({k: result[k] for k in ("top1", "top5", "out")}
                           | {"multi_view_top1": result["multi_view"]["top1"],
                              "multi_view_top5": result["multi_view"]["top5"]}, indent=2))

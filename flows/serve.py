@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from flows.commands import SetOpt
+from flows.cli_common import SetOpt, console, fail, load_or_exit
 
 if TYPE_CHECKING:
     from prefect import Flow
@@ -104,8 +104,6 @@ def register(app: typer.Typer) -> None:
         """Serve the flows as deployments from this process (Ctrl-C stops)."""
         from prefect import serve
         from prefect.settings import PREFECT_API_URL
-
-        from flows.cli import console, fail, load_or_exit
 
         experiment = (load_or_exit(config, {}, sets)
                       if config is not None or sets else None)

@@ -26,10 +26,11 @@ class SceneConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     recipe: str = "movi"                    # name in generation.render.recipes.RECIPES
-    resolution: int = Field(64, gt=0, le=4096)   # square frames, pixels
-    frames: int = Field(4, gt=0, le=1000)   # T frames per clip
+    resolution: int = Field(64, gt=0, le=4096, description="square frame size, pixels")
+    frames: int = Field(4, gt=0, le=1000, description="frames per clip (T)")
     fps: int = Field(12, gt=0, le=240)
-    spp: int = Field(16, gt=0, le=16384)    # Cycles samples per pixel (RGB layer)
+    spp: int = Field(16, gt=0, le=16384,
+                     description="Cycles samples per pixel (RGB layer)")
     denoise: bool = False                   # OpenImageDenoise on the RGB layer
     min_objects: int = Field(3, ge=1, le=64)
     max_objects: int = Field(10, ge=1, le=64)
@@ -76,27 +77,33 @@ MAX_SCENES = 10_000_000
 class GenerationConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    out: Path = Path("data/synthetic")      # shard directory
-    scenes: int = Field(8, gt=0)            # total clips (at most MAX_SCENES)
-    scenes_per_shard: int = Field(4, gt=0)
-    seed: int = Field(0, ge=0)              # scene i uses seed (seed, i) -> see scene_seed()
-    workers: int = Field(1, gt=0, le=256)   # shards rendered at once (one process each)
+    out: Path = Field(Path("data/synthetic"), description="shard directory, or object-store "
+                      "URL (s3://bucket/prefix)")
+    scenes: int = Field(8, gt=0, description=f"number of clips (at most {MAX_SCENES:,})")
+    scenes_per_shard: int = Field(4, gt=0, description="clips per shard")
+    # generation/dataset/plan.py scene_seed()
+    seed: int = Field(0, ge=0, description="dataset seed: clip i renders from (seed, i)")
+    workers: int = Field(1, gt=0, le=256, description="shards rendered at once (one process "
+                         "each)")
     # Blender threads per render worker; None = this machine's cores / workers. Cycles'
     # output does not depend on it (shards stay byte-identical).
     render_threads: Optional[int] = Field(None, gt=0, le=1024)
-    retries: int = Field(2, ge=0, le=20)    # re-runs of a crashed render worker
-    # Cycles device: auto = OptiX, then CUDA, then CPU (generation/render/devices.py). Recorded
-    # per shard, not part of the spec hash: labels are the same on every device and RGB
-    # differs by sampling noise only (docs/generation.md, "Render devices").
-    device: Literal["auto", "cpu", "cuda", "optix"] = "auto"
-    # Render workers pinned to the same GPU (consecutive shards share one); `workers`
-    # is still how many shards render at once, so set it to GPUs x workers_per_gpu.
-    workers_per_gpu: int = Field(1, gt=0, le=64)
-    task_runner: Literal["threads", "processes", "dask"] = "threads"
+    retries: int = Field(2, ge=0, le=20, description="re-runs of a crashed render worker")
+    # generation/render/devices.py. Recorded per shard, not part of the spec hash: labels
+    # are the same on every device and RGB differs by sampling noise only
+    # (docs/generation.md, "Render devices").
+    device: Literal["auto", "cpu", "cuda", "optix"] = Field(
+        "auto", description="Cycles device; auto: OptiX, then CUDA, then CPU")
+    # consecutive shards share one GPU; `workers` is still how many shards render at
+    # once, so set it to GPUs x workers_per_gpu
+    workers_per_gpu: int = Field(1, gt=0, le=64, description="render workers sharing one GPU")
+    task_runner: Literal["threads", "processes", "dask"] = Field(
+        "threads", description="Prefect task runner of the shard tasks")
     dask_address: Optional[str] = None      # existing Dask scheduler; None = LocalCluster
-    # Replace a dataset made with another spec (``--overwrite``); without it such a run
-    # exits naming the changed fields (generation/dataset/spec_change.py).
-    overwrite: bool = False
+    # generation/dataset/spec_change.py names the changed fields
+    overwrite: bool = Field(False, description="replace a dataset made with another spec (each "
+                            "old shard stays until its replacement is rendered); without it "
+                            "such a run exits naming the changed fields")
     # The LocalCluster's dashboard ("127.0.0.1:8787", ":0"); None = no dashboard at all.
     dask_dashboard: Optional[str] = None
     # Task runs one flow run may create: above this many shards a task renders several

@@ -26,6 +26,11 @@ BadShards = Literal["stop", "skip"]
 # checkpoint when the file carries our format marker, else timm image weights
 InitFormat = Literal["pvit", "timm_image", "torchvision_mvit", "videomae", "videomae_hf"]
 
+# descriptions (the CLI's help) of the fields that several sections declare
+RUN_DIR = "run directory: config.yaml, metrics.jsonl, checkpoints"
+INIT_FORMAT = "format of init; unset: pvit for a pvit checkpoint, else timm_image"
+DATA_FORMAT = ("layout of the data set; ssv2: labels/*.json + videos/<id>.webm, list: "
+               "`path label` lines")
 
 
 def _task_registry() -> Any:
@@ -67,13 +72,14 @@ class _TrainStage(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    out: str = "runs/pretrain"  # run directory: config.yaml, metrics.jsonl, checkpoints
+    out: str = Field("runs/pretrain", description=RUN_DIR)
     seed: int = 0
     # --- model ---
-    # a registered model (training/model.py): pvit_test, pvit_tiny, pvit_small, pvit_base,
-    # mvitv2_s (the paper's backbone), videomae_vit_s, videomae_vit_b
-    model: str = "pvit_tiny"
-    variant: Variant = "pvit"  # vit: no prompts/heads; mt: heads on CLS; pvit: prompts
+    model: str = Field("pvit_tiny", description=(
+        "a registered model (training/model.py): pvit_test, pvit_tiny, pvit_small, pvit_base, "
+        "mvitv2_s (the paper's backbone), videomae_vit_s, videomae_vit_b"))
+    variant: Variant = Field("pvit", description="vit: no prompts or heads, mt: task heads on "
+                             "CLS, pvit: task prompts; pretraining takes mt or pvit")
     num_frames: int = Field(16, ge=1)  # the paper's 16x4 clips
     img_size: int = Field(224, ge=16)  # the paper's 224 crops
     tubelet_size: int = Field(2, ge=1)  # frames per patch (2x16x16 tubelets)
@@ -88,14 +94,15 @@ class _TrainStage(BaseModel):
     head_dropout: float = Field(0.1, ge=0, lt=1)  # inside the task heads (paper: dropout)
     loss_weights: LossWeights = Field(default_factory=LossWeights)
     # --- data ---
-    synthetic: Optional[str] = "data/synthetic"  # shard directory written by `pvit generate`
+    synthetic: Optional[str] = Field("data/synthetic", description=(
+        "shard directory written by `pvit generate` (finetune: mixed into batches)"))
     shuffle_buffer: int = Field(64, ge=1)  # clips held by the webdataset sample shuffle
     crop_scale: tuple[float, float] = (0.6, 1.0)  # random-resized-crop area range
     flip: bool = True  # random horizontal flip (normals' x and poses are mirrored too)
     num_workers: int = Field(2, ge=0)
     bad_shards: BadShards = "stop"  # a shard that does not decode: stop | skip (and count)
     # --- optimisation ---
-    epochs: int = Field(10, ge=1)
+    epochs: int = Field(10, ge=1, description="training epochs")
     batch_size: int = Field(8, ge=1)  # per process; synthetic and real each
     lr: float = Field(1.5e-4, gt=0)  # AdamW peak learning rate
     min_lr: float = Field(1e-6, ge=0)  # end of the cosine
@@ -164,9 +171,9 @@ class _TrainStage(BaseModel):
 class PretrainConfig(_TrainStage):
     """Prompt pretraining on synthetic shards: all heads, no downstream task."""
 
-    # a video checkpoint (see init_format), image timm weights, or None (scratch)
-    init: Optional[str] = None
-    init_format: Optional[InitFormat] = None
+    init: Optional[str] = Field(None, description="initial weights: a video checkpoint (see "
+                                "init_format), image timm weights, or none (scratch)")
+    init_format: Optional[InitFormat] = Field(None, description=INIT_FORMAT)
 
     @model_validator(mode="after")
     def _check_pretrain(self) -> "PretrainConfig":
@@ -181,13 +188,14 @@ class PretrainConfig(_TrainStage):
 class FinetuneConfig(_TrainStage):
     """Downstream training with synthetic batches mixed in (the paper's joint recipe)."""
 
-    out: str = "runs/finetune"
-    # pretrain checkpoint (.pt), a video checkpoint (init_format), image timm weights
-    # (.safetensors/.pth), or None (scratch)
-    init: Optional[str] = None
-    init_format: Optional[InitFormat] = None
-    data_format: DataFormat = "list"  # ssv2: labels/*.json + videos/<id>.webm; list: `path label`
-    data_root: Optional[str] = None  # required: root of the downstream data set
+    out: str = Field("runs/finetune", description=RUN_DIR)
+    init: Optional[str] = Field(None, description=(
+        "initial weights: a pretrain checkpoint (.pt), a video checkpoint (see init_format), "
+        "image timm weights (.safetensors/.pth), or none (scratch)"))
+    init_format: Optional[InitFormat] = Field(None, description=INIT_FORMAT)
+    data_format: DataFormat = Field("list", description=DATA_FORMAT)
+    data_root: Optional[str] = Field(None, description="root of the downstream data set "
+                                     "(required)")
     videos_dir: str = "videos"  # SSv2 only: the folder of <id>.webm under data_root
     train_split: str = "train"  # ssv2: labels/<split>.json; list: <data_root>/<split>.txt
     val_split: str = "validation"  # evaluated after the last epoch ("" skips it)
@@ -222,16 +230,21 @@ class EvaluateConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     checkpoint: Optional[str] = None  # a finetune checkpoint (.pt); set by the command
-    data_format: DataFormat = "list"
-    data_root: Optional[str] = None
+    data_format: DataFormat = Field("list", description=DATA_FORMAT)
+    data_root: Optional[str] = Field(None, description="root of the downstream data set "
+                                     "(required)")
     videos_dir: str = "videos"
-    split: str = "validation"
-    spatial_crops: int = Field(3, ge=1, le=3)  # left/centre/right crops, as the paper's 3 at test
-    temporal_clips: int = Field(2, ge=1)  # clips spread evenly over the video
+    split: str = Field("validation", description="split to evaluate")
+    # left/centre/right, as the paper's 3 at test
+    spatial_crops: int = Field(3, ge=1, le=3, description="crops per clip, 1 or 3")
+    temporal_clips: int = Field(2, ge=1, description="clips per video, spread evenly over it "
+                                "(multi-view)")
     batch_size: int = Field(8, ge=1)
     num_workers: int = Field(2, ge=0)
-    # JSON path; default: the run's evaluation home (training.run_layout.evaluation_file)
-    out: Optional[str] = None
+    # unset: training.run_layout.evaluation_file
+    out: Optional[str] = Field(None, description=(
+        "result JSON; unset: the run's evaluation home, CHECKPOINT_DIR/evaluate/, shared "
+        "with the pipeline"))
 
     @model_validator(mode="after")
     def _check(self) -> "EvaluateConfig":
