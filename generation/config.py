@@ -15,8 +15,9 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from generation.dataset.manifest import renderer_fingerprint
+from generation.dataset.shard_format import class_list
 from generation.dataset.storage import dataset_path
-from generation.render.assets import DEFAULT_MANIFEST, class_list, load_manifest
+from generation.render.assets import DEFAULT_MANIFEST, load_manifest
 from generation.render.recipes import RECIPES
 
 

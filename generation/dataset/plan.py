@@ -185,8 +185,8 @@ def _replacing(cfg: GenerationConfig, old: dict | None) -> dict | None:
 
 def _classes(cfg: GenerationConfig, old: dict | None, job: ShardJob) -> list[str]:
     """The class list; an unchanged spec's comes from its manifest. The spec hash covers
-    the asset manifest's bytes and the code that makes the list (``render_scene.py``,
-    ``shard_format.py``), so it is the same list, and a rerun does not import the
+    the asset manifest's bytes and the code that makes the list
+    (``shard_format.class_list``), so it is the same list, and a rerun does not import the
     renderer's modules (webdataset and torch: seconds on a cold process) to learn it."""
     if old is not None and old.get("spec_hash") == job.spec_hash:
         classes = old.get("classes")

@@ -58,6 +58,15 @@ from generation.dataset.storage import open_file
 CLASSES = ("background", "floor", "cube", "sphere", "cylinder", "cone", "torus", "capsule",
            "icosahedron", "pyramid")
 
+
+def class_list(manifest: dict) -> list[str]:
+    """A dataset's classes for an asset manifest (Kubric's format, as a dict): the fixed
+    list, then any extra categories of a user's asset set, sorted. Lives with the format
+    (and its hash, ``manifest.RENDER_CODE``): a shard's semantic ids index this list."""
+    categories = {a.get("metadata", {}).get("category", k) for k, a in manifest["assets"].items()}
+    return list(CLASSES) + sorted(categories - set(CLASSES))
+
+
 # 1: every array a plain .npy member. 2: every array .npy.zst (format 1 is still read).
 FORMAT_VERSION = 2
 

@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from generation.dataset.shard_format import CLASSES
 from generation.dataset.storage import write_atomic
 
 if TYPE_CHECKING:
@@ -245,12 +244,6 @@ def build_asset_set(out_dir: Path) -> Path:
     path = out_dir / "manifest.json"
     write_atomic(path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
     return path
-
-
-def class_list(manifest: dict) -> list[str]:
-    """The fixed class list, then any extra categories of a user's asset manifest."""
-    categories = {a.get("metadata", {}).get("category", k) for k, a in manifest["assets"].items()}
-    return list(CLASSES) + sorted(categories - set(CLASSES))
 
 
 def load_manifest(path: Path) -> dict:

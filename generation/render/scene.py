@@ -18,8 +18,8 @@ from typing import Callable, Iterator
 import numpy as np
 
 from generation.config import SceneConfig
+from generation.dataset.shard_format import class_list
 from generation.render import labels
-from generation.render.assets import class_list
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def render_passes(cfg: SceneConfig, seed: int, key: str, *, scratch_root: Path |
 
     Timings: ``build_s`` (Blender reset + recipe + physics; ``setup_s`` of it is the
     renderer's set-up), ``render_s`` and ``render_calls_s`` (the render call, in Cycles)."""
-    import kubric as kb  # TensorFlow (not in the render worker: see render_worker.py)
+    import kubric as kb  # TensorFlow (not in the render worker: see worker.py)
 
     from generation.render.asset_cache import asset_source
     from generation.render.assets import load_manifest

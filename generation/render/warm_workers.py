@@ -5,7 +5,7 @@ A render worker spends its first seconds importing torch (webdataset's), bpy and
 Kubric; ``pvit generate`` spends its first seconds waiting for Prefect's temporary
 server, a process that uses one core while the CLI waits. ``prewarm`` starts
 ``python -m generation.render.worker --wait`` processes at that point; each does its
-imports and then blocks reading one line from stdin. ``generation.dataset.plan.render_shard``
+imports and then blocks reading one line from stdin. ``generation.render.supervisor.render_shard``
 asks ``take`` for one started with the environment it would give a new worker (the GPU
 pin included) and hands it the job file and the shard's log path on that line; with
 none left (more shards than warm workers, another task runner's process, a warm worker
