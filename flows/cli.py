@@ -277,11 +277,10 @@ def _pipeline(cfg: ExperimentConfig, force: list[str]) -> None:
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    from flows.generate import shard_progress
     from flows.pipeline import StageError
     from flows.pipeline import pipeline as pipeline_flow
     from flows.prefect_server import TemporaryServerError, use_early_server
-    from flows.train import step_progress
+    from flows.progress import listening
 
     total = cfg.generation.scenes   # every planned clip, without building the plan
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
@@ -300,8 +299,8 @@ def _pipeline(cfg: ExperimentConfig, force: list[str]) -> None:
         start_render_workers(cfg.generation)
         try:
             use_early_server()
-            with shard_progress(lambda rec: progress.advance(bar, rec["samples"])), \
-                    step_progress(on_step):
+            with listening(on_shard=lambda rec: progress.advance(bar, rec["samples"]),
+                           on_step=on_step):
                 result = pipeline_flow(cfg, force=list(force))
         except (StageError, TemporaryServerError) as exc:
             fail(str(exc), code=1)

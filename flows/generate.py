@@ -1,19 +1,20 @@
 """``generate_dataset``: the Prefect flow over ``generation.dataset.plan``.
 
 A task renders a chunk of shards (one shard per task up to ``max_tasks_per_flow``
-shards, never more tasks than that), each in a fresh worker process, and renames each
-shard into place; the flow records each finished shard in the manifest as soon as the
-task reports it, so a killed run keeps everything that was committed. Retries (with
-exponential backoff) are Prefect's; the task runner (threads, processes or Dask) is
-chosen by config.
+shards, never more tasks than that), each in a fresh worker process, renames each shard
+into place and returns the shards' records as its result (a failed task: on its
+``RenderError``, the shards it did finish). The flow takes the tasks as they complete
+(``prefect.futures.as_completed``) and commits every record to the manifest, so a killed
+run keeps every shard committed before the kill. Progress goes to Prefect (a progress
+artifact, one log line per shard) and to whoever listens in this process
+(``flows.progress``). Retries (with exponential backoff) are Prefect's; the task runner
+(threads, processes or Dask) is chosen by config.
 """
 
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Optional
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
@@ -21,22 +22,22 @@ from prefect.futures import as_completed
 from prefect.states import Completed, State
 from prefect.tasks import exponential_backoff
 
+from flows import progress
 from generation.config import GenerationConfig
 from generation.dataset import plan as dataset
 from generation.dataset.manifest import location
 from generation.dataset.storage import Location
 from generation.render import supervisor
 
-# Where a render task leaves the record of each shard it finished (``NAME.json``), for
-# the flow to commit while the task goes on with the rest of its chunk. The flow empties
-# it before and after rendering; records left by a killed run are never trusted. On an
-# object store it is a prefix (one object per record), reached through the same
+# Where a render task keeps its receipt for each shard it finished (``NAME.json``, the
+# shard's record): a retry of the task, on whichever worker, reads them to render only
+# what its earlier attempts did not finish. The task's own bookkeeping: the flow gets
+# records only from task results (and a failed task's ``RenderError``), never from here;
+# it empties the directory before and after rendering, so receipts of a killed run are
+# never trusted. Next to the shards (every worker reaches them there); on an object
+# store a prefix (one object per receipt), through the same
 # ``generation.dataset.storage.Location`` calls.
 RECORDS_DIR = ".render-records"
-# How often the flow looks there while render tasks run; records it has committed move
-# to RECORDS_DIR/COMMITTED.
-RECORD_POLL_S = 0.5
-COMMITTED = "committed"
 
 
 def _chunk_run_name() -> str:
@@ -52,22 +53,22 @@ def _chunk_run_name() -> str:
 @task(name="render-shard", task_run_name=_chunk_run_name, persist_result=False)
 def render_shard_task(jobs: list[dict], out_dir: str, threads: int, device: str = "auto",
                       workers_per_gpu: int = 1) -> list[dict]:
-    """The shards ``jobs`` in sequence, each in a fresh worker process, logged to Prefect.
+    """The shards ``jobs`` in sequence, each in a fresh worker process, logged to Prefect;
+    returns their records, for the flow to commit.
 
-    Each finished shard's record goes to ``OUT/.render-records/NAME.json`` at once, so
-    the flow commits it (and moves the progress bars) without waiting for the whole
-    chunk; a retry of the task renders only the shards its earlier attempts did not
-    finish. A failed shard does not stop the others: the task fails at the end, naming
-    every shard that failed."""
+    A failed shard does not stop the others: the task fails at the end with a
+    ``RenderError`` naming every shard that failed and carrying the records of those it
+    finished (``records``), which the flow commits all the same. Each finished shard
+    leaves its record in ``OUT/.render-records/NAME.json`` too: a retry of the task
+    (Prefect's) returns those and renders only the shards its earlier attempts did not
+    finish."""
     logger = get_run_logger()
     records, failures = [], []
     where = location(out_dir)
     for data in jobs:
         shard = dataset.job_from_dict(data)
-        note = f"{RECORDS_DIR}/{shard.name}.json"
-        earlier = (_read_record(where, note, shard.name)
-                   or _read_record(where, f"{RECORDS_DIR}/{COMMITTED}/{shard.name}.json",
-                                   shard.name))
+        receipt = f"{RECORDS_DIR}/{shard.name}.json"
+        earlier = _read_record(where, receipt, shard.name)
         if earlier is not None and where.is_file(shard.name):
             records.append(earlier)         # finished by an earlier attempt of this task
             continue
@@ -84,18 +85,20 @@ def render_shard_task(jobs: list[dict], out_dir: str, threads: int, device: str 
             logger.error("%s", exc)
             failures.append(str(exc))
             continue
-        where.write_bytes(note, json.dumps(record, sort_keys=True).encode())
+        if where.local is not None:
+            (where.local / RECORDS_DIR).mkdir(exist_ok=True)
+        where.write_bytes(receipt, json.dumps(record, sort_keys=True).encode())
         logger.info("%s: %d scenes, %.1f MB", shard.name, record["samples"],
                     record["bytes"] / 1e6)
         records.append(record)
     if failures:
-        raise supervisor.RenderError("; ".join(failures))
+        raise supervisor.RenderError("; ".join(failures), records=records)
     return records
 
 
 def _read_record(where: Location, path: str, name: str) -> dict | None:
-    """The record a render task left at ``path`` (in ``where``) for shard ``name``; None
-    if there is none (or it is not one: a record is written atomically, so that means
+    """The receipt a render task left at ``path`` (in ``where``) for shard ``name``; None
+    if there is none (or it is not one: a receipt is written atomically, so that means
     not ours)."""
     try:
         record = json.loads(where.read_bytes(path))
@@ -158,12 +161,6 @@ def _flow_api_url() -> str:
     return url.rstrip("/")
 
 
-# Called with each finished shard record (the CLI's rich progress bar). Kept out of the
-# flow's parameters, which Prefect serialises.
-ProgressHook = Optional[Callable[[dict], None]]
-_on_shard: list[Callable[[dict], None]] = []
-
-
 @flow(name="generate_dataset", persist_result=True, result_serializer="json")
 def generate_dataset(config: GenerationConfig) -> State[dict]:
     """Render the shards ``config`` asks for that are not already valid in ``config.out``.
@@ -218,16 +215,17 @@ def _generate(config: GenerationConfig) -> State[dict]:
 
 def _render(config: GenerationConfig, manifest: dict, jobs: list[dict]) -> dict:
     """Render ``jobs`` in at most ``config.max_tasks_per_flow`` tasks (in the calling flow
-    run) and record every finished shard in the manifest as soon as it is finished;
-    returns the manifest.
+    run) and record every shard they finish in the manifest; returns the manifest.
 
     A task renders a chunk of consecutive shards (``chunk_jobs``: one shard per task up
-    to ``max_tasks_per_flow`` shards). Each shard is committed, counted in the progress
-    artifact and passed to the progress hook once its task has left its record in
-    ``OUT/.render-records`` (looked for every ``RECORD_POLL_S``) or returned, whichever
-    comes first; so a killed run keeps every shard committed before the kill, as with one
-    task per shard. (A shard renamed into place but not yet committed renders again on
-    the next run: ``prepare`` keeps only what the manifest lists.)
+    to ``max_tasks_per_flow`` shards) and returns their records. The flow takes the
+    tasks as they complete (``as_completed``, here in the flow: no thread, no polling)
+    and commits each record, counts it in the progress artifact, logs it and reports it
+    (``flows.progress``); a failed task's ``RenderError`` carries the records of the
+    shards it finished, committed before the failure is reported. So a killed run keeps
+    every shard whose task had returned (with one shard per task: every shard it had
+    finished); a shard renamed into place but not committed renders again on the next
+    run (``prepare`` keeps only what the manifest lists).
 
     The runner is entered here rather than given to ``@flow``: its kind and size come
     from the config, which only exists once the run has started. ``TaskRunner.submit``
@@ -235,11 +233,9 @@ def _render(config: GenerationConfig, manifest: dict, jobs: list[dict]) -> dict:
     the renders and every artifact. Its tasks get the flow's API address (settings and,
     on a LocalCluster, the workers' environment): Prefect in a Dask worker would
     otherwise start a temporary server of its own."""
-    import queue
-    import threading
-
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    logger = get_run_logger()
     out = location(config.out)
     threads = config.render_threads or supervisor.worker_threads(config.workers)
     runner_task = render_shard_task.with_options(
@@ -248,30 +244,16 @@ def _render(config: GenerationConfig, manifest: dict, jobs: list[dict]) -> dict:
     progress_id = create_progress_artifact(progress=0.0, key="generate-progress",
                                            description=f"shards rendered into {out}")
     out.delete_prefix(RECORDS_DIR)                  # a killed run's: never trusted
-    if out.local is not None:
-        (out.local / RECORDS_DIR / COMMITTED).mkdir(parents=True)
-    wanted = {job["name"] for job in jobs}
-    committed: set[str] = set()
+    committed = 0
 
     def commit(record: dict) -> None:
-        if record["name"] in committed or record["name"] not in wanted:
-            return
+        nonlocal committed
         dataset.commit(out, manifest, record)
-        committed.add(record["name"])
-        update_progress_artifact(progress_id, 100.0 * len(committed) / len(jobs))
-        _notify_shard(record)
-
-    def commit_recorded() -> None:
-        # O(records not yet seen) per look: a seen record moves to committed/ (where a
-        # retry of its task still finds it), so the directory listed stays small.
-        for entry in sorted(out.listing(RECORDS_DIR)):   # files only: not committed/
-            name = entry.removesuffix(".json")
-            if entry.startswith(".") or name == entry:
-                continue                        # a record being written
-            record = _read_record(out, f"{RECORDS_DIR}/{entry}", name)
-            if record is not None:
-                commit(record)
-                out.move(f"{RECORDS_DIR}/{entry}", f"{RECORDS_DIR}/{COMMITTED}/{entry}")
+        committed += 1
+        update_progress_artifact(progress_id, 100.0 * committed / len(jobs))
+        logger.info("%s committed (%d/%d shards): %d clips, %.1f MB", record["name"],
+                    committed, len(jobs), record["samples"], record["bytes"] / 1e6)
+        progress.shard_committed(record)
 
     api_url = _flow_api_url()
     failures = []
@@ -279,26 +261,18 @@ def _render(config: GenerationConfig, manifest: dict, jobs: list[dict]) -> dict:
         with temporary_settings(updates={PREFECT_API_URL: api_url}), \
                 make_task_runner(config, api_url) as runner:
             chunks = chunk_jobs(jobs, config.max_tasks_per_flow)
-            futures = [runner.submit(runner_task, {"jobs": chunk, "out_dir": str(out),
+            futures = {runner.submit(runner_task, {"jobs": chunk, "out_dir": str(out),
                                                    "threads": threads, "device": config.device,
-                                                   "workers_per_gpu": config.workers_per_gpu})
-                       for chunk in chunks]
-            by_future = dict(zip(futures, chunks, strict=True))
-            finished: queue.Queue = queue.Queue()
-            threading.Thread(target=lambda: [finished.put(f) for f in as_completed(futures)],
-                             name="render-futures", daemon=True).start()
-            for _ in futures:
-                while True:
-                    try:
-                        future = finished.get(timeout=RECORD_POLL_S)
-                        break
-                    except queue.Empty:
-                        commit_recorded()
-                commit_recorded()               # the records it left before it failed
-                chunk = by_future[future]
+                                                   "workers_per_gpu": config.workers_per_gpu}):
+                       chunk for chunk in chunks}
+            for future in as_completed(list(futures)):
+                chunk = futures[future]
                 try:
                     records = future.result()
                 except Exception as exc:  # noqa: BLE001 - collected, reported together below
+                    if isinstance(exc, supervisor.RenderError):
+                        for record in exc.records:   # the shards it finished: kept
+                            commit(record)
                     label = dataset.job_from_dict(chunk[0]).label
                     failures.append(f"{label}: {exc}" if len(chunk) == 1 else str(exc))
                     continue
@@ -359,27 +333,8 @@ def _dataset_table(summary: dict, shards: list[dict], message: str) -> None:
         description=f"{message} ({summary['frames']} frames)")
 
 
-def _notify_shard(record: dict) -> None:
-    # A module-level function, not an inline loop over ``_on_shard``: Dask pickles the
-    # running flow's function by value, with the globals it names, and the hooks hold
-    # the CLI's progress bar (locks), which cannot be pickled.
-    for hook in _on_shard:
-        hook(record)
-
-
-@contextmanager
-def shard_progress(hook: ProgressHook):
-    """Within this block, ``hook`` is called with each finished shard record."""
-    if hook is not None:
-        _on_shard.append(hook)
-    try:
-        yield
-    finally:
-        if hook is not None:
-            _on_shard.remove(hook)
-
-
-def run_generate(config: GenerationConfig, on_shard: ProgressHook = None) -> dict:
-    """Run the flow, calling ``on_shard`` with each finished shard record."""
-    with shard_progress(on_shard):
+def run_generate(config: GenerationConfig,
+                 on_shard: progress.ShardListener | None = None) -> dict:
+    """Run the flow, calling ``on_shard`` with each shard record it commits."""
+    with progress.listening(on_shard=on_shard):
         return generate_dataset(config)

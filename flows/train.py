@@ -11,7 +11,6 @@ the other results there are kept. Paths come from ``training.run_layout``.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -19,37 +18,23 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.states import Completed, State
 
-from flows import stage_cache
+from flows import progress, stage_cache
 from training.config import EvaluateConfig, FinetuneConfig, PretrainConfig
 from training.run_layout import RunLayout, evaluation_dir
 
 TRAIN_RETRIES = 1
 
 
-# Called with (stage, logged record) while a training stage runs (the CLI's rich
-# progress bar); kept out of the flows' parameters, which Prefect serialises.
-_on_step: list[Callable[[str, dict], None]] = []
-
-
-@contextmanager
-def step_progress(hook: Callable[[str, dict], None] | None):
-    if hook is not None:
-        _on_step.append(hook)
-    try:
-        yield
-    finally:
-        if hook is not None:
-            _on_step.remove(hook)
-
-
 def _log_progress(stage: str):
+    """The training loop's ``progress`` callback: each logged step goes to the run's log
+    and to whoever listens in this process (``flows.progress.listening(on_step=...)``,
+    the CLI's progress bars)."""
     logger = get_run_logger()
 
     def hook(record: dict) -> None:
         shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in record.items()}
         logger.info("%s %s", stage, shown)
-        for listener in _on_step:
-            listener(stage, record)
+        progress.step_logged(stage, record)
     return hook
 
 

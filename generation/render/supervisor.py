@@ -28,7 +28,19 @@ from generation.dataset.storage import Location, scratch_dir
 
 
 class RenderError(RuntimeError):
-    """A render worker failed; the message names the shard and its scene seeds."""
+    """A render worker failed; the message names the shard and its scene seeds.
+
+    ``records``: the manifest records of shards finished before the failure was raised
+    (a render task that renders several shards goes on past a failed one and raises at
+    the end with those, for the flow to commit). They survive pickling (``__reduce__``):
+    a failed task's exception reaches the flow from a Dask worker or a process pool."""
+
+    def __init__(self, message: str = "", records: list[dict] | tuple = ()):
+        super().__init__(message)
+        self.records = list(records)
+
+    def __reduce__(self):
+        return type(self), (str(self), self.records)
 
 
 def worker_threads(workers: int) -> int:
@@ -68,8 +80,8 @@ def render_shard(job: ShardJob, out_dir: Path, *, threads: int = 0,
         job_path.write_text(json.dumps({"scene": job.scene, "seeds": job.seeds,
                                         "keys": job.keys, "out": str(tmp), "threads": threads,
                                         "scratch": str(scratch), "device": device}))
-        from generation import warm_workers
-        from generation.devices import worker_env  # one GPU per worker process
+        from generation.render import warm_workers
+        from generation.render.devices import worker_env  # one GPU per worker process
         env = warm_workers.environment(worker_env(device, job.index, workers_per_gpu))
         log_path, log = _open_attempt_log(log_dir, Path(job.name).stem)
         with log:
@@ -77,7 +89,7 @@ def render_shard(job: ShardJob, out_dir: Path, *, threads: int = 0,
             if warm is not None:   # started while Prefect's server started, imports done
                 proc = warm.hand(job_path, log_path, log)
             else:
-                proc = subprocess.Popen([sys.executable, "-m", "generation.render_worker",
+                proc = subprocess.Popen([sys.executable, "-m", "generation.render.worker",
                                          job_path], stdout=subprocess.PIPE, stderr=log,
                                         text=True, env=env)
             for line in proc.stdout:

@@ -1,9 +1,10 @@
 """Bounded fan-out (issue 9, part 5) and a quiet LocalCluster (part 7).
 
 A flow run never creates more than ``generation.max_tasks_per_flow`` task runs: above
-that many shards a task renders several shards in sequence, while the manifest, the
-progress artifact and the progress hook still move shard by shard. The LocalCluster
-``task_runner: dask`` starts listens on no fixed port (no dashboard unless asked for).
+that many shards a task renders several shards in sequence and returns their records,
+which the flow commits shard by shard (manifest, progress artifact, progress listener).
+The LocalCluster ``task_runner: dask`` starts listens on no fixed port (no dashboard
+unless asked for).
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def test_a_bounded_run_renders_in_chunks_with_per_shard_commits(tmp_path, monkey
         TaskRunFilterFlowRunId,
     )
 
-    from flows import generate
+    from flows import generate, progress
     from generation.dataset.manifest import read_manifest
 
     def config(out, **changes):
@@ -90,7 +91,7 @@ def test_a_bounded_run_renders_in_chunks_with_per_shard_commits(tmp_path, monkey
         seen.append((record["name"], record["name"] in committed))
 
     monkeypatch.setattr(generate.dataset, "commit", recording_commit)
-    with generate.shard_progress(on_shard):
+    with progress.listening(on_shard=on_shard):
         state = generate.generate_dataset(config(chunked_out, max_tasks_per_flow=2),
                                           return_state=True)
     assert state.is_completed(), state.message
