@@ -38,3 +38,16 @@ def toy_set(tmp_path_factory) -> dict:
     from training.toy_actions import write_toy_actions
     return write_toy_actions(tmp_path_factory.mktemp("toy") / "actions", clips_per_class=3,
                              val_per_class=1, size=48, frames=16)
+
+
+@pytest.fixture(scope="session")
+def rendered_clip():
+    """One tiny clip rendered in this process (Blender + Kubric), for the label and
+    shard-format tests."""
+    from generation.config import SceneConfig
+    from generation.render.scene import render_clip
+
+    cfg = SceneConfig(resolution=48, frames=3, spp=4, min_objects=4, max_objects=6,
+                      object_coordinates=True, flow=True)
+    clip, _ = render_clip(cfg, seed=7, key="scene0000007")
+    return clip

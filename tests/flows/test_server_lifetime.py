@@ -2,7 +2,8 @@
 
 With ``PREFECT_API_URL`` unset Prefect starts ``python -m uvicorn ... create_app`` as a
 child and stops it only from ``atexit``; a ``kill -9`` of ``pvit`` used to leave it
-running and listening (issue 12). ``flows.prefect_server`` gives it a watchdog.
+running and listening (issue 12). ``flows.prefect_server`` runs ``prefect server start``
+instead, which stops itself when the pipe on its stdin closes: when ``pvit`` is gone.
 """
 
 import os
@@ -20,8 +21,13 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 # `python -m flows.cli` runs flows.cli.main(), like the installed `pvit` script.
 PVIT = [sys.executable, "-m", "flows.cli"]
+# Prefect's own temporary server, and the one flows.prefect_server starts for pvit.
 SERVER_APP = "prefect.server.api.server:create_app"
-WATCHDOG = "prefect_server.py"
+OUR_SERVER = "server start --host 127.0.0.1"
+
+
+def is_server(command):
+    return SERVER_APP in command or OUR_SERVER in command
 
 
 def env_without_api_url():
@@ -65,7 +71,7 @@ def wait_for_server(proc, timeout=300, log=None):
             tail = log.read_text()[-2000:] if log else ""
             raise AssertionError(f"pvit exited early ({proc.returncode}): {tail}")
         for child in descendants(proc.pid):
-            if SERVER_APP in cmdline(child):
+            if is_server(cmdline(child)):
                 port = server_port(child)
                 try:
                     if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).is_success:
@@ -143,14 +149,13 @@ def test_temporary_server_dies_when_pvit_generate_is_killed(tmp_path):
     tree = []
     try:
         server, port = wait_for_server(proc, log=log)
+        assert OUR_SERVER in cmdline(server)         # not Prefect's own, in-process
         tree = descendants(proc.pid)
-        watchdogs = [p for p in tree if WATCHDOG in cmdline(p)]
         proc.kill()                                  # kill -9 the pvit process only
         proc.wait()
-        # No atexit ran: the watchdog stops it (SIGTERM, SIGKILL after 5 s).
+        # No atexit ran: the closed pipe stops it (SIGTERM, its own exit after 5 s).
         assert not wait_gone([server], timeout=10), "temporary server outlived pvit"
         assert refuses_connections(port)
-        assert watchdogs and not wait_gone(watchdogs, timeout=5), "the watchdog stayed behind"
     finally:
         proc.kill()
         kill_all(tree)                               # e.g. a render worker still running
@@ -189,7 +194,7 @@ def test_task_runner_children_share_the_server_and_a_clean_exit_stops_it(tmp_pat
         proc.kill()
         kill_all(entry[0] for entry in seen.values())
     assert proc.returncode == 0, err[-2000:]
-    servers = [entry for entry in seen.values() if SERVER_APP in entry[1]]
+    servers = [entry for entry in seen.values() if is_server(entry[1])]
     # Without the shared PREFECT_API_URL, every pool / Dask worker process started a
     # temporary server of its own, which nothing stopped after a kill -9 of pvit.
     assert [entry[0].pid for entry in servers] == [server.pid], [e[1][:200] for e in servers]
@@ -203,106 +208,94 @@ def test_task_runner_children_share_the_server_and_a_clean_exit_stops_it(tmp_pat
     # No Dask dashboard unless asked for: the scheduler (in pvit) used to serve one on
     # 8787, on every interface, although the cluster was asked for none.
     assert DASK_DASHBOARD_PORT not in listening and port in listening
-    # The normal path still stops the server (Prefect's atexit) and the watchdog leaves.
+    # The normal path still stops the server: ours from atexit, or Prefect's own (the
+    # flow called from Python) from Prefect's atexit.
     assert "Stopping temporary server" in err
-    watchdogs = [entry[0] for entry in seen.values() if WATCHDOG in entry[1]]
-    if runner == "dask-in-process":
-        assert not watchdogs and not wait_gone([server], timeout=5)   # Prefect's own atexit
-    else:
-        assert watchdogs and not wait_gone([server, *watchdogs], timeout=5)
+    assert (OUR_SERVER in cmdline(server)) is (runner != "dask-in-process")
+    assert not wait_gone([server], timeout=5)
     assert refuses_connections(port)
     assert len(list(out.glob("shard-*.tar"))) == 1
 
 
-def test_installing_costs_no_prefect_import():
-    # `pvit verify` / `pvit show` never start a server: installing must import nothing
-    # of Prefect (its server module alone takes seconds).
-    code = ("import sys; from flows.prefect_server import install; install(); "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'prefect'))")
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env_without_api_url(),
-                            capture_output=True, text=True, timeout=60)
+NO_FLOW_COMMAND = """
+import sys
+from flows.cli import main
+sys.argv = ["pvit", "verify", sys.argv[1]]
+try:
+    main()
+except SystemExit:
+    pass
+print(sorted(m for m in sys.modules if m.split(".")[0] == "prefect"))
+"""
+
+
+def test_a_command_without_a_flow_imports_no_prefect(tmp_path):
+    # `pvit verify` / `pvit show` never start a server: main() must import nothing of
+    # Prefect for them (its import alone takes seconds).
+    result = subprocess.run([sys.executable, "-c", NO_FLOW_COMMAND, str(tmp_path / "none")],
+                            cwd=REPO, env=env_without_api_url(), capture_output=True, text=True,
+                            timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
 
 
-WATCHED_PARENT = """
-import subprocess, sys, time
-from flows.prefect_server import _start_watchdog
-server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-pipe = _start_watchdog(server.pid)
-print(server.pid, flush=True)
+# A stand-in for `prefect server start` (fast), run as flows.prefect_server runs that.
+STAND_IN = """
+import signal, sys, time
+if sys.argv[1] == "ignores-sigterm":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+time.sleep(120)
+"""
+STAND_IN_PARENT = """
+import os, sys, time
+from flows.prefect_server import _Server
+server = _Server(["stand_in", sys.argv[2]])
+if sys.argv[1] == "forked" and os.fork() == 0:
+    time.sleep(120)                      # a bare fork() child, outliving its parent
+    os._exit(0)
+print(server.process.pid, flush=True)
 if sys.argv[1] == "clean":
-    import os
-    os.write(pipe, b"s")                 # what ParentBoundServer.stop() sends first
-    time.sleep(1.0)                      # the watchdog has left by now
-    print("leaving", flush=True)
+    server.stop()
+    print(server.process.returncode, flush=True)
 time.sleep(120)
 """
 
 
-@pytest.mark.parametrize("how", ["killed", "clean"])
-def test_watchdog_stops_the_server_only_when_its_parent_dies(how):
-    # The watchdog alone, on a stand-in server: fast, and covers the clean-stop message
-    # (after it, the watchdog must never signal: the pid may be reused by then).
-    parent = subprocess.Popen([sys.executable, "-c", WATCHED_PARENT, how], cwd=REPO,
-                              stdout=subprocess.PIPE, text=True, env=env_without_api_url())
-    server = None
+@pytest.mark.parametrize("how, stand_in", [("killed", "plain"), ("killed", "ignores-sigterm"),
+                                           ("forked", "plain"), ("clean", "plain")])
+def test_the_server_stops_when_its_parent_dies_or_stops_it(tmp_path, how, stand_in):
+    (tmp_path / "stand_in.py").write_text(STAND_IN)
+    parent = subprocess.Popen([sys.executable, "-c", STAND_IN_PARENT, how, stand_in],
+                              cwd=tmp_path, stdout=subprocess.PIPE, text=True,
+                              env={**env_without_api_url(), "PYTHONPATH": str(REPO)})
+    others = []
     try:
         server = psutil.Process(int(parent.stdout.readline()))
-        watchdog = next(p for p in psutil.Process(parent.pid).children()
-                        if WATCHDOG in cmdline(p))
+        others = [p for p in psutil.Process(parent.pid).children() if p.pid != server.pid]
         if how == "clean":
-            assert parent.stdout.readline().strip() == "leaving"
-            assert not wait_gone([watchdog], timeout=5)
-        parent.kill()
+            assert parent.stdout.readline().strip() == "-15"    # SIGTERM, as Prefect stops it
+            assert gone(server)
+            return
+        parent.kill()                        # kill -9: no atexit, no finally
         parent.wait()
-        if how == "killed":
-            assert not wait_gone([server, watchdog], timeout=5)
-        else:
-            time.sleep(1.0)
-            assert not gone(server)          # a clean stop leaves the server to its owner
+        # SIGTERM at once; a server that ignores it ends itself 5 s later.
+        assert not wait_gone([server], timeout=10 if stand_in == "ignores-sigterm" else 5)
+        if how == "forked":
+            assert others and not any(gone(p) for p in others)  # the fork child held no pipe
     finally:
         parent.kill()
-        if server is not None:
-            kill_all([server])
+        kill_all(others)
 
 
-WATCHDOG_WITHOUT_PIDFD = """
-import os, runpy, sys
-del os.pidfd_open                    # as on macOS / Linux < 5.3: the watchdog polls instead
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
-
-
-def test_watchdog_without_pidfd_polls_and_still_stops_the_server():
-    server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    read_end, write_end = os.pipe()
-    watchdog = subprocess.Popen(
-        [sys.executable, "-I", "-S", "-c", WATCHDOG_WITHOUT_PIDFD,
-         str(REPO / "flows" / "prefect_server.py"), str(server.pid)], stdin=read_end)
-    os.close(read_end)
-    try:
-        time.sleep(1.0)
-        assert watchdog.poll() is None and server.poll() is None
-        os.close(write_end)                  # what the kernel does when the parent dies
-        assert server.wait(timeout=5) == -15    # SIGTERM, as SubprocessASGIServer.stop()
-        assert watchdog.wait(timeout=5) == 0
-    finally:
-        server.kill()
-        watchdog.kill()
-
-
-# --- the early server: `pvit generate` / `pvit pipeline` start it before Prefect loads ---
+# --- the server started ahead of the flow (`pvit pipeline` starts it at CLI entry) ---
 
 EARLY_SERVER = """
 import os, sys
-from flows.prefect_server import start_early, use_early_server
-start_early()
 from flows import prefect_server
-server = prefect_server._early
+prefect_server.start_server()
+server = prefect_server._server
 print("started", server is not None and server.process.pid, flush=True)
-use_early_server()
+prefect_server.use_server()
 print("url", os.environ.get("PREFECT_API_URL"), flush=True)
 print("in-process server module", "prefect.server.api.server" in sys.modules, flush=True)
 if server is not None and os.environ.get("PREFECT_API_URL"):
@@ -337,29 +330,36 @@ def test_early_server_serves_the_api_without_the_server_module_in_process_and_st
 
 
 def test_early_server_steps_aside_for_an_api_url_from_prefect_settings(tmp_path):
-    # prefect.toml (which the cheap look does not read): Prefect's settings name an API,
-    # so the early server is stopped unused and nothing points elsewhere.
+    # prefect.toml: Prefect's settings name an API, so no server starts and nothing points
+    # elsewhere.
     (tmp_path / "prefect.toml").write_text('[api]\nurl = "http://127.0.0.1:9/api"\n')
     lines, _ = run_early({**env_without_api_url(), "PYTHONPATH": str(REPO),
                           "PREFECT_HOME": str(tmp_path / "home")}, cwd=tmp_path)
-    pid = int(lines["started"])
+    assert lines["started"] == "False"
     assert lines["url"] == "None"                        # left to Prefect (and prefect.toml)
-    assert not psutil.pid_exists(pid) or gone(psutil.Process(pid))
 
 
-@pytest.mark.parametrize("env, profiles, expected", [
-    ({}, None, False),
-    ({"PREFECT_API_URL": "http://127.0.0.1:4200/api"}, None, True),
-    ({"PREFECT_PROFILE": "local"}, None, True),
-    ({"PREFECT_SERVER_ALLOW_EPHEMERAL_MODE": "false"}, None, True),
+LOCAL = '[profiles.local]\nPREFECT_API_URL = "http://127.0.0.1:4200/api"\n'
+
+
+@pytest.mark.parametrize("env, profiles, needed", [
+    ({}, None, True),
+    ({"PREFECT_API_URL": "http://127.0.0.1:4200/api"}, None, False),
+    ({"PREFECT_PROFILE": "local"}, LOCAL, False),
+    ({"PREFECT_SERVER_ALLOW_EPHEMERAL_MODE": "false"}, None, False),
+    ({}, 'active = "ephemeral"\n[profiles.ephemeral]\nPREFECT_SERVER_EPHEMERAL_ENABLED = "true"\n',
+     True),
     ({}, 'active = "ephemeral"\n[profiles.ephemeral]\nPREFECT_LOGGING_LEVEL = "INFO"\n', False),
     ({}, 'active = "ephemeral"\n[profiles.ephemeral]\nPREFECT_API_URL = "http://h:1/api"\n',
-     True),
-    ({}, 'active = "work"\n[profiles.work]\n', True),
-    ({}, "not toml [", True),
+     False),
+    ({}, 'active = "work"\n[profiles.work]\n', False),    # no temporary server outside
+    ({}, "not toml [", False),                              # Prefect's to report
 ])
-def test_the_cheap_look_for_a_configured_api(tmp_path, monkeypatch, env, profiles, expected):
-    from flows.prefect_server import _api_configured_elsewhere
+def test_a_temporary_server_only_where_prefect_would_start_one(tmp_path, monkeypatch, env,
+                                                              profiles, needed):
+    from prefect.settings import Settings
+
+    from flows.prefect_server import _needed
     for name in ("PREFECT_API_URL", "PREFECT_PROFILE", "PREFECT_PROFILES_PATH",
                  "PREFECT_SERVER_EPHEMERAL_ENABLED", "PREFECT_SERVER_ALLOW_EPHEMERAL_MODE"):
         monkeypatch.delenv(name, raising=False)
@@ -368,4 +368,6 @@ def test_the_cheap_look_for_a_configured_api(tmp_path, monkeypatch, env, profile
         monkeypatch.setenv(name, value)
     if profiles is not None:
         (tmp_path / "profiles.toml").write_text(profiles)
-    assert _api_configured_elsewhere() is expected
+    # Settings as a fresh process reads them (this one read its own at import).
+    monkeypatch.setattr("prefect.settings.get_current_settings", Settings)
+    assert _needed() is needed

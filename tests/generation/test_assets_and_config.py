@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import trimesh
 import yaml
-from conftest import pvit, write_config
+from pvit_cli import pvit, write_config
 
 from generation.render.assets import (
     DEFAULT_MANIFEST,

@@ -7,7 +7,7 @@ environment (its log names the CUDA_VISIBLE_DEVICES it got)."""
 import json
 
 import pytest
-from conftest import pvit, write_config
+from pvit_cli import pvit, write_config
 
 from generation.render import devices
 

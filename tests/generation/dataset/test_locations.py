@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import pvit, write_config
+from pvit_cli import pvit, write_config
 
 from generation.dataset.shard_format import read_shard, write_shard
 from generation.dataset.storage import LocationError, dataset_path, shard_url

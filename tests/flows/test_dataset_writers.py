@@ -10,7 +10,7 @@ import time
 
 import psutil
 import pytest
-from conftest import PVIT, REPO, pvit, write_config
+from pvit_cli import PVIT, REPO, pvit, write_config
 
 from generation.dataset.lock import LOCK_NAME
 from generation.dataset.manifest import MANIFEST_NAME, read_manifest, sha256_file

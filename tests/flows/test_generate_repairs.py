@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 import psutil
 import pytest
-from conftest import PVIT, REPO, pvit, write_config
+from pvit_cli import PVIT, REPO, pvit, write_config
 
 from generation.config import GenerationConfig
 from generation.dataset import plan as dataset

@@ -11,7 +11,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from conftest import pvit, write_config
+from pvit_cli import pvit, write_config
 from pydantic import ValidationError
 
 from generation.config import MAX_SCENES, GenerationConfig, SceneConfig

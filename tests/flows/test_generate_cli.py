@@ -7,7 +7,7 @@ import time
 
 import psutil
 import pytest
-from conftest import PVIT, REPO, pvit, write_config
+from pvit_cli import PVIT, REPO, pvit, write_config
 
 from generation.dataset.manifest import read_manifest
 from generation.dataset.shard_format import read_shard

@@ -14,7 +14,7 @@ from generation.dataset import manifest
 from generation.dataset import shard_format as sf
 from generation.dataset.storage import shard_url
 
-DOCS = Path(__file__).resolve().parents[2] / "docs" / "dataset-format.md"
+DOCS = Path(__file__).resolve().parents[3] / "docs" / "dataset-format.md"
 ARRAYS = ("rgb", "depth", "instance_seg", "semantic_seg", "normal", "K", "world_to_camera")
 OPTIONAL = ("forward_flow", "backward_flow", "object_coordinates")
 
@@ -382,7 +382,7 @@ def test_real_render_gives_the_same_bytes_twice(rendered_clip, tmp_path):
     code = ("import sys; from generation.dataset import shard_format as sf; "
             "sf.write_shard(sys.argv[2], sf.read_shard(sys.argv[1]))")
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "a.tar"), str(tmp_path / "c.tar")],
-                   check=True, cwd=Path(__file__).resolve().parents[2])
+                   check=True, cwd=Path(__file__).resolve().parents[3])
     assert (tmp_path / "c.tar").read_bytes() == (tmp_path / "a.tar").read_bytes()
 
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, pvit, write_config
+from pvit_cli import REPO, pvit, write_config
 
 from generation.config import GenerationConfig, SceneConfig
 from generation.dataset import lock as dataset_lock

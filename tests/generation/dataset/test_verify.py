@@ -4,7 +4,7 @@ clips are drawn with numpy), damaged the ways disks and killed runs damage them.
 import gzip
 
 import pytest
-from conftest import pvit
+from pvit_cli import pvit
 
 from generation.dataset.manifest import MANIFEST_NAME, new_manifest, sha256_file, write_json_atomic
 from generation.dataset.plan import SHARD_PATTERN

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import REPO, TINY_SCENE, pvit
+from pvit_cli import REPO, TINY_SCENE, pvit
 
 from generation.config import GenerationConfig
 from generation.dataset import plan as dataset
