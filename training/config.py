@@ -16,6 +16,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from generation.dataset.storage import dataset_path
 
+# training.tasks and training.model (the registries the validators read) stay inside
+# _task_registry() and _check_shared(): they import torch (2.4 s, python -X importtime
+# after flows.cli), and every `pvit` command imports this module (flows.experiment; `pvit
+# --help` takes 0.33 s) while only validating a training section needs them.
+
 Variant = Literal["vit", "mt", "pvit"]
 DataFormat = Literal["ssv2", "list"]
 Sampling = Literal["stride", "segments"]
@@ -34,7 +39,6 @@ DATA_FORMAT = ("layout of the data set; ssv2: labels/*.json + videos/<id>.webm, 
 
 
 def _task_registry() -> Any:
-    # imported when validating, not with this module: configs load before torch
     import training.tasks
 
     return training.tasks

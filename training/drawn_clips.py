@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from generation.dataset.index import write_index
 from generation.dataset.shard_format import CLASSES, write_shard
 
 
@@ -68,6 +69,5 @@ def write_shards(directory: Path, shards: int = 2, clips_per_shard: int = 4, **k
                  for i in range(clips_per_shard)]
         write_shard(directory / f"shard-{s:05d}.tar", clips)
     # training reads what a manifest lists (generation/dataset/index.py)
-    from generation.dataset.index import write_index
     write_index(directory, [f"shard-{s:05d}.tar" for s in range(shards)], CLASSES)
     return directory

@@ -14,7 +14,7 @@ import numpy as np
 
 from generation.dataset.manifest import read_manifest
 from generation.dataset.shard_format import read_shard
-from generation.dataset.storage import write_atomic
+from generation.dataset.storage import Location, write_atomic
 
 COLUMNS = ("rgb", "depth", "instance", "semantic", "normal")
 
@@ -60,7 +60,6 @@ def contact_sheet(clip: dict, max_frames: int = 4, min_tile: int = 128) -> np.nd
 
 def find_clip(directory, key: str | None) -> dict:
     """The clip ``key`` (default: the first) of a dataset (a path or an object URL)."""
-    from generation.dataset.storage import Location
     where = Location(directory)
     manifest = read_manifest(where)
     if manifest is None or not manifest["shards"]:

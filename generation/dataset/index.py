@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from generation.dataset.manifest import MANIFEST_NAME, read_manifest, write_manifest
+from generation.dataset.shard_format import iter_raw_samples
 from generation.dataset.storage import Location, LocationError, shard_url
 
 log = logging.getLogger(__name__)
@@ -157,8 +158,6 @@ def write_index(directory: Path, names: Iterable[str], classes: Iterable[str],
     """A minimal ``manifest.json`` for shards written by other means than ``pvit
     generate`` (drawn test clips, converted data): name, sha256, sample count, keys and
     bytes of each listed shard, and the class list. Returns the manifest."""
-    from generation.dataset.shard_format import iter_raw_samples
-
     directory = Path(directory)
     shards = []
     for name in sorted(names):

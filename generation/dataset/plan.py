@@ -42,6 +42,7 @@ from generation.dataset.manifest import (  # noqa: F401 - SHARD_*: the names of 
     sha256_object,
     write_manifest,
 )
+from generation.dataset.manifest import compact as compact_manifest
 from generation.dataset.storage import Location, Meta
 
 if TYPE_CHECKING:   # the stage's config; the store reads its fields and never imports it
@@ -317,7 +318,6 @@ def compact(out_dir: Path, manifest: dict) -> dict:
     """The end of a run (failed or not): fold the journal into ``manifest.json``
     (atomic replace), remove the journal, and return the manifest with ``shards``
     sorted and de-duplicated. See ``generation.dataset.manifest.compact``."""
-    from generation.dataset.manifest import compact as compact_manifest
     return compact_manifest(location(out_dir), manifest)
 
 

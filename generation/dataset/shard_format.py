@@ -53,6 +53,11 @@ import zstandard
 
 from generation.dataset.storage import open_file
 
+# webdataset stays inside write_samples() and group_samples(): it imports torch (1.0-1.6
+# s, python -X importtime after flows.cli), and every `pvit` command imports this module
+# (generation.config; `pvit --help` takes 0.33 s). A reader pays it once: `pvit verify`
+# and `pvit show` at their first shard.
+
 # The fixed semantic class list of the built-in asset set. A dataset built from another
 # asset manifest appends its extra categories (sorted); meta["classes"] is authoritative.
 CLASSES = ("background", "floor", "cube", "sphere", "cylinder", "cone", "torus", "capsule",
@@ -256,8 +261,6 @@ def write_shard(path: Path, clips: Iterable[dict]) -> int:
 def write_samples(path: Path, samples: Iterable[dict]) -> int:
     """``write_shard`` for samples already made by ``encode_clip`` (the render worker
     encodes each clip as it is finished, beside the next scene's render)."""
-    # Imported here: webdataset imports torch (seconds), and `prepare` imports this
-    # module for CLASSES alone.
     import webdataset as wds
 
     count = 0
@@ -310,9 +313,6 @@ def group_samples(members: Iterable[dict]) -> Iterator[dict]:
     drop its sample unseen). ``lcase=False``: fields keep the case the writer wrote
     (``K.npy.zst``; webdataset's default would make it ``k.npy.zst``). A field twice in
     one sample is a ``FormatError``, one line naming it."""
-    # Imported here: webdataset imports torch (seconds), and `prepare` imports this
-    # module for CLASSES alone. (A reader pays it once: `pvit verify` and `pvit show`
-    # at their first shard.)
     from webdataset import tariterators
 
     last: list[str] = []

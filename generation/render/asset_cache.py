@@ -15,6 +15,8 @@ import copy
 import functools
 from pathlib import Path
 
+import kubric as kb
+
 _sources: dict[tuple, object] = {}
 
 
@@ -29,8 +31,6 @@ def _close_all() -> None:
 
 @functools.cache
 def _source_class():
-    import kubric as kb  # on use: kubric imports TensorFlow unless the worker's stand-in
-
     class ReusedAssetSource(kb.AssetSource):
         def create(self, asset_id: str, add_metadata: bool = True, **kwargs):
             # Kubric's create() updates the manifest entry's kwargs in place, so the

@@ -20,6 +20,10 @@ import subprocess
 import sys
 from typing import Mapping
 
+# bpy stays inside probe() and use_device(), the worker side: the parent imports this
+# module (`pvit generate`'s preflight, render_shard) and never bpy (0.35 s, python -X
+# importtime after flows.cli; in the worker it must follow webdataset's torch).
+
 DEVICES = ("auto", "cpu", "cuda", "optix")
 GPU_KINDS = ("optix", "cuda")      # auto's order of preference
 _NAMES = {"optix": "OptiX", "cuda": "CUDA"}

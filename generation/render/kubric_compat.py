@@ -43,6 +43,7 @@ import contextlib
 import io
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -239,7 +240,6 @@ class Blender45(Blender):
         ``render_calls_s`` (Cycles: scene sync, sampling, the auxiliary layer, compositor
         and file writes) and ``pass_io_s`` (reading the files back, Kubric's
         post-processors). ``benchmarks/render.py`` splits the first further."""
-        import time
         self.render_files(frames, ignore_missing_textures)
         t1 = time.perf_counter()
         out = self.postprocess(self.scratch_dir, return_layers=return_layers)
@@ -252,7 +252,6 @@ class Blender45(Blender):
         ``scratch_dir``; ``postprocess`` (no bpy: numpy, OpenEXR, OpenCV) reads them back,
         which lets a worker do that beside the next scene's render. Sets
         ``self.timings["render_calls_s"]``."""
-        import time
         if not ignore_missing_textures:
             self._check_missing_textures()
         self.set_exr_output_path(self.scratch_dir / "exr" / "frame_")

@@ -12,14 +12,25 @@ import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 
 from generation.config import SceneConfig
-from generation.dataset.shard_format import class_list
+from generation.dataset.shard_format import class_list, encode_clip
 from generation.render import labels
+from generation.render.assets import load_manifest
+from generation.render.devices import use_device
+from generation.render.recipes import get_recipe
+
+# kubric and bpy, and asset_cache and kubric_compat (which import them at load), stay
+# inside the functions that use them: the render worker imports this module before it
+# imports webdataset (torch), bpy, its TensorFlow stand-in and kubric, in that order
+# (worker.py; tests/conftest.py: TensorFlow before torch's triton crashes), and `pvit
+# generate` imports it before the flow starts (warm_workers -> worker), a process that
+# never loads bpy (0.35 s) or kubric with TensorFlow (2.8 s, python -X importtime).
 
 logger = logging.getLogger(__name__)
 
@@ -83,12 +94,10 @@ def render_passes(cfg: SceneConfig, seed: int, key: str, *, scratch_root: Path |
 
     Timings: ``build_s`` (Blender reset + recipe + physics; ``setup_s`` of it is the
     renderer's set-up), ``render_s`` and ``render_calls_s`` (the render call, in Cycles)."""
-    import kubric as kb  # TensorFlow (not in the render worker: see worker.py)
+    import kubric as kb
 
     from generation.render.asset_cache import asset_source
-    from generation.render.assets import load_manifest
     from generation.render.kubric_compat import Blender45
-    from generation.render.recipes import get_recipe
 
     timings = {}
     scratch = Path(tempfile.mkdtemp(prefix=f"render_{key}_", dir=scratch_root))
@@ -110,7 +119,6 @@ def render_passes(cfg: SceneConfig, seed: int, key: str, *, scratch_root: Path |
                                  object_coordinates=cfg.object_coordinates,
                                  linear_image=False, compress_scratch=False)
         timings["setup_s"] = time.perf_counter() - t0
-        from generation.render.devices import use_device
         use_device(device)
         if threads > 0:
             import bpy
@@ -186,10 +194,6 @@ def render_clips(cfg: SceneConfig, seeds: list[int], keys: list[str], *,
     add ``encode_s`` and, on the ``time.perf_counter`` clock, ``started_at`` (the scene's
     build begins), ``rendered_at`` (passes written) and ``finished_at`` (sample encoded),
     from which the wall time of a run follows."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from generation.dataset.shard_format import encode_clip
-
     def finish(passes: RenderedPasses, timings: dict) -> dict:
         clip = finish_clip(passes, timings)
         t = time.perf_counter()

@@ -25,6 +25,8 @@ from pathlib import Path
 from generation.dataset.manifest import location, sha256_file
 from generation.dataset.plan import ShardJob
 from generation.dataset.storage import Location, scratch_dir
+from generation.render import warm_workers
+from generation.render.devices import worker_env  # one GPU per worker process
 
 
 class RenderError(RuntimeError):
@@ -80,8 +82,6 @@ def render_shard(job: ShardJob, out_dir: Path, *, threads: int = 0,
         job_path.write_text(json.dumps({"scene": job.scene, "seeds": job.seeds,
                                         "keys": job.keys, "out": str(tmp), "threads": threads,
                                         "scratch": str(scratch), "device": device}))
-        from generation.render import warm_workers
-        from generation.render.devices import worker_env  # one GPU per worker process
         env = warm_workers.environment(worker_env(device, job.index, workers_per_gpu))
         log_path, log = _open_attempt_log(log_dir, Path(job.name).stem)
         with log:

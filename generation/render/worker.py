@@ -18,11 +18,26 @@ instead, as a bug in the scene code would (the parent quotes that line of the lo
 
 from __future__ import annotations
 
+import importlib.machinery
 import json
 import os
+import shutil
 import sys
 import time
+import types
 from pathlib import Path
+
+from generation.config import SceneConfig
+from generation.dataset.shard_format import write_samples
+from generation.render import devices
+from generation.render.scene import render_clips
+
+# webdataset (torch), bpy and kubric stay in main(), fsspec in
+# use_gfile_without_tensorflow(): `pvit generate` imports this module before the flow
+# starts (warm_workers, for WAIT_FLAG), where they would cost 1.0-1.6 s, 0.35 s, 2.8 s and
+# 0.03 s (python -X importtime after flows.cli); main() imports them in the one order that
+# works (webdataset before bpy, the TensorFlow stand-in before kubric: tests/conftest.py)
+# and counts them as start-up. psutil stays in main()'s try: it is optional.
 
 # ``python -m generation.render.worker --wait``: import everything, then wait for a job
 # on stdin (see generation.render.warm_workers).
@@ -38,10 +53,6 @@ def use_gfile_without_tensorflow() -> None:
     already imported TensorFlow keeps it."""
     if "tensorflow" in sys.modules:
         return
-    import importlib.machinery
-    import shutil
-    import types
-
     import fsspec
 
     def copy(src, dst, overwrite: bool = False) -> None:
@@ -75,15 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         interpreter_s = 0.0
 
-    from generation.config import SceneConfig  # noqa: I001  (bpy after webdataset)
-    from generation.render.scene import render_clips
-    from generation.dataset.shard_format import write_samples
-
-    # write_shard's (lazily imported there), with torch: worker start-up, not shard write.
-    import webdataset  # noqa: F401, I001  (before bpy, the order it always had)
-    import bpy  # noqa: F401  (import cost is part of the worker's start-up)
+    # write_samples's (lazily imported there), with torch: worker start-up, not shard write
+    import webdataset  # noqa: F401, I001
+    import bpy  # noqa: F401
     use_gfile_without_tensorflow()
-    import kubric  # noqa: F401  (counted as start-up, not as scene 1's build)
+    import kubric  # noqa: F401
 
     waited_s = 0.0
     if warm:
@@ -104,7 +111,6 @@ def main(argv: list[str] | None = None) -> int:
         job = json.loads(Path(handed["job"]).read_text())
     cfg = SceneConfig.model_validate(job["scene"])
 
-    from generation.render import devices
     threads = int(job.get("threads", 0))
     requested = job.get("device", "auto")
     try:

@@ -8,6 +8,7 @@ converters loop over it. Adding a task: a module defining a ``SyntheticTask`` an
 
 from __future__ import annotations
 
+from training.tasks import boxes, depth, normals, pose, segmentation
 from training.tasks.base import ClipView, HeadContext, SyntheticTask  # noqa: F401
 
 TASKS: dict[str, SyntheticTask] = {}
@@ -41,8 +42,6 @@ def target_keys(names: list[str] | tuple[str, ...] | None = None) -> tuple[str, 
 
 
 def _register_builtins() -> None:
-    from training.tasks import boxes, depth, normals, pose, segmentation
-
     for module in (depth, normals, segmentation, pose, boxes):
         register(module.TASK)
 
