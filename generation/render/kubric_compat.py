@@ -30,10 +30,10 @@ And one change for speed, not for 4.x: Kubric resets Blender for every scene wit
 ``read_factory_settings``, which also resets the preferences and re-registers every
 add-on (38-53 ms of a ~140 ms scene build at 128 px). ``Blender45`` does that once per
 process and then loads only the factory startup data (``read_homefile``, ~7 ms): the same
-empty scene, and the same bytes (``tests/generation/test_render_labels.py``, the worker
+empty scene, and the same bytes (``tests/generation/render/test_render_labels.py``, the worker
 test, renders its scene second).
 
-Each fix has a test in ``tests/generation/test_kubric_compat.py`` that checks the
+Each fix has a test in ``tests/generation/render/test_kubric_compat.py`` that checks the
 label it affects. Bpy 5.0 replaced the compositor node-tree API: stay on 4.5 LTS.
 """
 

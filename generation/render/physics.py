@@ -7,7 +7,7 @@ empties it with ``resetSimulation`` when the next scene takes it: Bullet then de
 and recreates its dynamics world, so each scene starts from the state a new
 connection has. Kubric's engine parameters are set again for every scene, so the
 simulation and the clip bytes are the same as with a new connection
-(``tests/generation/test_physics.py``).
+(``tests/generation/render/test_physics.py``).
 
 Only one scene uses the connection at a time. A scene's view that is still reachable
 when a later scene has taken the connection (the worker finishes scene N's labels while
@@ -22,7 +22,7 @@ from kubric import core
 from kubric.simulator import pybullet as kubric_pybullet
 
 # The parameters Kubric's PyBullet.__init__ sets on every new connection (its fix for
-# the sticky-walls problem, bullet3 issue 3094). tests/generation/test_physics.py checks
+# the sticky-walls problem, bullet3 issue 3094). tests/generation/render/test_physics.py checks
 # the engine against a new Kubric connection and the trajectories against Kubric's view.
 KUBRIC_ENGINE_PARAMETERS = dict(restitutionVelocityThreshold=0.0, warmStartingFactor=0.0,
                                 useSplitImpulse=True, contactSlop=0.0,

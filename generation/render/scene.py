@@ -109,7 +109,7 @@ def render_passes(cfg: SceneConfig, seed: int, key: str, *, scratch_root: Path |
                          frame_rate=cfg.fps, step_rate=240)
         with _quiet_fd():
             # one animation render: the same bytes as Kubric's per-frame loop
-            # (tests/generation/test_kubric_compat.py), less per-call work; no Vector
+            # (tests/generation/render/test_kubric_compat.py), less per-call work; no Vector
             # pass unless flow is asked for, no UV pass (never read): same bytes, and
             # Cycles skips syncing object motion at the neighbouring frames; pass files
             # without what nobody reads and without compression: same arrays, less I/O
