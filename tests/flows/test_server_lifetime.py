@@ -179,6 +179,7 @@ def test_task_runner_children_share_the_server_and_a_clean_exit_stops_it(tmp_pat
     listening = set()                                # ports the tree listened on (pvit too)
     try:
         server, port = wait_for_server(proc, log=log)
+        server_command = cmdline(server)
         while proc.poll() is None:
             listening |= listening_ports(proc.pid)
             for child in descendants(proc.pid):
@@ -211,7 +212,7 @@ def test_task_runner_children_share_the_server_and_a_clean_exit_stops_it(tmp_pat
     # The normal path still stops the server: ours from atexit, or Prefect's own (the
     # flow called from Python) from Prefect's atexit.
     assert "Stopping temporary server" in err
-    assert (OUR_SERVER in cmdline(server)) is (runner != "dask-in-process")
+    assert (OUR_SERVER in server_command) is (runner != "dask-in-process")
     assert not wait_gone([server], timeout=5)
     assert refuses_connections(port)
     assert len(list(out.glob("shard-*.tar"))) == 1
