@@ -94,9 +94,8 @@ def prewarm(pins: list[dict[str, str]]) -> None:
 
 
 def take(env: dict[str, str]) -> WarmWorker | None:
-    """A live warm worker started with ``env`` (PREFECT_* aside: the flow points
-    PREFECT_API_URL at its server after the workers were started, and the worker does
-    not use Prefect), or None."""
+    """A live warm worker started with ``env`` (aside from what ``_IGNORED`` and
+    PREFECT_* name), or None."""
     wanted = _comparable(env)
     with _lock:
         for warm in list(_warm):
@@ -124,5 +123,13 @@ def close() -> None:
         warm.discard()
 
 
+# Variables this process may change after the workers started, without a worker's
+# behaviour depending on the difference: the flow points PREFECT_API_URL at its server
+# (the worker does not use Prefect), and importing cv2 (the contact sheet, the video
+# loaders) prepends OpenCV's lib64 to LD_LIBRARY_PATH, which the worker's own cv2
+# import does to its environment too.
+_IGNORED = ("LD_LIBRARY_PATH",)
+
+
 def _comparable(env: dict[str, str]) -> dict[str, str]:
-    return {k: v for k, v in env.items() if not k.startswith("PREFECT_")}
+    return {k: v for k, v in env.items() if not k.startswith("PREFECT_") and k not in _IGNORED}

@@ -81,6 +81,24 @@ def test_a_warm_worker_is_only_taken_for_its_own_environment():
     assert warm_workers.waiting() == [] and _gone(pid, within_s=5)
 
 
+def test_a_warm_worker_is_still_taken_after_opencv_changed_the_environment(monkeypatch):
+    # Importing cv2 after the workers started (the flow module's contact sheet) prepends
+    # OpenCV's lib64 to LD_LIBRARY_PATH; the worker does the same when it imports cv2.
+    monkeypatch.delenv("LD_LIBRARY_PATH", raising=False)
+    warm_workers.prewarm([CPU_PIN])
+    try:
+        monkeypatch.setenv("LD_LIBRARY_PATH", "/site-packages/cv2/../../lib64:")
+        warm = warm_workers.take(warm_workers.environment(CPU_PIN))
+        assert warm is not None
+        warm.discard()
+        # ...while a difference the worker would see is still a different worker
+        warm_workers.prewarm([CPU_PIN])
+        monkeypatch.setenv("PVIT_SCRATCH", "/elsewhere")
+        assert warm_workers.take(warm_workers.environment(CPU_PIN)) is None
+    finally:
+        warm_workers.close()
+
+
 @pytest.mark.slow
 def test_warm_workers_do_not_outlive_a_killed_parent(tmp_path):
     """kill -9 of the process that started them: no atexit runs, yet each warm worker
