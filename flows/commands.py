@@ -15,8 +15,17 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from pydantic import ValidationError
 
 from flows.cli_common import ConfigFlags, SetOpt, console, fail
+from flows.experiment import ConfigError, load_experiment
+from training.config import EvaluateConfig
+
+# Inside the commands: training.train, training.checkpoint, training.synthetic_data,
+# training.evaluate and flows.evaluation_home (torch and timm, 2.6-4 s, python -X
+# importtime after flows.cli), and rich.progress (6-10 ms, 2-3% of `pvit --help`'s
+# 0.3 s): flows/cli.py imports this module for every `pvit` command, `--help` and the
+# checks that exit 2 before any training included.
 
 # Each flag sets one key of the experiment file (type and help: that field's); the
 # sections' paths are `str` fields, parsed as paths. `--set` sets any key.
@@ -37,8 +46,6 @@ EVALUATE_FLAGS = ConfigFlags({
 
 def _stage_config(stage: str, config: Optional[Path], overrides: dict[str, Any],
                   sets: Optional[list[str]] = None):
-    from flows.experiment import ConfigError, load_experiment
-
     try:
         return load_experiment(config, overrides, sets).require(stage)
     except ConfigError as exc:
@@ -109,11 +116,8 @@ def evaluate(
     **flags: Any,
 ) -> None:
     """Top-1 / top-5, single view and multi-view, written as JSON."""
-    from pydantic import ValidationError
-
     from flows.evaluation_home import run_evaluate_in_home
     from training.checkpoint import CheckpointError
-    from training.config import EvaluateConfig
     from training.evaluate import run_evaluate
 
     section: dict[str, Any] = {}

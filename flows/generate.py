@@ -13,21 +13,38 @@ artifact, one log line per shard) and to whoever listens in this process
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.client.orchestration import get_client
 from prefect.futures import as_completed
+from prefect.runtime import flow_run, task_run
+from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Completed, State
+from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
 from flows import progress
 from generation.config import GenerationConfig
 from generation.dataset import plan as dataset
+from generation.dataset.contact_sheet import contact_sheet, find_clip, save_sheet, sheet_png
+from generation.dataset.lock import dataset_lock
 from generation.dataset.manifest import location
 from generation.dataset.storage import Location
 from generation.render import supervisor
+
+# prefect_dask stays inside make_task_runner(): it imports dask and distributed
+# (0.23-0.34 s, python -X importtime after flows.cli and this module; Prefect itself takes
+# 0.7 s), which only the dask task runner needs, and every `pvit generate` and `pvit
+# pipeline` imports this module.
 
 # Where a render task keeps its receipt for each shard it finished (``NAME.json``, the
 # shard's record): a retry of the task, on whichever worker, reads them to render only
@@ -41,7 +58,6 @@ RECORDS_DIR = ".render-records"
 
 
 def _chunk_run_name() -> str:
-    from prefect.runtime import task_run
     names = [job["name"] for job in task_run.parameters["jobs"]]
     if len(names) == 1:
         return f"render-{names[0]}"          # one shard per task (the usual case)
@@ -125,9 +141,7 @@ def make_task_runner(cfg: GenerationConfig, api_url: str | None = None):
             return DaskTaskRunner(address=cfg.dask_address)
         return DaskTaskRunner(cluster_kwargs=dask_cluster_kwargs(cfg, api_url))
     if cfg.task_runner == "processes":
-        from prefect.task_runners import ProcessPoolTaskRunner
         return ProcessPoolTaskRunner(max_workers=cfg.workers)
-    from prefect.task_runners import ThreadPoolTaskRunner
     return ThreadPoolTaskRunner(max_workers=cfg.workers)
 
 
@@ -152,9 +166,6 @@ def dask_cluster_kwargs(cfg: GenerationConfig, api_url: str | None = None) -> di
 def _flow_api_url() -> str:
     """The Prefect API this flow run reports to: ``PREFECT_API_URL``, else the address
     of the temporary server Prefect started for it."""
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL
-
     url = PREFECT_API_URL.value()
     if not url:
         url = str(get_client(sync_client=True).api_url)   # the running temporary server
@@ -172,9 +183,6 @@ def generate_dataset(config: GenerationConfig) -> State[dict]:
     (so deployments and ``pvit serve`` honour it too); when every shard is up to date no
     runner starts at all. The run holds the dataset's lock throughout
     (``generation.dataset.lock``): a second writer of the same ``out`` fails naming it."""
-    from prefect.runtime import flow_run
-
-    from generation.dataset.lock import dataset_lock
     with dataset_lock(config.out, owner=f"generate_dataset flow run '{flow_run.name}'"):
         return _generate(config)
 
@@ -233,8 +241,6 @@ def _render(config: GenerationConfig, manifest: dict, jobs: list[dict]) -> dict:
     the renders and every artifact. Its tasks get the flow's API address (settings and,
     on a LocalCluster, the workers' environment): Prefect in a Dask worker would
     otherwise start a temporary server of its own."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
     logger = get_run_logger()
     out = location(config.out)
     threads = config.render_threads or supervisor.worker_threads(config.workers)
@@ -295,11 +301,6 @@ def _contact_sheet_artifact(out: Location) -> None:
     next to the shards and embedded in a markdown artifact for a person to look at.
     Cosmetic: any failure (a full disk, say) is a warning, never a failed run after
     every shard was committed."""
-    import base64
-
-    from prefect.artifacts import create_markdown_artifact
-
-    from generation.dataset.contact_sheet import contact_sheet, find_clip, save_sheet, sheet_png
     logger = get_run_logger()
     path = out.join("contact_sheet.png")
     try:
@@ -324,7 +325,6 @@ def _contact_sheet_artifact(out: Location) -> None:
 
 
 def _dataset_table(summary: dict, shards: list[dict], message: str) -> None:
-    from prefect.artifacts import create_table_artifact
     create_table_artifact(
         key="synthetic-dataset",
         table=[{"shard": s["name"], "clips": s["samples"], "bytes": s["bytes"],

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
+from prefect.runtime import flow_run
 from prefect.states import Completed, State
 
 from flows import stage_cache
@@ -25,7 +26,10 @@ from flows.train import (
     pretrain,
     reuse_message,
 )
+from generation.dataset.manifest import read_manifest
+from generation.dataset.storage import Location
 from training.run_layout import RunLayout, evaluation_dir, evaluation_file
+from training.toy_actions import write_toy_actions
 
 STAGES = ("generate", "toy_actions", "pretrain", "finetune", "evaluate")
 
@@ -36,7 +40,6 @@ class StageError(RuntimeError):
 
 @task(name="toy-actions", result_serializer="json")
 def toy_actions_task(cfg: ToyActionsConfig, key: str) -> dict:
-    from training.toy_actions import write_toy_actions
     out = Path(cfg.out)
     stage_cache.begin(out, key)
     summary = write_toy_actions(out / "set", clips_per_class=cfg.clips_per_class,
@@ -69,11 +72,10 @@ def force_stage(cfg: ExperimentConfig, stage: str) -> None:
     deleted here: the stage clears its own directory when it starts, and only if that
     directory carries its stage record (``stage_cache.begin``)."""
     if stage == "generate":
-        from generation.dataset.manifest import read_manifest
         # Without its manifest every shard renders again; only a manifest of ours (one
         # that lists shards) is removed.
         if read_manifest(cfg.generation.out) is not None:
-            from generation.dataset.storage import Location  # a directory or an s3:// prefix
+            # a directory or an s3:// prefix
             Location(cfg.generation.out).delete("manifest.json")
         # asked for by name: its shards are replaced (each as its new one is committed)
         cfg.generation = cfg.generation.model_copy(update={"overwrite": True})
@@ -97,7 +99,6 @@ def _stage(name: str, fn, *args, logs: str = "", messages: dict | None = None):
         state = fn(*args, return_state=True)
         result = state.result()
     except Exception as exc:  # noqa: BLE001 - re-raised with the stage named
-        from prefect.runtime import flow_run
         where = f"Prefect flow run '{flow_run.name}'" + (f", {logs}" if logs else "")
         raise StageError(f"stage {name} failed: {exc} (logs: {where})") from exc
     if messages is not None:

@@ -38,7 +38,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from generation.dataset.manifest import source_digest, write_json_atomic
+from generation.dataset.manifest import sha256_file, source_digest, write_json_atomic
 from generation.dataset.storage import Location
 
 RECORD = ".stage.json"
@@ -65,7 +65,6 @@ def file_key(path) -> str:
     spellings of one file are one input), or "none" without a file."""
     if not path or not Path(path).is_file():
         return "none"
-    from generation.dataset.manifest import sha256_file
     return sha256_file(Path(path))
 
 

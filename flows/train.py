@@ -11,16 +11,30 @@ the other results there are kept. Paths come from ``training.run_layout``.
 
 from __future__ import annotations
 
+import base64
+import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Callable
 
+import cv2
+import yaml
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Completed, State
 
 from flows import progress, stage_cache
+from generation.dataset.contact_sheet import sheet_png
+from generation.dataset.manifest import read_manifest
 from training.config import EvaluateConfig, FinetuneConfig, PretrainConfig
 from training.run_layout import RunLayout, evaluation_dir
+
+# torch, training.train and flows.evaluation_home (which imports training.evaluate) stay
+# inside the functions: with timm they take 2.2-2.8 s (python -X importtime after
+# flows.cli and this module; flows.pipeline, Prefect included, takes 1.0 s), and `pvit
+# pipeline` imports this module in the checks that exit 2 before any work, as `pvit serve`
+# does for every flow it serves.
 
 TRAIN_RETRIES = 1
 
@@ -44,16 +58,10 @@ def _metrics_artifact(stage: str, summary: dict) -> None:
     losses = summary.get("losses") or summary.get("final_losses") or {}
     rows += [{"metric": f"loss/{k}", "value": v} for k, v in losses.items()]
     create_table_artifact(key=f"{stage}-metrics", table=rows, description=f"{stage} summary")
-    import cv2
     curve = RunLayout(summary.get("run_dir", "")).loss_curve
     image = cv2.imread(str(curve)) if curve.is_file() else None
     if image is not None:
         # Embedded, as the contact sheet is: a file:// link does not load in the UI.
-        import base64
-
-        from prefect.artifacts import create_markdown_artifact
-
-        from generation.dataset.contact_sheet import sheet_png
         png = base64.b64encode(sheet_png(image[..., ::-1], 150_000)).decode()
         create_markdown_artifact(key=f"{stage}-loss-curve",
                                  markdown=f"![{stage} loss curve](data:image/png;base64,{png})"
@@ -73,11 +81,6 @@ def _train(stage: str, cfg, run) -> dict:
     nproc = processes_for(cfg)
     if nproc == 1:
         return run(cfg, progress=_log_progress(stage))
-    import json
-    import subprocess
-    import sys
-
-    import yaml
     layout = RunLayout(cfg.out)
     config_path = layout.torchrun_config(stage)
     config_path.write_text(yaml.safe_dump({stage: cfg.model_dump(mode="json")}))
@@ -163,7 +166,6 @@ def cached(stage: str, out_dir, key: str) -> dict | None:
     if stage_cache.state(Path(out_dir), key) != "done":
         return None
     get_run_logger().info("%s is up to date (key %s): skipped", out_dir, key[:12])
-    from prefect.artifacts import create_markdown_artifact
     create_markdown_artifact(
         key=f"{stage.replace('_', '-')}-reused",
         markdown=f"**{stage}: reused**, nothing recomputed: `{out_dir}` is up to date "
@@ -189,7 +191,6 @@ def dataset_key(directory) -> str:
     """Content key of a shard directory: its spec hash and every shard's sha256."""
     if not directory:
         return "none"
-    from generation.dataset.manifest import read_manifest
     manifest = read_manifest(Path(directory))
     if manifest is None:
         return "missing"
