@@ -73,9 +73,15 @@ _warm: list[WarmWorker] = []
 
 
 def environment(pin: dict[str, str]) -> dict[str, str]:
-    """The environment a render worker gets: this process's, Blender quiet about
-    TensorFlow, and ``pin`` (``generation.render.devices.worker_env``)."""
-    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **pin}
+    """The environment a render worker gets: this process's (without OpenCV's loader
+    path, see ``_loader_path``: so it is also the same before and after this process
+    imported cv2), Blender quiet about TensorFlow, and ``pin``
+    (``generation.render.devices.worker_env``)."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **pin}
+    loader_path = _loader_path(env.pop("LD_LIBRARY_PATH", None))
+    if loader_path is not None:
+        env["LD_LIBRARY_PATH"] = loader_path
+    return env
 
 
 def prewarm(pins: list[dict[str, str]]) -> None:
@@ -94,8 +100,9 @@ def prewarm(pins: list[dict[str, str]]) -> None:
 
 
 def take(env: dict[str, str]) -> WarmWorker | None:
-    """A live warm worker started with ``env`` (aside from what ``_IGNORED`` and
-    PREFECT_* name), or None."""
+    """A live warm worker started with ``env`` (PREFECT_* aside: the flow points
+    PREFECT_API_URL at its server after the workers were started, and the worker does
+    not use Prefect), or None."""
     wanted = _comparable(env)
     with _lock:
         for warm in list(_warm):
@@ -123,13 +130,16 @@ def close() -> None:
         warm.discard()
 
 
-# Variables this process may change after the workers started, without a worker's
-# behaviour depending on the difference: the flow points PREFECT_API_URL at its server
-# (the worker does not use Prefect), and importing cv2 (the contact sheet, the video
-# loaders) prepends OpenCV's lib64 to LD_LIBRARY_PATH, which the worker's own cv2
-# import does to its environment too.
-_IGNORED = ("LD_LIBRARY_PATH",)
-
-
 def _comparable(env: dict[str, str]) -> dict[str, str]:
-    return {k: v for k, v in env.items() if not k.startswith("PREFECT_") and k not in _IGNORED}
+    return {k: v for k, v in env.items() if not k.startswith("PREFECT_")}
+
+
+def _loader_path(value: str | None) -> str | None:
+    """``LD_LIBRARY_PATH`` without what importing cv2 in this process added to it:
+    OpenCV's wheel prepends ``.../cv2/../../lib64:``, whose empty entry would make the
+    dynamic loader search a worker's working directory for libraries. The worker's own
+    cv2 import adds it back inside the worker, where it no longer affects loading."""
+    if value is None:
+        return None
+    kept = [p for p in value.split(os.pathsep) if p and "cv2" not in Path(p).parts]
+    return os.pathsep.join(kept) or None

@@ -88,7 +88,12 @@ def test_a_warm_worker_is_still_taken_after_opencv_changed_the_environment(monke
     warm_workers.prewarm([CPU_PIN])
     try:
         monkeypatch.setenv("LD_LIBRARY_PATH", "/site-packages/cv2/../../lib64:")
-        warm = warm_workers.take(warm_workers.environment(CPU_PIN))
+        env = warm_workers.environment(CPU_PIN)
+        # nor does a worker inherit OpenCV's path (its empty entry: the working directory)
+        assert "LD_LIBRARY_PATH" not in env
+        monkeypatch.setenv("LD_LIBRARY_PATH", "/opt/cuda/lib64:/site-packages/cv2/../../lib64:")
+        assert warm_workers.environment(CPU_PIN)["LD_LIBRARY_PATH"] == "/opt/cuda/lib64"
+        warm = warm_workers.take(env)
         assert warm is not None
         warm.discard()
         # ...while a difference the worker would see is still a different worker
