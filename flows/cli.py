@@ -3,6 +3,7 @@ its sections; flags override the file. Bad input: one ``error: ...`` line, exit 
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from contextlib import contextmanager
@@ -11,8 +12,31 @@ from typing import Any, Optional
 
 import typer
 
+from flows import stage_cache
 from flows.cli_common import ConfigFlags, SetOpt, console, fail, load_or_exit
+from flows.commands import register as register_training
 from flows.experiment import ExperimentConfig
+from flows.progress import listening
+from flows.serve import register as register_serve
+from generation.dataset.manifest import WriteError
+from generation.dataset.spec_change import HINT, SpecChanged, check
+from generation.dataset.storage import (
+    Location,
+    LocationError,
+    canonical,
+    dataset_path,
+    is_remote,
+)
+from generation.dataset.storage import check_writable_dir as probe
+from generation.render.devices import DeviceError, preflight, worker_env
+from training.run_layout import evaluation_dir
+
+# What stays inside the commands that use it, by its cost on top of this module's own
+# imports (python -X importtime, after `import flows.cli`; `pvit --help` takes ~0.33 s):
+# Prefect and the flows (flows.generate, flows.pipeline, flows.prefect_server: 0.7-1 s,
+# torch for the pipeline's stages 2.4 s), the render supervisor and warm workers (10-15
+# ms), verify (7 ms), the lock (5 ms), the plan (5.5 ms), rich.progress (6-10 ms) and the
+# contact sheet (cv2, ~20 ms): each is needed by one command only.
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Synthetic scenes -> WebDataset shards -> PViT, as Prefect flows.")
@@ -21,7 +45,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 def dataset_or_exit(location: Path) -> Path | str:
     """The shard directory (a local ``Path``) or object-store URL (``s3://b/ds``) named by
     a DIR argument; any other scheme (pipe:...) exits 2."""
-    from generation.dataset.storage import LocationError, dataset_path
     try:
         return dataset_path(str(location))
     except LocationError as exc:
@@ -31,8 +54,6 @@ def dataset_or_exit(location: Path) -> Path | str:
 def check_writable_dir(path: Path, what: str) -> None:
     """Fail (exit 2) before any work if ``path`` cannot become a writable directory (for
     an object-store URL: if its bucket does not answer or does not exist)."""
-    from generation.dataset.storage import Location, LocationError, WriteError, is_remote
-    from generation.dataset.storage import check_writable_dir as probe
     try:
         if is_remote(path):
             Location(path).makedirs()
@@ -79,7 +100,6 @@ def check_render_device(requested: str) -> str:
     """Exit 2 with one line, before any render, when Blender cannot see the requested
     GPU kind; else the line that says which device (``auto``'s pick) will render. It is
     printed once the other checks passed, so a refused run still says one line."""
-    from generation.render.devices import DeviceError, preflight
     try:
         picked = preflight(requested)
     except DeviceError as exc:
@@ -96,7 +116,6 @@ def writer_lock(out: Path, owner: str, *, break_lock: bool = False):
     """Hold the dataset lock of ``out`` for the block (the flow takes it again, within
     this process); another writer: one line naming it, exit 2."""
     from generation.dataset.lock import LockError, acquire, release
-    from generation.dataset.manifest import WriteError
     try:
         acquire(out, owner=owner, break_lock=break_lock, warn=warn)
     except LockError as exc:
@@ -112,7 +131,6 @@ def writer_lock(out: Path, owner: str, *, break_lock: bool = False):
 def check_spec_or_exit(gen, hint: Optional[str] = None) -> None:
     """Exit 2, naming the changed fields, before anything is touched when ``gen`` would
     replace a dataset made with another spec (and does not say overwrite)."""
-    from generation.dataset.spec_change import HINT, SpecChanged, check
     try:
         check(gen, hint or HINT)
     except SpecChanged as exc:
@@ -125,15 +143,11 @@ def _generate(gen, device_line: Optional[str] = None) -> None:
         console.print(device_line, markup=False, highlight=False)
     start_render_workers(gen)
 
-    import logging
-
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     from flows.generate import run_generate
     from flows.prefect_server import TemporaryServerError, use_server
     from generation.dataset.lock import LockError
-    from generation.dataset.manifest import WriteError
-    from generation.dataset.spec_change import SpecChanged
     from generation.render.supervisor import RenderError
 
     def no_traceback(record: logging.LogRecord) -> bool:
@@ -150,7 +164,6 @@ def _generate(gen, device_line: Optional[str] = None) -> None:
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=False) as progress:
         # gen.out is a Path, which spells s3://b/p as s3:/b/p: print the URL form
-        from generation.dataset.storage import canonical
         bar = progress.add_task(f"rendering into {canonical(gen.out)}", total=total)
         try:
             use_server()
@@ -176,7 +189,6 @@ def start_render_workers(gen) -> None:
         return
     from generation.dataset.plan import unlisted_jobs
     from generation.render import warm_workers
-    from generation.render.devices import worker_env
     first = unlisted_jobs(gen)[:gen.workers]     # the shards the first tasks render
     warm_workers.prewarm([worker_env(gen.device, job.index, gen.workers_per_gpu)
                           for job in first])
@@ -223,9 +235,7 @@ def check_stage_outputs(cfg: ExperimentConfig) -> None:
     """Fail (exit 2) before any work on a stage ``out`` a stale stage would clear but
     that is not the project's: a directory holding other files, or one that contains
     (or sits inside) another stage's output, whose files clearing it would delete."""
-    from flows import stage_cache
     from flows.pipeline import wire
-    from training.run_layout import evaluation_dir
 
     wired = wire(cfg)
     outs = {"generation.out": Path(wired.generation.out)}
@@ -280,7 +290,6 @@ def _pipeline(cfg: ExperimentConfig, force: list[str]) -> None:
     from flows.pipeline import StageError
     from flows.pipeline import pipeline as pipeline_flow
     from flows.prefect_server import TemporaryServerError, use_server
-    from flows.progress import listening
 
     total = cfg.generation.scenes   # every planned clip, without building the plan
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
@@ -317,14 +326,8 @@ def _pipeline(cfg: ExperimentConfig, force: list[str]) -> None:
                       f"{multi.get('views_per_clip', '?')} views/clip)", markup=False)
 
 
-def _register_commands() -> None:
-    from flows.commands import register as register_training
-    from flows.serve import register as register_serve
-    register_training(app)
-    register_serve(app)
-
-
-_register_commands()
+register_training(app)
+register_serve(app)
 
 
 def main() -> None:
