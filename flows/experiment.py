@@ -17,16 +17,29 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from generation.config import GenerationConfig
 from training.config import EvaluateConfig, FinetuneConfig, PretrainConfig
 
+# An experiment file is a few KB; reading (and quoting) more is only ever a mistake or an
+# attack: a 34 MB file once made a 27 MB error line.
+MAX_CONFIG_BYTES = 1 << 20
+# What an error line may quote of the input.
+MAX_ERROR_CHARS = 300
+
 
 class ConfigError(ValueError):
-    """One line naming the file/field that is wrong (the CLI exits with code 2)."""
+    """One line naming the file/field that is wrong (the CLI exits with code 2), at most
+    ``MAX_ERROR_CHARS`` long whatever the input held."""
+
+    def __init__(self, message: str):
+        line = " ".join(message.split())
+        if len(line) > MAX_ERROR_CHARS:
+            line = line[:MAX_ERROR_CHARS - 1] + "…"
+        super().__init__(line)
 
 
 class ToyActionsConfig(BaseModel):
     """The offline downstream set the demo trains on (``training/toy_actions.py``): real
     encoded videos of moving shapes in both the SSv2 and the list layout."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     out: Path = Path("data/toy_actions")
     clips_per_class: int = Field(8, ge=2)
@@ -44,7 +57,7 @@ class ExperimentConfig(BaseModel):
     """All stages. ``generation`` has usable defaults; a training section that the file
     leaves out is None, and the command that needs it says so (see ``require``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     toy_actions: Optional[ToyActionsConfig] = None
@@ -131,15 +144,7 @@ def load_experiment(path: Path | str | None, overrides: dict[str, Any] | None = 
     clear a value (a flag cannot)."""
     data: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of stage sections")
+        data = _read_file(Path(path))
     for dotted, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(data, dotted, value)
@@ -151,6 +156,37 @@ def load_experiment(path: Path | str | None, overrides: dict[str, Any] | None = 
         raise ConfigError(f"{path or 'config'}: {_first_error(exc)}") from None
     except ValueError as exc:  # raised inside validators (e.g. unreadable asset manifest)
         raise ConfigError(f"{path or 'config'}: {exc}") from None
+
+
+def _read_file(path: Path) -> dict:
+    """The experiment file as a dict of sections; ``ConfigError`` for anything else (a
+    missing, empty, huge, binary or non-mapping file, or bad YAML)."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror})") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: more than {MAX_CONFIG_BYTES >> 20} MiB, not an "
+                          "experiment file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply") from None
+    if data is None:
+        # an empty file used to run on every default (a whole pipeline into ./data)
+        raise ConfigError(f"{path}: the experiment file is empty")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of stage sections")
+    return data
 
 
 def dump_experiment(cfg: ExperimentConfig) -> str:

@@ -24,7 +24,7 @@ from generation.render.recipes import RECIPES
 class SceneConfig(BaseModel):
     """What one rendered clip looks like. Every field here affects pixels or labels."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     recipe: str = "movi"                    # name in generation.render.recipes.RECIPES
     resolution: int = Field(64, gt=0, le=4096, description="square frame size, pixels")
@@ -76,7 +76,7 @@ MAX_SCENES = 10_000_000
 
 
 class GenerationConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     out: Path = Field(Path("data/synthetic"), description="shard directory, or object-store "
                       "URL (s3://bucket/prefix)")

@@ -10,6 +10,7 @@ plain arguments.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -50,7 +51,7 @@ class LossWeights(BaseModel):
     normals 0.5, segmentation 0.1, pose 3.0, boxes 0.1)."""
 
     # the task keys are not declared here: the registry fills them (see _fill)
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     action: float = Field(1.0, ge=0)  # downstream cross-entropy
 
@@ -65,8 +66,9 @@ class LossWeights(BaseModel):
                              f"{['action', *tasks]}")
         for name, task in tasks.items():
             value = data.setdefault(name, task.weight)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"{name}: weight {value!r} is not a number >= 0")
+            if (isinstance(value, bool) or not isinstance(value, (int, float))
+                    or not 0 <= value < math.inf):
+                raise ValueError(f"{name}: weight {value!r} is not a finite number >= 0")
             data[name] = float(value)
         return data
 
@@ -74,18 +76,18 @@ class LossWeights(BaseModel):
 class _TrainStage(BaseModel):
     """Fields shared by the two training stages."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     out: str = Field("runs/pretrain", description=RUN_DIR)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)  # torch, numpy and python RNGs all take it
     # --- model ---
     model: str = Field("pvit_tiny", description=(
         "a registered model (training/model.py): pvit_test, pvit_tiny, pvit_small, pvit_base, "
         "mvitv2_s (the paper's backbone), videomae_vit_s, videomae_vit_b"))
     variant: Variant = Field("pvit", description="vit: no prompts or heads, mt: task heads on "
                              "CLS, pvit: task prompts; pretraining takes mt or pvit")
-    num_frames: int = Field(16, ge=1)  # the paper's 16x4 clips
-    img_size: int = Field(224, ge=16)  # the paper's 224 crops
+    num_frames: int = Field(16, ge=1, le=1024)  # the paper's 16x4 clips
+    img_size: int = Field(224, ge=16, le=4096)  # the paper's 224 crops
     tubelet_size: int = Field(2, ge=1)  # frames per patch (2x16x16 tubelets)
     # registered names (training/tasks/); default: every task marked default (all but boxes)
     tasks: list[str] = Field(default_factory=lambda: _task_registry().default_tasks())
@@ -231,7 +233,7 @@ class FinetuneConfig(_TrainStage):
 class EvaluateConfig(BaseModel):
     """Top-1/top-5 of a checkpoint on a downstream split, single and multi-view."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     checkpoint: Optional[str] = None  # a finetune checkpoint (.pt); set by the command
     data_format: DataFormat = Field("list", description=DATA_FORMAT)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from training.backbones import dense_tap_indices, get_family  # noqa: F401 (re-exported)
-from training.tasks import HeadContext, get_task
+from training.tasks import HeadContext, default_tasks, get_task
 
 VARIANTS = ("vit", "mt", "pvit")
 
@@ -36,12 +36,18 @@ class PromptonomyViT(nn.Module):
 
     family: str
 
-    def __init__(self, variant: str = "pvit", tasks: tuple[str, ...] | list[str] = (),
+    def __init__(self, variant: str = "pvit", tasks: tuple[str, ...] | list[str] | None = None,
                  prompts_per_task: int = 1, label_size: int = 56, pose_slots: int = 8,
                  num_seg_classes: int = 2, head_drop_rate: float = 0.1, **backbone_kwargs: Any):
         if variant not in VARIANTS:
             raise ValueError(f"variant: unknown '{variant}', choose from {VARIANTS}")
-        tasks = list(tasks) if variant != "vit" else []
+        if variant == "vit":
+            tasks = []
+        elif tasks is None:   # as the training configs do: the registry's default tasks
+            tasks = default_tasks()
+        elif not tasks:       # a PViT with no prompt (an MT with no head) is a ViT
+            raise ValueError(f"tasks: variant '{variant}' needs at least one synthetic task")
+        tasks = list(tasks)
         num_prompts = len(tasks) * prompts_per_task if variant == "pvit" else 0
         super().__init__(num_prompts=num_prompts, **backbone_kwargs)
         # what export_inference rebuilds the bare backbone from

@@ -1,5 +1,6 @@
 """Where a training run's files live: the one place that spells their names.
 
+    RUN_DIR/.pvit-run                   says the directory is a run of this project
     RUN_DIR/config.yaml                 the resolved stage config
     RUN_DIR/metrics.jsonl               one line per logged step / epoch
     RUN_DIR/summary.json                the run's summary
@@ -38,8 +39,30 @@ class RunLayout:
         object.__setattr__(self, "root", Path(self.root))
 
     @property
+    def marker(self) -> Path:
+        return self.root / ".pvit-run"
+
+    @property
     def config(self) -> Path:
         return self.root / "config.yaml"
+
+    def foreign(self) -> str | None:
+        """Why ``root`` must not become a run directory, or None. A missing or empty
+        directory is fine, and so is one of this project's runs (its marker, or a
+        ``checkpoints/last.pt`` of a run from before the marker): the run resumes or
+        refuses another config. Hidden entries are bookkeeping (the pipeline's stage
+        record and torchrun config). Anything else holds someone's files, which the
+        run's config.yaml, summary.json and metrics.jsonl would overwrite."""
+        if not self.root.exists():
+            return None
+        if not self.root.is_dir():
+            return f"{self.root} is not a directory"
+        if self.marker.exists() or self.last_checkpoint.is_file():
+            return None
+        if any(not entry.name.startswith(".") for entry in self.root.iterdir()):
+            return (f"{self.root} already holds files that are not a pvit run; choose a new "
+                    "or empty directory")
+        return None
 
     @property
     def metrics(self) -> Path:

@@ -174,6 +174,8 @@ def preflight(stage: str, cfg: PretrainConfig | FinetuneConfig) -> None:
     naming the field. The commands call it so bad input exits 2 with one line."""
     try:
         check_writable_dir(cfg.out, "out")
+        if problem := RunLayout(cfg.out).foreign():
+            raise InputError(f"out: {problem}")
         # bad labels, or a split none of whose videos decode, are bad input like a
         # missing split: found here, before training, so exit 2 like the rest. Under
         # torchrun every rank checks with the world size it will train with.
@@ -205,6 +207,7 @@ def _run(stage: str, cfg: PretrainConfig | FinetuneConfig, progress: Progress,
     dist = distributed.setup()
     if dist.is_main:
         RunLayout(cfg.out).checkpoints.mkdir(parents=True, exist_ok=True)
+        RunLayout(cfg.out).marker.touch()
     torch.manual_seed(cfg.seed + dist.rank)  # dropout differs per rank, reproducibly
     # checked again here: Prefect tasks call run_pretrain/run_finetune without preflight
     setup = prepare(stage, cfg, dist.world_size)

@@ -78,3 +78,26 @@ def test_rerunning_into_a_run_dir_with_another_config_is_refused(tmp_path, exper
     assert invoke("pretrain", experiment).exit_code == 0
     result = invoke("pretrain", experiment, "--epochs", 3)
     assert result.exit_code == 2 and "epochs=1" in result.output and "new --out" in result.output
+
+
+def test_an_out_holding_someone_elses_files_is_refused_and_kept(tmp_path, experiment):
+    # issue 24: training wrote config.yaml, summary.json and metrics.jsonl over the
+    # user's own files (exit 0); the pipeline already refused such a directory
+    out = tmp_path / "pre"
+    (out / "my_plots").mkdir(parents=True)
+    (out / "config.yaml").write_text("mine\n")
+    (out / "NOTES.txt").write_text("notes\n")
+    result = invoke("pretrain", experiment)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "pretrain.out:" in lines[0] and "not a pvit run" in lines[0]
+    assert sorted(p.name for p in out.iterdir()) == ["NOTES.txt", "config.yaml", "my_plots"]
+    assert (out / "config.yaml").read_text() == "mine\n"
+
+
+def test_a_run_directory_is_marked_and_resumes(tmp_path, experiment):
+    assert invoke("pretrain", experiment).exit_code == 0
+    assert (tmp_path / "pre" / ".pvit-run").is_file()
+    # its own run: accepted again (done, same config: a resume that has nothing to do)
+    result = invoke("pretrain", experiment)
+    assert result.exit_code == 0, result.output

@@ -153,3 +153,13 @@ def test_every_family_keeps_the_contract_heads_are_built_from(name, variant):
     out = model.forward_train(x)
     assert out["segmentation"].shape == (2, 4, 6, 16, 16) and out["pose"].shape == (2, 4, 3, 8)
     torch.testing.assert_close(export_inference(model)(x), out["logits"])
+
+
+def test_a_pvit_without_tasks_gets_the_default_tasks_and_an_empty_list_is_refused():
+    from training.tasks import default_tasks
+    # issue 24: create_model(name, variant="pvit") silently built zero prompts
+    model = create_model("pvit_test", num_classes=3, num_frames=4, img_size=32)
+    assert model.tasks == default_tasks() and model.num_prompts == len(default_tasks())
+    with pytest.raises(ValueError, match="at least one synthetic task"):
+        create_model("pvit_test", variant="pvit", tasks=[], num_classes=3)
+    assert create_model("pvit_test", variant="vit", num_classes=3).tasks == []
