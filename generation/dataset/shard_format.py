@@ -35,7 +35,8 @@ A clip dict (what ``decode_sample`` returns and ``encode_clip`` takes)::
         bbox_3d     float32 [N,T,8,3]        world corners of the oriented box
         visibility  float32 [N,T]            fraction of the frame's pixels showing it
     meta            dict                     seed, fps, resolution, classes, ...
-    optional: forward_flow / backward_flow float32 [T,H,W,2] (pixels, (dy, dx));
+    optional: forward_flow / backward_flow float32 [T,H,W,2] (pixels, (dx, dy), y down:
+              to frame t+1 / t-1; 0 in the last / first frame);
               object_coordinates float32 [T,H,W,3] ([0,1] in the object's box)
 """
 

@@ -22,6 +22,12 @@ Blender 4.x change -> symptom in Kubric -> fix here:
 - cryptomatte EXR channels lowercase on 4.5 (``CryptoObject00.r``) -> KeyError
   ``CryptoObject00.R`` in post-processing -> ``read_exr_layers`` matches channel names
   case-insensitively.
+- compositor vector sockets are 4-wide and become a colour as ``(x, y, z, 1)``: Kubric's
+  separate/combine RGBA pair on the Vector pass (a 2.9x alpha fix) writes ``Vector.A`` =
+  1.0 in place of the next-frame y motion -> ``forward_flow``'s first channel 1.0 at
+  every pixel -> ``_link_vector_pass`` links the pass straight to the file output
+  (``Vector.X/Y/Z/W``), and ``read_exr_layers`` turns it into (dx, dy) flows in OpenCV
+  image axes.
 - default view transform AgX -> colours differ from Kubric datasets ->
   ``view_transform="Filmic"``.
 - NLM denoiser removed -> denoising setting ignored -> OpenImageDenoise, set explicitly.
@@ -130,8 +136,26 @@ class Blender45(Blender):
             tree.nodes.remove(combine.inputs["R"].links[0].from_node)
             tree.nodes.remove(combine)
             out_node.file_slots.remove(out_node.inputs["Vector"])
+        else:
+            self._link_vector_pass()
         if not uv:
             out_node.file_slots.remove(out_node.inputs["UV"])
+
+    # -- fix: the Vector pass's fourth channel ------------------------------------------
+    def _link_vector_pass(self) -> None:
+        """Kubric sends the Vector pass through a separate/combine RGBA pair (a Blender
+        2.9x workaround for the pass's alpha, blender.stackexchange.com/q/175621). On 4.x
+        the compositor turns the 4-wide vector into a colour as (x, y, z, 1.0) before
+        the pair, so the EXR's ``Vector.A`` is 1.0 everywhere instead of the next-frame
+        y motion. Linked straight to the file output, the pass is written whole as
+        ``Vector.X/Y/Z/W`` (X, Y, Z unchanged)."""
+        tree, out_node = self.blender_scene.node_tree, self.exr_output_node
+        combine = out_node.inputs["Vector"].links[0].from_node
+        split = combine.inputs["R"].links[0].from_node
+        vector = split.inputs["Image"].links[0].from_socket
+        tree.nodes.remove(split)
+        tree.nodes.remove(combine)
+        tree.links.new(vector, out_node.inputs["Vector"])
 
     # -- speed: reset the scene, not the preferences and add-ons ----------------------
     _preferences_reset = False
@@ -331,11 +355,7 @@ def read_exr_layers(path: Path) -> dict[str, np.ndarray]:
         if layer in layer_names:
             out[key] = stack(layer, suffixes).astype(np.float32)
     if "vector" in layer_names:
-        # Blender's Vector pass: (prev x, prev y, next x, next y) with y up; Kubric's
-        # flows are (dy, dx) with y down.
-        vec = stack("vector", "RGBA").astype(np.float32)
-        out["backward_flow"] = np.stack([vec[..., 1], -vec[..., 0]], axis=-1)
-        out["forward_flow"] = np.stack([vec[..., 3], -vec[..., 2]], axis=-1)
+        out.update(flows_from_vector_pass(channels))
     crypto = sorted(n for n in layer_names if n.startswith("cryptoobject"))
     if crypto:
         # Each cryptomatte layer holds two (id hash, coverage) rank pairs in RG and BA;
@@ -346,3 +366,23 @@ def read_exr_layers(path: Path) -> dict[str, np.ndarray]:
         out["segmentation_alphas"] = alphas.astype(np.float32)
     return out
 
+
+def flows_from_vector_pass(channels: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``forward_flow`` and ``backward_flow`` (H, W, 2) from the EXR's Vector pass
+    (``channels``: lowercase name -> pixels), as ``(dx, dy)`` in pixels, x right and y
+    down (OpenCV image axes): the displacement of the surface point seen at a pixel to
+    where the next (forward) or previous (backward) frame sees it.
+
+    Cycles' pass, in pixels with y up: X, Y = position in the previous frame minus
+    position now; Z, W = position now minus position in the next frame. Measured on
+    renders against the reprojection of static pixels (``tests/generation/render/
+    test_render_labels.py``): forward = (-Z, W), backward = (X, -Y). The pass must hold
+    all four channels (``Vector.X/Y/Z/W``, see ``Blender45._link_vector_pass``): an RGBA
+    one, as Kubric's own compositor writes it on 4.x, has 1.0 in place of W."""
+    if "vector.w" not in channels:
+        raise ValueError("the EXR's Vector pass has no W channel (Kubric's RGBA routing "
+                         "on Blender 4.x writes 1.0 in place of the next-frame y motion): "
+                         "render with Blender45")
+    x, y, z, w = (channels[f"vector.{c}"].astype(np.float32) for c in "xyzw")
+    return {"backward_flow": np.stack([x, -y], axis=-1),
+            "forward_flow": np.stack([-z, w], axis=-1)}

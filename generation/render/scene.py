@@ -278,8 +278,14 @@ def _clip_from_render(out: dict, scene, content, cfg: SceneConfig, seed: int, ke
                  "instance_names": [i.name for i in instances]},
     }
     if cfg.flow:
-        clip["forward_flow"] = out["forward_flow"].astype(np.float32)
-        clip["backward_flow"] = out["backward_flow"].astype(np.float32)
+        # (dx, dy) pixels to the next / previous frame (kubric_compat.flows_from_vector_pass).
+        # Blender's pass at the clip's ends points at frames 0 and T+1, which are not in
+        # the clip (the camera holds still there, simulated objects do not): 0 instead.
+        forward = out["forward_flow"].astype(np.float32)       # copies
+        backward = out["backward_flow"].astype(np.float32)
+        forward[-1] = 0.0
+        backward[0] = 0.0
+        clip["forward_flow"], clip["backward_flow"] = forward, backward
     if cfg.object_coordinates:
         clip["object_coordinates"] = (out["object_coordinates"].astype(np.float32) / 65535.0)
     return clip

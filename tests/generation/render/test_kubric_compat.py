@@ -240,6 +240,50 @@ def test_dropping_vector_and_uv_passes_keeps_every_other_byte():
                   flow=False, motion_blur=0.5)
 
 
+def test_vector_pass_is_written_whole_and_read_as_pixel_flows():
+    """Blender 4.x turns the Vector pass into a colour (x, y, z, 1.0) before Kubric's
+    separate/combine RGBA pair, so Kubric's EXR held 1.0 in place of the next-frame y
+    motion. Linked straight to the file output it is written as Vector.X/Y/Z/W, and read
+    as (dx, dy) pixels, y down: the cube moves +1 m along the camera's x axis per frame
+    (at constant camera depth z), so in the middle frame its pixels move by
+    (+f/z, 0) to the next frame and (-f/z, 0) to the previous one."""
+    import OpenEXR
+
+    from generation.render.kubric_compat import flows_from_vector_pass, read_exr_layers
+
+    renderer = _moving_cube_renderer(one_call=True, uv=False)
+    out = renderer.render(return_layers=("z", "segmentation", "forward_flow", "backward_flow"))
+    exr_path = sorted((Path(renderer.scratch_dir) / "exr").glob("*.exr"))[1]
+    with OpenEXR.File(str(exr_path), separate_channels=True) as exr:
+        channels = {n.lower(): c.pixels for n, c in exr.channels().items()}
+    assert {"vector.x", "vector.y", "vector.z", "vector.w"} <= set(channels)
+    assert not any(np.all(channels[f"vector.{c}"] == 1.0) for c in "xyzw")
+    assert np.array_equal(read_exr_layers(exr_path)["forward_flow"], out["forward_flow"][1])
+
+    def inner(name):    # the asset's pixels whose 3x3 neighbourhood is all that asset
+        index = next(i for i, a in enumerate(renderer.scene.assets, 1) if a.name == name)
+        seg = out["segmentation"][1, ..., 0] == index
+        mask = seg.copy()
+        for dv in (-1, 0, 1):
+            for du in (-1, 0, 1):
+                mask[max(0, dv):RES + min(0, dv), max(0, du):RES + min(0, du)] &= \
+                    seg[max(0, -dv):RES + min(0, -dv), max(0, -du):RES + min(0, -du)]
+        return mask
+
+    cube = inner("cube")
+    assert cube.sum() >= 4
+    camera = renderer.scene.camera
+    expected = camera.focal_length / camera.sensor_width * RES / out["z"][1, ..., 0][cube]
+    forward, backward = out["forward_flow"][1][cube], out["backward_flow"][1][cube]
+    assert np.abs(forward[:, 0] - expected).max() < 0.01 and np.abs(forward[:, 1]).max() < 0.01
+    assert np.abs(backward[:, 0] + expected).max() < 0.01 and np.abs(backward[:, 1]).max() < 0.01
+    for flow in ("forward_flow", "backward_flow"):      # the floor and camera hold still
+        assert np.abs(out[flow][1][inner("floor")]).max() < 1e-3
+    with pytest.raises(ValueError, match="no W channel"):
+        flows_from_vector_pass({f"vector.{c}": channels[f"vector.{c}"] for c in "xyz"}
+                               | {"vector.a": np.ones_like(channels["vector.x"])})
+
+
 def test_pass_files_without_compression_or_unread_slots_keep_every_array():
     """render_clip writes its pass files uncompressed and without the EXR's linear image
     (never read) and object coordinates (unless asked for): every array read back is
