@@ -41,7 +41,7 @@ class StageError(RuntimeError):
 @task(name="toy-actions", result_serializer="json")
 def toy_actions_task(cfg: ToyActionsConfig, key: str) -> dict:
     out = Path(cfg.out)
-    stage_cache.begin(out, key)
+    stage_cache.begin(out, key, owned=["set", "set.tmp"])   # write_toy_actions' names
     summary = write_toy_actions(out / "set", clips_per_class=cfg.clips_per_class,
                                 val_per_class=cfg.val_per_class, seed=cfg.seed, size=cfg.size,
                                 frames=cfg.frames)

@@ -33,15 +33,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
+import logging
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from generation.dataset.manifest import sha256_file, source_digest, write_json_atomic
 from generation.dataset.storage import Location
 
 RECORD = ".stage.json"
+# Plain logging (no Prefect here); in a flow run it reaches the run's console.
+log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -117,26 +119,50 @@ def foreign(out_dir: Path) -> str | None:
             "choose a new or empty directory")
 
 
-def begin(out_dir: Path, key: str, clear_files: bool = True) -> None:
-    """Mark ``out_dir`` as being computed for ``key``; a stale directory is cleared
-    first (``clear_files=False`` keeps its files, for stages that reuse them, such as
-    the shard directory whose own manifest decides what to keep). Only a directory with
-    a stage record is ever cleared: any other non-empty one raises ``ForeignDirectory``
+def begin(out_dir: Path, key: str, owned: Iterable[str] = (), clear_files: bool = True) -> None:
+    """Mark ``out_dir`` as being computed for ``key``, owning ``owned`` (names relative
+    to it that the stage writes: files or directories).
+
+    A stale directory first loses what the stage owns: ``owned`` and whatever its
+    previous record said it owned (a changed config may name other files). Anything
+    else in it (a user's notes, plots) is kept and named in a warning. With
+    ``clear_files=False`` nothing is removed, for stages that reuse their files, such as
+    the shard directory whose own manifest decides what to keep. Only a directory with
+    a stage record is ever touched: any other non-empty one raises ``ForeignDirectory``
     (the CLI refuses it before any work; this is the check for every other caller)."""
     if clear_files and (problem := foreign(out_dir)):
         raise ForeignDirectory(problem)
     where = Location(out_dir)
-    if where.remote:
-        if state(out_dir, key) == "stale" and clear_files and where.exists():
-            where.fs.rm(where.root, recursive=True)
-        where.makedirs()
-        where.write_bytes(RECORD, json.dumps({"key": key, "status": "running"}).encode())
-        return
-    out_dir = Path(out_dir)
-    if state(out_dir, key) == "stale" and clear_files and out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out_dir / RECORD, {"key": key, "status": "running"})
+    # what this stage, and every earlier run of it here, said it writes
+    previous = read_record(out_dir) or {}
+    earlier = previous.get("owned") if isinstance(previous.get("owned"), list) else []
+    owned = sorted({_owned_name(n) for n in [*owned, *earlier] if isinstance(n, str)})
+    if clear_files and state(out_dir, key) == "stale" and where.exists():
+        for name in owned:
+            where.delete_prefix(name)      # a directory and what it holds,
+            where.delete(name)             # or a file
+        kept = sorted(set(_top_level(where)) - {RECORD})
+        if kept:
+            log.warning("%s: kept %s, not written by this stage", where, ", ".join(kept))
+    where.makedirs()
+    write_json_atomic(where.join(RECORD), {"key": key, "status": "running", "owned": owned})
+
+
+def _owned_name(name: str) -> str:
+    """``name`` if it stays inside the stage directory (a record read back from disk
+    could name ``../x``); else ``ValueError``."""
+    parts = name.replace("\\", "/").split("/")
+    if not name or name.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"stage record: {name!r} is not a name inside the stage directory")
+    return name
+
+
+def _top_level(where: Location) -> list[str]:
+    """The names directly in ``where`` (files and directories)."""
+    if where.local is not None:
+        return [entry.name for entry in where.local.iterdir()]
+    return sorted({key.rstrip("/").rsplit("/", 1)[-1]
+                   for key in where.fs.ls(where.root, detail=False)})
 
 
 def invalidate(out_dir: Path) -> bool:
@@ -150,6 +176,10 @@ def invalidate(out_dir: Path) -> bool:
 
 
 def finish(out_dir: Path, key: str, summary: dict, outputs: list[str]) -> None:
+    """Record the stage done for ``key``, with ``outputs`` (what must still exist for it
+    to stay done) and what ``begin`` said it owns."""
+    running = read_record(out_dir) or {}
+    owned = running.get("owned") if isinstance(running.get("owned"), list) else []
     Location(out_dir).write_bytes(RECORD, (json.dumps(
-        {"key": key, "status": "done", "summary": summary, "outputs": outputs},
-        indent=2, sort_keys=True) + "\n").encode())
+        {"key": key, "status": "done", "summary": summary, "outputs": outputs,
+         "owned": owned}, indent=2, sort_keys=True) + "\n").encode())

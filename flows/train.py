@@ -99,7 +99,8 @@ def _train(stage: str, cfg, run) -> dict:
 @task(name="pretrain", retries=TRAIN_RETRIES, retry_delay_seconds=2, result_serializer="json")
 def pretrain_task(cfg: PretrainConfig, key: str) -> dict:
     from training.train import run_pretrain
-    stage_cache.begin(Path(cfg.out), key)           # a retry finds "resumable": keeps last.pt
+    # a retry finds "resumable": keeps last.pt; a stale run loses only what a run writes
+    stage_cache.begin(Path(cfg.out), key, owned=RunLayout(cfg.out).owned("pretrain"))
     summary = _train("pretrain", cfg, run_pretrain)
     stage_cache.finish(Path(cfg.out), key, summary, trained_outputs(cfg.out))
     _metrics_artifact("pretrain", {**summary, "run_dir": cfg.out})
@@ -109,7 +110,7 @@ def pretrain_task(cfg: PretrainConfig, key: str) -> dict:
 @task(name="finetune", retries=TRAIN_RETRIES, retry_delay_seconds=2, result_serializer="json")
 def finetune_task(cfg: FinetuneConfig, key: str) -> dict:
     from training.train import run_finetune
-    stage_cache.begin(Path(cfg.out), key)
+    stage_cache.begin(Path(cfg.out), key, owned=RunLayout(cfg.out).owned("finetune"))
     summary = _train("finetune", cfg, run_finetune)
     stage_cache.finish(Path(cfg.out), key, summary, trained_outputs(cfg.out))
     _metrics_artifact("finetune", {**summary, "run_dir": cfg.out})

@@ -92,6 +92,14 @@ class RunLayout:
     def final_checkpoint(self) -> Path:
         return self.checkpoints / FINAL
 
+    def owned(self, stage: str) -> list[str]:
+        """What a run of ``stage`` writes here, relative to the run directory: what a
+        stale pipeline stage removes (and nothing else)."""
+        return [self.relative(p) for p in (
+            self.marker, self.config, self.metrics, self.summary, self.loss_curve,
+            self.inference_weights, self.checkpoints, self.torchrun_config(stage),
+            self.torchrun_log(stage))]
+
     def torchrun_config(self, stage: str) -> Path:
         """The stage config the pipeline hands to ``torchrun`` (DDP on one machine)."""
         return self.root / f".{stage}.torchrun.yaml"

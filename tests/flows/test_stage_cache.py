@@ -18,7 +18,7 @@ def test_code_version_tracks_sources():
 def test_states_resume_and_clear(tmp_path):
     out = tmp_path / "run"
     assert stage_cache.state(out, "k1") == "stale"
-    stage_cache.begin(out, "k1")
+    stage_cache.begin(out, "k1", owned=["checkpoints"])
     (out / "checkpoints").mkdir()
     (out / "checkpoints" / "last.pt").write_text("step 7")
     assert stage_cache.state(out, "k1") == "resumable"
@@ -30,7 +30,7 @@ def test_states_resume_and_clear(tmp_path):
     assert stage_cache.read_record(out)["summary"] == {"top1": 1.0}
     (out / "checkpoints" / "final.pt").unlink()      # an output went missing: not done
     assert stage_cache.state(out, "k1") == "resumable"
-    stage_cache.begin(out, "k2")                      # another key: a clean directory
+    stage_cache.begin(out, "k2")                      # another key: what k1 owned goes
     assert not (out / "checkpoints").exists()
     assert stage_cache.state(out, "k2") == "resumable"
 
@@ -75,12 +75,12 @@ def test_force_invalidates_only_stage_outputs(tmp_path):
     assert (tmp_path / "shards" / "manifest.json").is_file()
 
     ours = tmp_path / "ours"
-    stage_cache.begin(ours, "k1")
+    stage_cache.begin(ours, "k1", owned=["set"])
     (ours / "set").mkdir()
     stage_cache.finish(ours, "k1", {}, ["set"])
     force_stage(ExperimentConfig(toy_actions=ToyActionsConfig(out=ours)), "toy_actions")
     assert stage_cache.state(ours, "k1") == "stale" and (ours / "set").is_dir()
-    stage_cache.begin(ours, "k1")                    # the stage itself clears it
+    stage_cache.begin(ours, "k1", owned=["set"])     # the stage itself clears it
     assert not (ours / "set").exists()
 
 
@@ -101,3 +101,37 @@ def test_toy_actions_never_replace_someone_elses_directory(tmp_path):
     write_toy_actions(fresh, **small)
     write_toy_actions(fresh, **{**small, "seed": 1})  # its own set is replaced
     assert (fresh / "ssv2" / "labels" / "labels.json").is_file()
+
+
+def test_a_stale_stage_removes_only_what_it_wrote_and_names_what_it_kept(tmp_path, caplog):
+    # issue 24: a stale stage removed the whole directory, the user's files with it
+    out = tmp_path / "run"
+    stage_cache.begin(out, "k1", owned=["checkpoints", "summary.json"])
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / "final.pt").write_text("done")
+    (out / "summary.json").write_text("{}")
+    stage_cache.finish(out, "k1", {}, ["checkpoints/final.pt"])
+    (out / "NOTES.txt").write_text("my notes")
+    (out / "my_plots").mkdir()
+    (out / "my_plots" / "a.png").write_text("png")
+    with caplog.at_level("WARNING", logger="flows.stage_cache"):
+        stage_cache.begin(out, "k2", owned=["summary.json"])
+    assert sorted(p.name for p in out.iterdir()) == [".stage.json", "NOTES.txt", "my_plots"]
+    assert (out / "my_plots" / "a.png").read_text() == "png"
+    assert "kept NOTES.txt, my_plots" in caplog.text
+    # what k1's record said it owned is remembered: checkpoints went though k2 never named it
+    assert stage_cache.read_record(out)["owned"] == ["checkpoints", "summary.json"]
+
+
+def test_a_record_naming_a_path_outside_its_directory_touches_nothing(tmp_path):
+    import json
+
+    import pytest
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / stage_cache.RECORD).write_text(json.dumps({"key": "old", "owned": ["../victim.txt"]}))
+    with pytest.raises(ValueError, match="not a name inside the stage directory"):
+        stage_cache.begin(out, "new")
+    assert victim.read_text() == "keep"
