@@ -24,7 +24,7 @@ import typer
 
 from flows.cli_common import SetOpt, console, fail, load_or_exit
 
-# prefect (serve, PREFECT_API_URL) stays inside serve_command: importing it takes
+# prefect (serve, PREFECT_API_URL) and httpx stay inside the functions: importing them takes
 # 0.67-0.75 s (python -X importtime after flows.cli), and flows/cli.py imports this module
 # for every `pvit` command (`pvit --help` takes 0.3 s).
 
@@ -92,6 +92,23 @@ def build_deployments(flows: dict[str, Flow], experiment: ExperimentConfig | Non
             for flow_name, flow in flows.items()]
 
 
+def api_problem(url: str, timeout_s: float = 10.0) -> str | None:
+    """Why the Prefect API at ``url`` cannot be served on (one line), or None. Asked
+    once before serving: ``prefect.serve`` would otherwise end in a long ConnectError
+    traceback."""
+    import httpx  # Prefect's own HTTP client (with prefect: see the note at the top)
+
+    try:
+        response = httpx.get(f"{url.rstrip('/')}/health", timeout=timeout_s)
+    except httpx.HTTPError as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return f"the Prefect API at {url} does not answer ({reason}); check PREFECT_API_URL"
+    if response.status_code != 200:
+        return (f"the Prefect API at {url} answered {response.status_code} to /health; "
+                "check PREFECT_API_URL")
+    return None
+
+
 def register(app: typer.Typer) -> None:
     """Add ``pvit serve`` to the CLI."""
 
@@ -122,6 +139,8 @@ def register(app: typer.Typer) -> None:
             console.print(f"skipping {skipped_name}: {reason}", markup=False)
         if not flows:
             fail("no flow to serve")
+        if problem := api_problem(PREFECT_API_URL.value()):
+            fail(problem)
         deployments = build_deployments(flows, experiment, name)
         console.print("serving " + ", ".join(f"{f}/{name}" for f in flows)
                       + f" on {PREFECT_API_URL.value()}", markup=False)

@@ -57,6 +57,12 @@ def test_serve_command_bad_input_exits_2(tmp_path):
         assert result.exit_code == 2
         assert "config file not found" in result.output
 
+        # issue 24: a closed port was a ConnectError traceback from inside prefect.serve
+        result = runner.invoke(_app(), ["serve", "--flow", "generate_dataset"])
+        assert result.exit_code == 2, result.output
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert len(lines) == 1 and "http://127.0.0.1:9/api does not answer" in lines[0], lines
+
     with temporary_settings(restore_defaults={PREFECT_API_URL}):
         result = runner.invoke(_app(), ["serve"])
         assert result.exit_code == 2
