@@ -96,6 +96,29 @@ def check_resumable(state: dict[str, Any], cfg: PretrainConfig | FinetuneConfig,
                 f"has {ours.get(key)!r}; use a new --out (or the same config) to resume")
 
 
+# What ``restore`` reads of a ``last.pt`` besides the model (``checkpoint.FIELDS``); the
+# RNG entries are checked one level deeper (a list of one dict per rank).
+RESUME_FIELDS = {"optimizer": dict, "scheduler": dict, "epoch": int, "step_in_epoch": int,
+                 "rng": list, "skipped": list, "epoch_losses": dict, "epoch_sums": dict,
+                 "epoch_counts": dict}
+RNG_FIELDS = ("torch", "numpy", "python")
+
+
+def check_resume_fields(state: dict[str, Any], path: Path) -> None:
+    """Refuse, naming the field, a ``last.pt`` that ``restore`` could not read (edited,
+    truncated, or written by other code): a KeyError mid-setup otherwise."""
+    for key, kind in RESUME_FIELDS.items():
+        value = state.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            got = "missing" if key not in state else f"a {type(value).__name__}"
+            raise CheckpointError(f"checkpoint: {path} is damaged: '{key}' is {got}, not a "
+                                  f"{kind.__name__}; remove it to start the run again")
+    for rng in state["rng"] or [None]:
+        if not isinstance(rng, dict) or any(k not in rng for k in RNG_FIELDS):
+            raise CheckpointError(f"checkpoint: {path} is damaged: 'rng' lacks "
+                                  f"{', '.join(RNG_FIELDS)}; remove it to start the run again")
+
+
 def resumable_checkpoint(setup: RunSetup) -> Optional[dict[str, Any]]:
     """The run directory's ``last.pt`` (None: there is none), once it is of this very
     model, config and schedule; another run's raises ``CheckpointError``."""
@@ -103,6 +126,7 @@ def resumable_checkpoint(setup: RunSetup) -> Optional[dict[str, Any]]:
     if not last.is_file():
         return None
     state = load_checkpoint(last)
+    check_resume_fields(state, last)
     check_compatible(state, setup.cfg.model, setup.model_kwargs, tuple(setup.model_kwargs),
                      last)
     check_resumable(state, setup.cfg, last)

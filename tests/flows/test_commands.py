@@ -101,3 +101,23 @@ def test_a_run_directory_is_marked_and_resumes(tmp_path, experiment):
     # its own run: accepted again (done, same config: a resume that has nothing to do)
     result = invoke("pretrain", experiment)
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda state: state.pop("scheduler"), "'scheduler' is missing"),
+    (lambda state: state.update(rng=[{"torch": state["rng"][0]["torch"]}]), "'rng' lacks"),
+])
+def test_a_damaged_last_checkpoint_is_one_line_not_a_keyerror(tmp_path, experiment, damage,
+                                                               message):
+    import torch
+    assert invoke("pretrain", experiment, "--set", "pretrain.epochs=2",
+                  "--set", "pretrain.checkpoint_every=1").exit_code == 0
+    last = tmp_path / "pre" / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    damage(state)
+    torch.save(state, last)
+    result = invoke("pretrain", experiment, "--set", "pretrain.epochs=2",
+                    "--set", "pretrain.checkpoint_every=1")
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "is damaged" in lines[0] and message in lines[0], lines
