@@ -67,7 +67,12 @@ def read_ssv2(root: str | Path, split: str, videos_dir: str = "videos"
     for path in (labels_path, split_path):
         if not path.is_file():
             raise FileNotFoundError(f"data_root: no {path.relative_to(root)} under {root}")
-    label_index = {name: int(i) for name, i in json.loads(labels_path.read_text()).items()}
+    labels = _read_json(labels_path)
+    if not isinstance(labels, dict) or not all(
+            isinstance(i, (int, str)) and str(i).isdigit() for i in labels.values()):
+        raise ValueError(f"data_root: {labels_path} must map each template to its class "
+                         "index (an object of name: number)")
+    label_index = {name: int(i) for name, i in labels.items()}
     # the classifier has one output per class: its ids must be exactly 0..K-1
     if sorted(label_index.values()) != list(range(len(label_index))):
         raise ValueError(f"data_root: {labels_path} must number its {len(label_index)} "
@@ -76,13 +81,36 @@ def read_ssv2(root: str | Path, split: str, videos_dir: str = "videos"
     for name, i in label_index.items():
         names[i] = name
     records = []
-    for entry in json.loads(split_path.read_text()):
+    entries = _read_json(split_path)
+    if not isinstance(entries, list):
+        raise ValueError(f"data_root: {split_path} must be a list of videos")
+    for n, entry in enumerate(entries):
+        if not (isinstance(entry, dict) and isinstance(entry.get("template"), str)
+                and isinstance(entry.get("id"), (str, int))):
+            raise ValueError(f"data_root: {split_path}: entry {n} is not an object with an "
+                             "'id' and a 'template'")
+        if not re.fullmatch(r"[\w.-]+", str(entry["id"])) or str(entry["id"]).strip(".") == "":
+            # the id names a file under the videos directory: nothing outside it
+            raise ValueError(f"data_root: {split_path}: entry {n} has id {str(entry['id'])!r}, "
+                             "not a file name")
         label = ssv2_label(entry["template"])
         if label not in label_index:
             raise ValueError(f"{split_path}: id {entry['id']} has unknown label {label!r}")
         path = root / videos_dir / f"{entry['id']}.webm"
         records.append(VideoRecord(str(path), label_index[label]))
     return records, names
+
+
+def _read_json(path: Path):
+    """``path`` parsed as JSON; ``ValueError`` naming the file (and line) otherwise."""
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"data_root: {path} is not UTF-8 text (byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"data_root: {path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    except RecursionError:
+        raise ValueError(f"data_root: {path}: nested too deeply") from None
 
 
 def read_list(root: str | Path, split: str, num_classes: int | None = None
@@ -97,7 +125,11 @@ def read_list(root: str | Path, split: str, num_classes: int | None = None
     if not list_path.is_file():
         raise FileNotFoundError(f"data_root: no list file {list_path}")
     records, line_of = [], []
-    for n, line in enumerate(list_path.read_text().splitlines(), 1):
+    try:
+        text = list_path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"data_root: {list_path} is not UTF-8 text (byte {exc.start})") from None
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:

@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from training.video_data import (
     collate_videos,
     decode_video,
     epoch_batches,
+    read_list,
     read_records,
     read_ssv2,
     sample_indices,
@@ -61,6 +63,34 @@ def test_undecodable_videos_are_skipped_and_named(toy_set, tmp_path):
 def test_missing_split_names_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="labels.json"):
         read_ssv2(tmp_path, "train")
+
+
+@pytest.mark.parametrize("labels, split, message", [
+    ('["a", "b"]', '[]', "must map each template"),
+    ('{"a": "0"}', '{"id": 1}', "must be a list of videos"),
+    ('{"a": "0"}', '[{"id": 1}]', "entry 0 is not an object with an 'id' and a 'template'"),
+    ('{"a": "0"}', '["x"]', "entry 0 is not an object"),
+    ('{"a": "0"}', '[{"id": "../../etc/passwd", "template": "a"}]', "not a file name"),
+    ('{"a": "0"}', '[{"id": "..", "template": "a"}]', "not a file name"),
+    ('{"a": 0,\n "b" 1}', '[]', "labels.json:2: not valid JSON"),
+    (b'{"\xff": 0}', '[]', "is not UTF-8 text"),
+])
+def test_a_malformed_ssv2_layout_is_one_line_naming_the_file(tmp_path, labels, split, message):
+    # issue 24: a list labels.json, entries without a template, or bad bytes were
+    # tracebacks (KeyError, AttributeError, UnicodeDecodeError)
+    (tmp_path / "labels").mkdir()
+    write = lambda path, data: (path.write_bytes(data) if isinstance(data, bytes)  # noqa: E731
+                                else path.write_text(data))
+    write(tmp_path / "labels" / "labels.json", labels)
+    write(tmp_path / "labels" / "train.json", split)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        read_ssv2(tmp_path, "train")
+
+
+def test_a_list_file_that_is_not_text_is_one_line(tmp_path):
+    (tmp_path / "train.txt").write_bytes(b"a.mp4 0\n\xff\xfe 1\n")
+    with pytest.raises(ValueError, match="is not UTF-8 text"):
+        read_list(tmp_path, "train")
 
 
 def test_stride_and_segment_sampling():
