@@ -76,7 +76,7 @@ def _train(stage: str, cfg) -> None:
 
         try:
             summary = run(cfg, progress=progress)
-        except ShardDecodeError as exc:  # bad data met while training: one line, exit 1
+        except (ShardDecodeError, train.NonFiniteLoss) as exc:  # met while training: exit 1
             bar.stop()
             fail(str(exc), code=1)
     if summary.get("checkpoint"):  # rank 0 only

@@ -114,6 +114,11 @@ class InputError(ValueError):
     """A path or checkpoint named by the config that cannot be used (one line)."""
 
 
+class NonFiniteLoss(RuntimeError):
+    """The loss became inf or nan: the run stops there (one line naming the step), its
+    last checkpoint left as it was, instead of training on and reporting nan."""
+
+
 @dataclass
 class RunSetup:
     """What a run is, read and checked before any training: its data, its schedule, the
@@ -283,6 +288,10 @@ def _run(stage: str, cfg: PretrainConfig | FinetuneConfig, progress: Progress,
             state.step += 1
             state.epoch, state.step_in_epoch = epoch, in_epoch + 1
             values = {"total": loss.item(), **{k: v.item() for k, v in parts.items()}}
+            if not math.isfinite(values["total"]):
+                bad = ", ".join(f"{k} {v}" for k, v in values.items() if not math.isfinite(v))
+                raise NonFiniteLoss(f"{stage}: the loss is not finite at step {state.step} "
+                                    f"(epoch {epoch}): {bad}; lower lr or check the data")
             clips += video.shape[0]
             for k, v in values.items():
                 state.epoch_sums[k] = state.epoch_sums.get(k, 0.0) + v

@@ -121,3 +121,14 @@ def test_a_damaged_last_checkpoint_is_one_line_not_a_keyerror(tmp_path, experime
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "is damaged" in lines[0] and message in lines[0], lines
+
+
+def test_a_loss_that_becomes_non_finite_stops_the_run_with_one_line(tmp_path, experiment):
+    # issue 24: a diverging run trained on with a nan loss and exited 0
+    result = invoke("pretrain", experiment, "--set", "pretrain.lr=1e30",
+                    "--set", "pretrain.warmup_epochs=0", "--set", "pretrain.epochs=3")
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines()
+             if line.strip() and line.startswith("error")]
+    assert len(lines) == 1 and "the loss is not finite at step" in lines[0], result.output
+    assert not (tmp_path / "pre" / "checkpoints" / "final.pt").exists()
