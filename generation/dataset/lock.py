@@ -56,6 +56,8 @@ class LockError(RuntimeError):
 
 
 def _describe(info: dict) -> str:
+    if not info:
+        return "an unknown run (its lock file is unreadable)"
     return (f"{info.get('owner', '?')} (pid {info.get('pid', '?')} on host "
             f"{info.get('host', '?')}, started {info.get('started', '?')})")
 
@@ -144,9 +146,12 @@ def _create_unchecked(path: Path, info: dict) -> Optional[int]:
 
 
 def _remove_if_stale(path: Path, info: dict, host: str) -> Optional[str]:
-    """Remove a lock of a dead process on this host; returns why it was stale, or None
+    """Remove a lock that nobody holds; returns why it was stale ("dead": its process
+    on this host is gone; "unreadable": garbage nobody holds; "gone": removed
+    meanwhile), "unheld" for a lock of a live process of this host that holds no flock
+    on it (kept: a holder on a filesystem without flock, or a hand-made lock), or None
     (the lock is live, or not checkable from here)."""
-    if info.get("host") != host:
+    if info and info.get("host") != host:
         return None
     try:
         fd = os.open(path, os.O_RDWR)
@@ -156,8 +161,12 @@ def _remove_if_stale(path: Path, info: dict, host: str) -> Optional[str]:
         taken = _try_flock(fd)
         if taken is False:
             return None
-        if taken is None and _pid_alive(info.get("pid")):
-            return None
+        if not info and not taken:
+            return None          # unreadable, and no flock to tell: not ours to remove
+        if info and _pid_alive(info.get("pid")):
+            # the flock was free (or cannot be had) but the named process runs: never
+            # remove a lock on a guess (pid reuse is rarer than a holder without flock)
+            return "unheld" if taken else None
         # Still the same file (not replaced by a new holder meanwhile)?
         try:
             if os.stat(path).st_ino != os.fstat(fd).st_ino:
@@ -165,7 +174,7 @@ def _remove_if_stale(path: Path, info: dict, host: str) -> Optional[str]:
         except FileNotFoundError:
             return "gone"
         path.unlink()
-        return "dead"
+        return "dead" if info else "unreadable"
     finally:
         os.close(fd)
 
@@ -202,8 +211,15 @@ def acquire(out: Path, *, owner: str = "pvit generate", break_lock: bool = False
             warn(f"{out}: removed the stale lock of {_describe(holder)}: that process is "
                  "no longer running")
             continue
+        if why == "unreadable":
+            warn(f"{out}: removed an unreadable lock file that no process holds")
+            continue
         if why == "gone":
             continue
+        if why == "unheld":
+            raise LockError(f"{out} has a lock naming {_describe(holder)}, a process that "
+                            f"is running but does not hold it (lock {path}): if it is not "
+                            f"a pvit run writing here, remove {path}")
         if break_lock and holder.get("host") != host:
             path.unlink(missing_ok=True)
             warn(f"{out}: --break-lock removed the lock of {_describe(holder)}")

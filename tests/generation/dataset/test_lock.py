@@ -65,6 +65,40 @@ def test_stale_lock_of_a_dead_process_is_recovered_with_a_warning(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+def test_a_live_process_named_by_a_lock_it_does_not_hold_keeps_the_lock(tmp_path):
+    # issue 24: such a lock was removed as "that process is no longer running"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        path = tmp_path / LOCK_NAME
+        path.write_text(json.dumps({"owner": "someone", "host": socket.gethostname(),
+                                    "pid": sleeper.pid, "started": "now"}))
+        with pytest.raises(LockError, match=f"pid {sleeper.pid} .* is running but does not "
+                                            "hold it"):
+            acquire(tmp_path)
+        assert path.is_file()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_an_unreadable_lock_nobody_holds_is_recovered_and_a_held_one_is_named(tmp_path):
+    # issue 24: a garbage lock read "being written by ? (pid ? ...)" and was never recovered
+    (tmp_path / LOCK_NAME).write_bytes(b"\x00garbage")
+    warnings = []
+    acquire(tmp_path, warn=warnings.append)
+    release(tmp_path)
+    assert len(warnings) == 1 and "unreadable lock file that no process holds" in warnings[0]
+    proc = holder(tmp_path, "hold")     # a live holder's flock...
+    try:
+        (tmp_path / LOCK_NAME).write_bytes(b"\x00garbage")   # ...on a file gone unreadable
+        # (written in place: the same inode, still flocked by the holder)
+        with pytest.raises(LockError, match="an unknown run .its lock file is unreadable."):
+            acquire(tmp_path)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_another_hosts_lock_needs_break_lock(tmp_path):
     other = {"owner": "pvit generate", "host": "render-node-7", "pid": 4242,
              "started": "2025-01-01T00:00:00+0000"}
