@@ -255,13 +255,18 @@ class Location:
             self.local.mkdir(parents=True, exist_ok=True)
             return
         bucket = self.root.split("/", 1)[0]
+        # info, not exists: s3fs's exists answers False for an endpoint that refuses
+        # connections or credentials it denies, which read as "no such bucket"
         try:
-            found = self.fs.exists(bucket)
-        except Exception as exc:  # noqa: BLE001 - credentials, endpoint: one line
-            raise WriteError(errno.EIO, f"cannot reach the bucket: {_first_line(exc)}",
+            self.fs.info(bucket)
+        except FileNotFoundError:
+            raise WriteError(errno.ENOENT, f"no such bucket '{bucket}'", self.url) from None
+        except PermissionError as exc:
+            raise WriteError(errno.EACCES, f"access denied to bucket '{bucket}' (check the "
+                             f"credentials): {_first_line(exc)}", self.url) from None
+        except Exception as exc:  # noqa: BLE001 - endpoint down, bad config: one line
+            raise WriteError(errno.EIO, f"cannot reach the store: {_first_line(exc)}",
                              self.url) from None
-        if not found:
-            raise WriteError(errno.ENOENT, f"no such bucket '{bucket}'", self.url)
 
     def write_bytes(self, name: str, data: bytes) -> None:
         """Replace ``name`` with ``data`` atomically (see the module docstring); on failure
