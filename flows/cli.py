@@ -223,9 +223,12 @@ def show(directory: Path = typer.Argument(..., help="shard directory"),
          ) -> None:
     """Write a contact sheet: RGB | depth | instance seg | semantic seg | normals."""
     from generation.dataset.contact_sheet import write_contact_sheet
+    from generation.dataset.shard_format import FormatError
 
     try:
         path = write_contact_sheet(dataset_or_exit(directory), out, sample)
+    except FormatError as exc:      # the dataset's data: a bad shard or manifest record
+        fail(str(exc), code=1)
     except ValueError as exc:
         fail(str(exc))
     console.print(f"wrote {path}")

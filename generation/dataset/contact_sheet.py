@@ -7,13 +7,14 @@ stay crisp.
 
 from __future__ import annotations
 
+import tarfile
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from generation.dataset.manifest import read_manifest
-from generation.dataset.shard_format import read_shard
+from generation.dataset.manifest import MANIFEST_NAME, name_problem, read_manifest
+from generation.dataset.shard_format import FormatError, read_shard
 from generation.dataset.storage import Location, write_atomic
 
 COLUMNS = ("rgb", "depth", "instance", "semantic", "normal")
@@ -62,14 +63,28 @@ def find_clip(directory, key: str | None) -> dict:
     """The clip ``key`` (default: the first) of a dataset (a path or an object URL)."""
     where = Location(directory)
     manifest = read_manifest(where)
-    if manifest is None or not manifest["shards"]:
-        raise ValueError(f"no shards listed in {where.join('manifest.json')}")
-    for record in manifest["shards"]:
-        if key is None or key in record.get("keys", []):
-            name = record["name"]
+    listing = where.join(MANIFEST_NAME)
+    if manifest is None or not isinstance(manifest.get("shards"), list) or not manifest["shards"]:
+        raise ValueError(f"no shards listed in {listing}")
+    for index, record in enumerate(manifest["shards"]):
+        if not isinstance(record, dict):
+            raise FormatError(f"{listing}: shard record {index} is not an object")
+        if problem := name_problem(record.get("name")):
+            raise FormatError(f"{listing}: shard record {index} {problem}")
+        keys = record.get("keys")
+        if key is not None and not (isinstance(keys, list) and key in keys):
+            continue
+        name = record["name"]
+        try:
             for clip in read_shard(where.local / name if where.local else where.join(name)):
                 if key is None or clip["key"] == key:
                     return clip
+        except FormatError as exc:
+            raise FormatError(f"{where.join(name)}: {exc}") from None
+        except (OSError, EOFError, tarfile.TarError) as exc:
+            raise FormatError(f"{where.join(name)}: cannot be read as a shard "
+                              f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+                              ) from None
     raise ValueError(f"sample {key!r} not found in {directory}")
 
 

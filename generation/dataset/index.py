@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from generation.dataset.manifest import MANIFEST_NAME, read_manifest, write_manifest
+from generation.dataset.manifest import MANIFEST_NAME, name_problem, read_manifest, write_manifest
 from generation.dataset.shard_format import iter_raw_samples
 from generation.dataset.storage import Location, LocationError, shard_url
 
@@ -110,6 +110,9 @@ def open_dataset(location, *, warn: Callable[[str], None] | None = None) -> Data
         if not isinstance(name, str) or not isinstance(samples, int):
             raise DatasetError(f"synthetic: {where.join(MANIFEST_NAME)}: shard record {index} "
                                "has no name or sample count")
+        if problem := name_problem(name):
+            raise DatasetError(f"synthetic: {where.join(MANIFEST_NAME)}: shard record {index} "
+                               f"{problem}")
         meta = files.get(name)
         if meta is None:
             raise DatasetError(f"synthetic: {where.join(name)} is listed in the manifest but "

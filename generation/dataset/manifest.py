@@ -107,6 +107,17 @@ def write_json_atomic(path, data: dict) -> None:
     write_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
 
+def name_problem(name) -> str | None:
+    """Why ``name`` (a shard record's ``name``) cannot be a file of the dataset, or None.
+    A manifest is data: its names are plain file names directly in the dataset's
+    directory (no directory part, not ``.`` or ``..``), so no reader is sent outside it."""
+    if not isinstance(name, str) or not name:
+        return "has no name"
+    if "/" in name or "\\" in name or name in (".", "..") or "\x00" in name:
+        return f"names {name!r}, which is not a file of the dataset's directory"
+    return None
+
+
 def read_manifest(directory: Path) -> dict | None:
     """The manifest of ``directory``, or None when there is none (or it is unreadable,
     in which case every shard is treated as unknown and rendered again)."""

@@ -1,0 +1,73 @@
+"""``pvit show`` on bad datasets: one line naming the file, exit 1 for bad data, never a
+read outside the dataset (issue 24)."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+from generation.dataset.manifest import MANIFEST_NAME
+from training.drawn_clips import write_shards
+
+runner = CliRunner()
+
+
+def show(directory, out):
+    result = runner.invoke(app, ["show", str(directory), "--out", str(out)])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    return result.exit_code, lines
+
+
+def edit_manifest(directory, change):
+    path = directory / MANIFEST_NAME
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+def test_a_good_dataset_gives_a_sheet(tmp_path):
+    code, lines = show(write_shards(tmp_path / "ds", shards=1, clips_per_shard=1),
+                       tmp_path / "s.png")
+    assert code == 0 and (tmp_path / "s.png").stat().st_size > 0, lines
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "cannot be read as a shard"),
+    (b"not a tar file at all" * 100, "cannot be read as a shard"),
+    (None, "cannot be read as a shard"),                    # truncated
+])
+def test_a_broken_shard_is_one_line_exit_1(tmp_path, content, message):
+    ds = write_shards(tmp_path / "ds", shards=1, clips_per_shard=2)
+    shard = next(ds.glob("*.tar"))
+    data = shard.read_bytes()
+    shard.write_bytes(data[:1000] if content is None else content)   # None: cut in clip 1
+    code, lines = show(ds, tmp_path / "s.png")
+    assert code == 1 and len(lines) == 1, lines
+    assert shard.name in lines[0] and lines[0].startswith("error: "), lines
+    assert not (tmp_path / "s.png").exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m.update(shards=["shard-00000.tar"]), "shard record 0 is not an object"),
+    (lambda m: m["shards"][0].pop("name"), "shard record 0 has no name"),
+    (lambda m: m["shards"][0].update(name="../outside.tar"), "not a file of the dataset"),
+    (lambda m: m["shards"][0].update(name="/etc/passwd"), "not a file of the dataset"),
+])
+def test_a_bad_manifest_record_is_one_line_and_nothing_outside_is_read(tmp_path, change,
+                                                                        message):
+    ds = write_shards(tmp_path / "ds", shards=1, clips_per_shard=1)
+    (tmp_path / "outside.tar").write_bytes(next(ds.glob("*.tar")).read_bytes())
+    edit_manifest(ds, change)
+    code, lines = show(ds, tmp_path / "s.png")
+    assert code == 1 and len(lines) == 1 and message in lines[0], lines
+    assert not (tmp_path / "s.png").exists()
+
+
+def test_training_names_a_record_outside_the_dataset_instead_of_missing(tmp_path):
+    from generation.dataset.index import DatasetError, open_dataset
+    ds = write_shards(tmp_path / "ds", shards=1, clips_per_shard=1)
+    (tmp_path / "outside.tar").write_bytes(next(ds.glob("*.tar")).read_bytes())
+    edit_manifest(ds, lambda m: m["shards"][0].update(name="../outside.tar"))
+    with pytest.raises(DatasetError, match="not a file of the dataset's directory"):
+        open_dataset(ds)
