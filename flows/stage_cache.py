@@ -73,7 +73,7 @@ def file_key(path) -> str:
 def read_record(out_dir) -> dict | None:
     try:
         return json.loads(Location(out_dir).read_bytes(RECORD))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
 
 

@@ -67,7 +67,7 @@ def _read(path: Path) -> dict | None:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         return None
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
     return data if isinstance(data, dict) else {}
 
@@ -267,7 +267,7 @@ def _acquire_object(out: Location, *, owner: str, break_lock: bool,
             holder = holder if isinstance(holder, dict) else {}
         except FileNotFoundError:
             continue                    # released meanwhile: try again
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             holder = {}
         if holder.get("host") == host and not _pid_alive(holder.get("pid")):
             out.delete(LOCK_NAME)
@@ -302,7 +302,7 @@ def _release_object(out: Location) -> None:
         return
     try:
         holder = json.loads(out.read_bytes(LOCK_NAME))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return
     # Only our own lock: a --break-lock elsewhere may have replaced it.
     if isinstance(holder, dict) and holder.get("token") == entry[1]:

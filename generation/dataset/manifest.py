@@ -124,7 +124,7 @@ def read_manifest(directory: Path) -> dict | None:
     where = location(directory)
     try:
         manifest = json.loads(where.read_bytes(MANIFEST_NAME))
-    except (OSError, ValueError):   # none (FileNotFoundError), a directory, not JSON
+    except (OSError, ValueError, RecursionError):   # none, a directory, not JSON, too deep
         return None
     if not isinstance(manifest, dict) or "shards" not in manifest:
         return None
@@ -191,7 +191,7 @@ def read_journal(directory: Path, spec_hash: str | None) -> list[dict]:
     for line in data.splitlines():
         try:
             entry = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, RecursionError):   # a torn or crafted line: not a record
             continue
         shard = entry.get("shard") if isinstance(entry, dict) else None
         if (isinstance(shard, dict) and entry.get("spec_hash") == spec_hash

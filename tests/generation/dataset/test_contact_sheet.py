@@ -71,3 +71,19 @@ def test_training_names_a_record_outside_the_dataset_instead_of_missing(tmp_path
     edit_manifest(ds, lambda m: m["shards"][0].update(name="../outside.tar"))
     with pytest.raises(DatasetError, match="not a file of the dataset's directory"):
         open_dataset(ds)
+
+
+def test_a_deeply_nested_manifest_or_journal_is_unreadable_not_a_recursion_error(tmp_path):
+    # issue 24: RecursionError tracebacks in verify, show, pretrain and generate
+    from generation.dataset.index import DatasetError, open_dataset
+    from generation.dataset.manifest import JOURNAL_NAME, read_journal, read_manifest
+    ds = write_shards(tmp_path / "ds", shards=1, clips_per_shard=1)
+    good = (ds / MANIFEST_NAME).read_text()
+    (ds / JOURNAL_NAME).write_text('{"shard": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    assert read_journal(ds, json.loads(good).get("spec_hash")) == []
+    (ds / MANIFEST_NAME).write_text("[" * 100_000 + "]" * 100_000)
+    assert read_manifest(ds) is None
+    code, lines = show(ds, tmp_path / "s.png")
+    assert code == 2 and len(lines) == 1 and "no shards listed" in lines[0], lines
+    with pytest.raises(DatasetError, match="not a readable manifest"):
+        open_dataset(ds)
