@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -194,7 +195,11 @@ def main(argv=None) -> int:
         "encode_ms_per_clip": round(encode_s * 1e3, 2),
         "decode_ms_per_clip_format1": round(decode_v1_s * 1e3, 3),
         "decode_ms_per_clip_format2": round(decode_v2_s * 1e3, 3),
-        "zstd_level": sf.ZSTD_LEVEL}))
+        "zstd_level": sf.ZSTD_LEVEL}), flush=True)
+    # Blender (imported in this process when it renders) prints its exit report ("Error:
+    # Not freed memory blocks ...") to stdout at interpreter exit: send what comes after
+    # the JSON to stderr, so the JSON stays the last line of stdout.
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     return 0
 
 
