@@ -12,6 +12,13 @@ the content size in the frame, so the same clips give the same bytes. Format 1 s
 (plain ``.npy`` members) are still read. ``meta.json`` is UTF-8 JSON. Members appear in
 sorted order with fixed metadata (mtime 0, mode 0444, no user/group).
 
+Reading is bounded: a member's size once decompressed is known from its frame header,
+and counts against one budget per clip before anything is decompressed (``ReadRules``,
+``clip_limit``, the constants below ``MAX_MEMBER_BYTES``), so a crafted shard of a few
+kilobytes cannot expand into gigabytes. ``pvit verify`` holds a shard to this format
+(``ReadRules.for_manifest``): regular files with safe names, checksummed frames, no
+plain ``.npy`` in a format 2 dataset, no clip larger than its spec.
+
 Why zstd for the 8/16-bit images too, not PNG: on rendered demo clips zstd is smaller
 on each of them (RGB 2.5x vs PNG's 2.2x at its smallest level, instance ids 52x vs 35x,
 classes 29x vs 21x) and decodes RGB 3x faster, the segmentations as fast or faster
@@ -44,6 +51,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +96,22 @@ ARRAY_CODECS = (NPY_ZST, NPY)   # what an array member may be stored as, newest 
 ZSTD_LEVEL = 9
 MAX_MEMBER_BYTES = 1 << 33    # a frame claiming more is damage, not a clip (8 GiB)
 
+# What decoding a clip may cost, checked before anything is decompressed (a 51 KB shard
+# once expanded to 2.1 GB in `pvit verify`): every array member's .npy size (a frame's
+# declared content size, which zstd holds it to; a plain .npy's own length) counts
+# against one budget per clip. With the dataset's spec (``ReadRules.for_manifest``) the
+# budget is the largest clip that spec renders (``clip_limit``); without one it is
+# EXPANSION times what the sample stores, and at least DEFAULT_CLIP_BYTES, so a crafted
+# shard of 1 MB decodes to ~100 MB at most. An array is read straight from the stream into
+# its own buffer (one copy in memory, not two), its .npy header checked first.
+DEFAULT_CLIP_BYTES = 64 << 20
+EXPANSION = 100
+MAX_INSTANCES = 1024          # N a spec's clip may have at least (the renderer: max_objects+1)
+NPY_HEADER_BYTES = 1 << 14    # what a member's .npy header may add (numpy reads up to 10 KB)
+# zstd's streaming decoder keeps a window of min(window, content size) besides the output;
+# the writer's frames use 4 MiB (level 9), `zstd -19` 8 MiB. A larger one is refused.
+MAX_WINDOW_BYTES = 1 << 25
+
 
 @dataclass(frozen=True)
 class Field:
@@ -127,6 +151,21 @@ FIELDS = (
     Field("object_coordinates",    "object_coordinates", np.float32, 4,  NPY_ZST, True),
 )
 
+# Each array field's shape: T frames, H x W pixels, N instances, or a fixed size. Only
+# bounds memory here (``clip_limit``); the decoded clip is checked by ``_check_shapes``.
+SHAPES = {
+    "rgb": ("T", "H", "W", 3), "depth": ("T", "H", "W"), "instance_seg": ("T", "H", "W"),
+    "semantic_seg": ("T", "H", "W"), "normal": ("T", "H", "W", 3), "K": (3, 3),
+    "world_to_camera": ("T", 4, 4), "instances.id": ("N",), "instances.category": ("N",),
+    "instances.position": ("N", "T", 3), "instances.quaternion": ("N", "T", 4),
+    "instances.bbox_3d": ("N", "T", 8, 3), "instances.visibility": ("N", "T"),
+    "forward_flow": ("T", "H", "W", 2), "backward_flow": ("T", "H", "W", 2),
+    "object_coordinates": ("T", "H", "W", 3),
+}
+# The spec switch (``generation.scene``) that makes the renderer write an optional field.
+SPEC_SWITCHES = {"forward_flow": "flow", "backward_flow": "flow",
+                 "object_coordinates": "object_coordinates"}
+
 
 class FormatError(ValueError):
     """A member is missing, has the wrong dtype/shape, or does not decode."""
@@ -152,28 +191,161 @@ def _encode(value, codec: str, compressor: zstandard.ZstdCompressor) -> bytes:
     return compressor.compress(data) if codec == NPY_ZST else data
 
 
-def _unzstd(data: bytes, name: str) -> bytes:
+@dataclass(frozen=True)
+class ReadRules:
+    """What a reader holds a shard to besides decoding it. The default (training, ``pvit
+    show``, ``read_shard``) reads whatever the project ever wrote, within the memory
+    budget of one clip; ``for_manifest`` (``pvit verify``) holds a shard to its manifest
+    and to docs/dataset-format.md as well."""
+
+    clip_bytes: int | None = None  # the budget of one clip; None: the default (module top)
+    reason: str = ""               # where clip_bytes comes from, for the error message
+    format_version: int | None = None  # 2: every array is .npy.zst (no plain .npy)
+    # every zstd frame carries its checksum; every member is a regular file whose name
+    # stays inside the directory it is unpacked into (no absolute name, no "..")
+    strict: bool = False
+
+    @classmethod
+    def for_manifest(cls, manifest: dict) -> "ReadRules":
+        spec = manifest.get("spec")
+        limit = clip_limit(spec if isinstance(spec, dict) else {})
+        version = manifest.get("format_version")
+        return cls(clip_bytes=limit[0] if limit else None, reason=limit[1] if limit else "",
+                   format_version=version if type(version) is int else None, strict=True)
+
+
+def clip_limit(spec: dict) -> tuple[int, str] | None:
+    """(bytes, why): the .npy bytes of the largest clip ``spec`` (a manifest's ``spec``)
+    renders: its frames and resolution, up to ``max(MAX_INSTANCES, max_objects + 1)``
+    instances, the optional fields its switches do not turn off, and a .npy header each.
+    None when the spec does not give frames and resolution."""
+    frames, size = spec.get("frames"), spec.get("resolution")
+    if not all(type(v) is int and v > 0 for v in (frames, size)):
+        return None
+    objects = spec.get("max_objects")
+    n = max(MAX_INSTANCES, objects + 1 if type(objects) is int else 0)
+    dims = {"T": frames, "H": size, "W": size, "N": n}
+    total = 0
+    for field in FIELDS:
+        if field.dtype is None or (field.optional and not spec.get(SPEC_SWITCHES[field.key], True)):
+            continue
+        count = math.prod(dims.get(d, d) for d in SHAPES[field.key])
+        total += NPY_HEADER_BYTES + count * np.dtype(field.dtype).itemsize
+    return total, (f"the largest clip of the manifest's spec: {frames} frames of {size}x{size} "
+                   f"px, up to {n} instances")
+
+
+def _zstd_error(name: str, why) -> FormatError:
+    return FormatError(f"{name}: not valid zstd data ({why})")
+
+
+def _frame_size(data: bytes, name: str, strict: bool) -> int:
+    """The content size a member's zstd frame declares, from its header alone; the frame
+    must fill the member exactly (nothing cut off, nothing after it)."""
     try:
         size = zstandard.frame_content_size(data)
-        if not 0 <= size <= MAX_MEMBER_BYTES:  # -1: the writer always records the size
-            raise zstandard.ZstdError(f"frame content size {size} is not plausible")
-        return zstandard.ZstdDecompressor().decompress(data, allow_extra_data=False)
+        params = zstandard.get_frame_parameters(data)
+        start = zstandard.frame_header_size(data)
     except zstandard.ZstdError as exc:
-        raise FormatError(f"{name}: not valid zstd data ({exc})") from None
+        raise _zstd_error(name, exc) from None
+    if not 0 <= size <= MAX_MEMBER_BYTES:  # -1: the writer always records the size
+        raise _zstd_error(name, f"frame content size {size} is not plausible")
+    if strict and not params.has_checksum:
+        raise FormatError(f"{name}: zstd frame without a content checksum (the format writes "
+                          "one in every frame)")
+    # walk the block headers (3 bytes each: last-block bit, type, size) to the frame's end
+    end, last = start, False
+    while not last and end + 3 <= len(data):
+        header = int.from_bytes(data[end:end + 3], "little")
+        last, kind, block = header & 1, (header >> 1) & 3, header >> 3
+        if kind == 3:
+            raise _zstd_error(name, "reserved block type")
+        end += 3 + (1 if kind == 1 else block)   # an RLE block stores its one byte
+    end += 4 if params.has_checksum else 0
+    if not last or end > len(data):
+        raise _zstd_error(name, "the frame is cut short")
+    if end < len(data):
+        raise _zstd_error(name, f"{len(data) - end} bytes after the frame")
+    return size
 
 
-def _decode(data: bytes, codec: str, name: str):
-    if codec == JSON:
-        try:
-            return json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise FormatError(f"{name}: not valid JSON ({exc})") from None
-    if codec == NPY_ZST:
-        data = _unzstd(data, name)
+def _read_header(source, name: str):
+    """(shape, fortran_order, dtype, header length) of the .npy bytes ``source`` gives."""
     try:
-        return np.load(io.BytesIO(data), allow_pickle=False)
+        version = np.lib.format.read_magic(source)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(source)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(source)
+        else:
+            raise ValueError(f".npy format version {version} is not read")
+    except zstandard.ZstdError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any parse failure is a format error
         raise FormatError(f"{name}: not a readable .npy ({exc})") from None
+    if dtype.hasobject:
+        raise FormatError(f"{name}: not a readable .npy (Object arrays cannot be loaded when "
+                          "allow_pickle=False)")
+    return shape, fortran, dtype, source.tell()
+
+
+def _drain(source) -> None:
+    """Decompress the rest of a frame, discarding it (a damaged frame raises ZstdError)."""
+    while source.read(1 << 20):
+        pass
+
+
+def _read_array(data: bytes, codec: str, field: Field, name: str, size: int) -> np.ndarray:
+    """One array member, as ``np.load(..., allow_pickle=False)`` reads it; ``size``: its
+    .npy size (``_frame_size``, checked against the clip's budget by the caller). The
+    header is read first, and must agree with ``size`` before the array is allocated;
+    then the array is read straight into its buffer."""
+    zst = codec == NPY_ZST
+    source = (zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW_BYTES).stream_reader(data)
+              if zst else io.BytesIO(data))
+    try:
+        try:
+            shape, fortran, dtype, header = _read_header(source, name)
+            count = math.prod(shape)
+            nbytes = count * dtype.itemsize
+            if dtype != np.dtype(field.dtype) or len(shape) != field.ndim:
+                raise FormatError(f"{name}: expected {np.dtype(field.dtype).name} with "
+                                  f"{field.ndim} dims, got "
+                                  f"{dtype.name if dtype.isnative else dtype.str} {shape}")
+            if zst and header + nbytes != size:
+                raise FormatError(f"{name}: its .npy header ({dtype.name} {shape}, "
+                                  f"{header + nbytes:,} bytes) disagrees with the frame "
+                                  f"content size ({size:,} bytes)")
+            if header + nbytes > size:   # np.load's words for a short plain .npy
+                raise FormatError(f"{name}: not a readable .npy (EOF: reading array data, "
+                                  f"expected {nbytes} bytes got {size - header})")
+        except FormatError:
+            if zst:
+                _drain(source)   # a damaged frame is that, whatever its header says
+            raise
+        array = np.empty(count, dtype)
+        view, filled = memoryview(array).cast("B"), 0
+        while filled < nbytes:
+            got = source.readinto(view[filled:])
+            if not got:
+                break
+            filled += got
+        if zst and (filled < nbytes or source.read(1)):  # read(1): to the end (checksum)
+            raise _zstd_error(name, f"the frame holds {header + filled:,} bytes, not {size:,}")
+    except zstandard.ZstdError as exc:
+        raise _zstd_error(name, exc) from None
+    if fortran:
+        array.shape = shape[::-1]
+        return array.transpose()
+    array.shape = shape
+    return array
+
+
+def _decode_json(data: bytes, name: str):
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FormatError(f"{name}: not valid JSON ({exc})") from None
 
 
 def _check(field: Field, value) -> object:
@@ -208,14 +380,24 @@ def encode_clip(clip: dict) -> dict:
     return sample
 
 
-def decode_sample(sample: dict) -> dict:
+def decode_sample(sample: dict, rules: ReadRules | None = None) -> dict:
     """WebDataset sample (member name -> bytes) -> clip dict. Use as the ``.map`` stage
     of a ``wds.WebDataset`` pipeline; never pickles, never touches wds's image decoders.
-    Reads format 2 (``.npy.zst``) and format 1 (``.npy``) members alike."""
+    Reads format 2 (``.npy.zst``) and format 1 (``.npy``) members alike (``rules``: what
+    else to hold the sample to, its memory budget included; see ``ReadRules``)."""
+    rules = rules or ReadRules()
     # webdataset lowercases member extensions (K.npy.zst arrives as k.npy.zst); match
     # either way.
     sample = {k if k.startswith("__") else k.lower(): v for k, v in sample.items()}
     key = sample.get("__key__")
+    budget, limit = rules.clip_bytes, rules.reason
+    if budget is None:
+        stored = sum(len(v) for k, v in sample.items()
+                     if not k.startswith("__") and isinstance(v, bytes))
+        budget = max(DEFAULT_CLIP_BYTES, EXPANSION * stored)
+        limit = (f"{EXPANSION}x the {stored:,} bytes the sample stores, at least "
+                 f"{DEFAULT_CLIP_BYTES >> 20} MiB, when no spec says more")
+    used = 0
     clip: dict = {"key": key, "instances": {}}
     for field in FIELDS:
         codecs = ARRAY_CODECS if field.dtype is not None else (field.codec,)
@@ -228,9 +410,25 @@ def decode_sample(sample: dict) -> dict:
         if len(found) > 1:
             raise FormatError(f"sample {key!r}: both {found[0][0]} and {found[1][0]}")
         name, codec = found[0]
-        value = _check(field, _decode(sample[name.lower()], codec, f"sample {key!r}: {name}"))
+        where, data = f"sample {key!r}: {name}", sample[name.lower()]
+        if codec == JSON:
+            value = _decode_json(data, where)
+        else:
+            if codec == NPY and rules.format_version == 2:
+                raise FormatError(f"{where}: a plain .npy member in a format 2 dataset (every "
+                                  "array is .npy.zst)")
+            zst = codec == NPY_ZST
+            size = _frame_size(data, where, rules.strict) if zst else len(data)
+            if used + size > budget:   # checked before anything is decompressed
+                left = (f"{budget - used:,} bytes are left of the {budget:,}" if used
+                        else f"{budget:,} bytes")
+                raise FormatError(f"{where}: holds {size:,} bytes"
+                                  + (" decompressed" if zst else "")
+                                  + f"; a clip may hold {left} ({limit})")
+            value = _read_array(data, codec, field, where, size)
+            used += size
         group, _, attr = field.key.rpartition(".")
-        (clip[group] if group else clip)[attr] = value
+        (clip[group] if group else clip)[attr] = _check(field, value)
     _check_shapes(clip)
     return clip
 
@@ -275,7 +473,7 @@ def write_samples(path: Path, samples: Iterable[dict]) -> int:
     return count
 
 
-def iter_members(path: str | Path) -> Iterator[dict]:
+def iter_members(path: str | Path, strict: bool = False) -> Iterator[dict]:
     """The file members of one shard, in order, as webdataset's member dicts
     (``{"fname", "data", "__url__"}``), for ``group_samples``. ``path``: a local path or
     an object URL (``generation.dataset.storage.open_file``). Member names are only
@@ -289,19 +487,42 @@ def iter_members(path: str | Path) -> Iterator[dict]:
     more bytes than the shard holds is ``ReadError: unexpected end of data``, the error a
     short read of it gives, before anything is read (``r:`` reads a member in one call
     of its claimed size: a claim of 100 GB was a ``MemoryError``). So no member costs
-    more memory than the shard's size, whatever its headers say."""
+    more memory than the shard's size, whatever its headers say.
+
+    Links, directories and other non-files are skipped, and a name is only a key; with
+    ``strict`` (``pvit verify``) each is a ``FormatError`` naming the member, and so is
+    a name that is absolute or holds a ``..`` component: ``tarfile.extractall`` (Python
+    3.11, no filter) would write such a member outside the directory it unpacks into."""
     url = str(path)
     with open_file(path) as f:
         size = f.seek(0, io.SEEK_END)
         f.seek(0)
         with tarfile.open(fileobj=f, mode="r:") as tar:
             for info in tar:
+                if strict:
+                    _check_member(info)
                 if not info.isfile():      # directories, links, devices: skipped
                     continue
                 if info.offset_data + info.size > size:
                     raise tarfile.ReadError("unexpected end of data")
                 yield {"fname": info.name, "data": tar.extractfile(info).read(),
                        "__url__": url}
+
+
+_NOT_FILES = {tarfile.DIRTYPE: "a directory", tarfile.SYMTYPE: "a symbolic link",
+              tarfile.LNKTYPE: "a hard link", tarfile.CHRTYPE: "a character device",
+              tarfile.BLKTYPE: "a block device", tarfile.FIFOTYPE: "a FIFO"}
+
+
+def _check_member(info: tarfile.TarInfo) -> None:
+    """A member ``pvit verify`` accepts: a regular file whose name, unpacked, stays inside
+    the target directory (the writer writes nothing else)."""
+    if not info.isfile():
+        kind = _NOT_FILES.get(info.type, f"of tar type {info.type!r}")
+        raise FormatError(f"member {info.name!r} is {kind}, not a regular file")
+    if info.name.startswith("/") or ".." in info.name.split("/"):
+        raise FormatError(f"member {info.name!r}: an absolute name or one with '..' (unpacking "
+                          "the shard would write it outside the target directory)")
 
 
 def group_samples(members: Iterable[dict]) -> Iterator[dict]:
@@ -339,13 +560,13 @@ def group_samples(members: Iterable[dict]) -> Iterator[dict]:
                                       handler=twice)
 
 
-def iter_raw_samples(path: str | Path) -> Iterator[dict]:
+def iter_raw_samples(path: str | Path, strict: bool = False) -> Iterator[dict]:
     """The raw samples of one shard (``iter_members`` grouped by ``group_samples``), in
     order; nothing decoded, nothing unpickled."""
-    return group_samples(iter_members(path))
+    return group_samples(iter_members(path, strict))
 
 
-def read_shard(path: str | Path) -> Iterator[dict]:
-    """Decoded clips of one shard, in order."""
-    for sample in iter_raw_samples(path):
-        yield decode_sample(sample)
+def read_shard(path: str | Path, rules: ReadRules | None = None) -> Iterator[dict]:
+    """Decoded clips of one shard, in order (``rules``: see ``ReadRules``)."""
+    for sample in iter_raw_samples(path, rules is not None and rules.strict):
+        yield decode_sample(sample, rules)

@@ -3,11 +3,15 @@
 Checks per shard: the file exists, its sha256 and sample count match the manifest,
 every sample decodes, shapes match the spec (frames, resolution), and labels are in
 range (finite positive depth or +inf sky, ids known, classes in the list, unit
-normals, a proper camera). Per dataset: every planned shard (``dataset`` in the
-manifest) is there, and no ``*.tar`` is unlisted. Returns the problems found, one
-line each; a damaged shard never stops the others from being checked. The dataset may
-be a local directory or an object-store prefix (``s3://bucket/ds``): objects are
-streamed, never downloaded whole.
+normals, a proper camera). The shard is held to docs/dataset-format.md too
+(``ReadRules.for_manifest``): every member a regular file whose name is neither absolute
+nor holds ``..`` (``tarfile.extractall`` would write it outside its target), every zstd
+frame with its checksum, no plain ``.npy`` in a format 2 dataset, and no clip larger than
+the manifest's spec renders, checked before anything is decompressed. Per dataset:
+every planned shard (``dataset`` in the manifest) is there, and no ``*.tar`` is
+unlisted. Returns the problems found, one line each; a damaged shard never stops the
+others from being checked. The dataset may be a local directory or an object-store
+prefix (``s3://bucket/ds``): objects are streamed, never downloaded whole.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import numpy as np
 
 from generation.dataset.manifest import MANIFEST_NAME, read_manifest, sha256_object
 from generation.dataset.plan import SHARD_PATTERN
-from generation.dataset.shard_format import FormatError, read_shard
+from generation.dataset.shard_format import FormatError, ReadRules, read_shard
 from generation.dataset.storage import Location, LocationError
 
 
@@ -86,12 +90,13 @@ def verify_dataset(directory) -> dict[str, list[str]]:
         problems["manifest"].append("no `spec` or `classes`: clip labels not checked")
         spec = classes = None
     listed: dict[str, int] = {}   # shard name -> clips in it that passed every check
+    rules = ReadRules.for_manifest(manifest)   # the format, and the spec's clip size
     for index, record in enumerate(manifest["shards"]):
         name = record.get("name") if isinstance(record, dict) else None
         if not isinstance(name, str):
             problems["manifest"].append(f"shard record {index} has no name")
             continue
-        found, clips = check_shard(where, name, record, spec, classes)
+        found, clips = check_shard(where, name, record, spec, classes, rules)
         problems[name].extend(found)
         listed[name] = 0 if found else clips
     if not listed:
@@ -104,9 +109,10 @@ def verify_dataset(directory) -> dict[str, list[str]]:
 
 
 def check_shard(where: Location, name: str, record: dict, spec: dict | None,
-                classes: list | None) -> tuple[list[str], int]:
+                classes: list | None, rules: ReadRules | None = None) -> tuple[list[str], int]:
     """(problems of shard ``name`` of ``where``, clips decoded). Never raises on bad
-    data: a damaged shard is one more line, and the caller goes on with the next shard."""
+    data: a damaged shard is one more line, and the caller goes on with the next shard.
+    ``rules``: what the shard is held to besides decoding (``ReadRules.for_manifest``)."""
     found = [f"manifest record has no {field}" for field in ("sha256", "samples")
              if field not in record]
     if not where.is_file(name):
@@ -118,10 +124,11 @@ def check_shard(where: Location, name: str, record: dict, spec: dict | None,
         return found + [f"cannot be read: {exc}"], 0
     keys = []
     try:
-        for clip in read_shard(where.local / name if where.local else where.join(name)):
+        for clip in read_shard(where.local / name if where.local else where.join(name), rules):
             keys.append(clip["key"])
             if spec is not None and classes is not None:
                 found.extend(check_clip(clip, spec, classes))
+            del clip   # one clip in memory at a time, not this one and the next
     except (FormatError, OSError, ValueError, tarfile.TarError) as exc:
         # truncated, empty or with a broken tar header: tarfile.ReadError
         found.append(f"does not decode after {len(keys)} samples: {exc}")

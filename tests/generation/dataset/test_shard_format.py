@@ -402,3 +402,173 @@ def test_a_damaged_member_of_a_real_shard_is_one_line_naming_it(rendered_clip, t
     with pytest.raises(sf.FormatError) as err:
         list(sf.read_shard(path))
     assert "\n" not in str(err.value)   # what `pvit verify` prints after "bad: <shard>: "
+
+
+# --- bounded decoding, and the rules `pvit verify` adds (issue 24) -------------------
+def test_the_shape_table_covers_every_array_field():
+    arrays = {f.key: f for f in sf.FIELDS if f.dtype is not None}
+    assert set(sf.SHAPES) == set(arrays)
+    for key, shape in sf.SHAPES.items():
+        assert len(shape) == arrays[key].ndim, key
+    assert set(sf.SPEC_SWITCHES) == {f.key for f in sf.FIELDS if f.optional}
+
+
+def test_arrays_read_exactly_as_np_load_reads_them(tmp_path):
+    """Same dtype, shape, bits, strides and flags as np.load, for format 2 and format 1
+    members, and for a Fortran-ordered .npy (which the writer never writes)."""
+    clip = make_clip()
+    clip["forward_flow"] = np.random.default_rng(1).normal(size=(2, 6, 5, 2)).astype(np.float32)
+    sample = sf.encode_clip(clip)
+    buf = io.BytesIO()
+    np.save(buf, np.asfortranarray(clip["depth"]), allow_pickle=False)
+    sample["depth.npy.zst"] = zstandard.ZstdCompressor(write_checksum=True).compress(
+        buf.getvalue())
+    decoded = sf.decode_sample(sample)
+    for name in (*ARRAYS, "forward_flow"):
+        data = sample[f"{name}.npy.zst"]
+        want = np.load(io.BytesIO(zstandard.ZstdDecompressor().decompress(data)),
+                       allow_pickle=False)
+        got = decoded[name]
+        assert_same_bits(want, got, name)
+        assert want.strides == got.strides and want.flags == got.flags, name
+    write_format1_shard(tmp_path / "old.tar", [clip])
+    (old,) = sf.read_shard(tmp_path / "old.tar")
+    assert_clips_equal(clip, old)
+    assert old["rgb"].flags.writeable and old["rgb"].flags.owndata
+
+
+def lying_frame(npy: bytes, claimed: int) -> bytes:
+    """A checksummed zstd frame of ``npy`` whose header claims ``claimed`` bytes (a
+    4-byte content size field, patched)."""
+    frame = bytearray(zstandard.ZstdCompressor(write_checksum=True).compress(npy + bytes(1 << 20)))
+    end = zstandard.frame_header_size(bytes(frame))
+    assert zstandard.frame_content_size(bytes(frame)) == len(npy) + (1 << 20)
+    frame[end - 4:end] = claimed.to_bytes(4, "little")
+    return bytes(frame)
+
+
+def test_a_member_is_held_to_the_clip_budget_before_it_is_decompressed():
+    sample = sf.encode_clip(make_clip())
+    # a frame claiming 3 GB: refused from its header (decompressing would need 3 GB)
+    sample["depth.npy.zst"] = lying_frame(sf._npy_bytes(make_clip()["depth"]), 3 << 30)
+    with pytest.raises(sf.FormatError) as err:
+        sf.decode_sample(sample)
+    left = (64 << 20) - len(sf._npy_bytes(make_clip()["rgb"]))   # rgb is read first
+    assert str(err.value) == (
+        "sample 'scene0000001': depth.npy.zst: holds 3,221,225,472 bytes decompressed; a "
+        f"clip may hold {left:,} bytes are left of the 67,108,864 (100x the "
+        f"{sum(len(v) for k, v in sample.items() if k != '__key__'):,} bytes the sample "
+        "stores, at least 64 MiB, when no spec says more)")
+    # with a spec: the largest clip it renders
+    limit = sf.clip_limit({"frames": 2, "resolution": 6, "max_objects": 3})
+    rules = sf.ReadRules(clip_bytes=limit[0], reason=limit[1])
+    sample["depth.npy.zst"] = lying_frame(sf._npy_bytes(make_clip()["depth"]), 60 << 20)
+    with pytest.raises(sf.FormatError, match=r"depth.npy.zst: holds 62,914,560 bytes "
+                       r"decompressed; a clip may hold [\d,]+ bytes are left of the "
+                       r"[\d,]+ \(the largest clip of the manifest's spec: 2 frames of "
+                       r"6x6 px, up to 1024 instances\)"):
+        sf.decode_sample(sample, rules)
+
+
+def test_a_header_that_disagrees_with_its_size_is_refused_before_allocating():
+    """A .npy header claiming 10**12 elements: refused from the header, never allocated
+    (np.load allocates what the header says first)."""
+    sample = sf.encode_clip(make_clip())
+    huge = npy_header(np.float32, (10**4, 10**4, 10**4))
+    sample["depth.npy.zst"] = sf._compressor().compress(huge + bytes(64))
+    with pytest.raises(sf.FormatError, match=r"^sample 'scene0000001': depth.npy.zst: its "
+                       r"\.npy header \(float32 \(10000, 10000, 10000\), "
+                       r"4,000,000,000,128 bytes\) disagrees with the frame content size "
+                       r"\(192 bytes\)$"):
+        sf.decode_sample(sample)
+    del sample["depth.npy.zst"]
+    sample["depth.npy"] = huge + bytes(64)          # format 1: the member's own length
+    with pytest.raises(sf.FormatError, match=r"depth.npy: not a readable .npy \(EOF: "
+                       r"reading array data, expected 4000000000000 bytes got 64\)"):
+        sf.decode_sample(sample)
+
+
+def npy_header(dtype, shape) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": np.lib.format.dtype_to_descr(
+        np.dtype(dtype)), "fortran_order": False, "shape": tuple(shape)})
+    return buf.getvalue()
+
+
+def test_clip_limit_is_the_largest_clip_of_the_spec():
+    from training.drawn_clips import make_clip as drawn
+
+    spec = {"frames": 3, "resolution": 8, "max_objects": 2, "flow": True,
+            "object_coordinates": False}
+    limit, why = sf.clip_limit(spec)
+    assert why == ("the largest clip of the manifest's spec: 3 frames of 8x8 px, up to 1024 "
+                   "instances")
+    clip = drawn("scene0000000", seed=0, frames=3, size=8)
+    clip["forward_flow"] = clip["backward_flow"] = np.zeros((3, 8, 8, 2), np.float32)
+    sample = sf.encode_clip(clip)
+    sizes = sum(zstandard.frame_content_size(v) for k, v in sample.items()
+                if k.endswith(".npy.zst"))
+    assert sizes <= limit
+    sf.decode_sample(sample, sf.ReadRules(clip_bytes=limit, reason=why))
+    per_pixel = 3 * 8 * 8 * (3 + 4 + 2 + 1 + 12 + 8 + 8)
+    instances = 1024 * (2 + 4 + 3 * 4 * (3 + 4 + 24 + 1))
+    assert limit == per_pixel + instances + 3 * 16 * 4 + 9 * 4 + 15 * sf.NPY_HEADER_BYTES
+    # a switch left out (a hand-made spec) allows the field; switched off, it does not
+    assert sf.clip_limit({**spec, "object_coordinates": None})[0] == limit
+    del spec["object_coordinates"]
+    assert sf.clip_limit(spec)[0] == limit + 3 * 8 * 8 * 12 + sf.NPY_HEADER_BYTES
+    assert sf.clip_limit({"resolution": 8}) is None and sf.clip_limit({}) is None
+
+
+def test_verify_rules_refuse_unsummed_frames_and_plain_npy_in_format_2():
+    """What docs/dataset-format.md rules out; the default reader (training, show) reads
+    both, as before."""
+    sample = sf.encode_clip(make_clip())
+    unsummed = dict(sample)
+    unsummed["K.npy.zst"] = zstandard.ZstdCompressor().compress(sf._npy_bytes(make_clip()["K"]))
+    with pytest.raises(sf.FormatError, match=r"^sample 'scene0000001': K.npy.zst: zstd frame "
+                       r"without a content checksum \(the format writes one in every frame\)$"):
+        sf.decode_sample(unsummed, sf.ReadRules(strict=True))
+    plain = dict(sample)
+    del plain["K.npy.zst"]
+    plain["K.npy"] = sf._npy_bytes(make_clip()["K"])
+    with pytest.raises(sf.FormatError, match=r"^sample 'scene0000001': K.npy: a plain .npy "
+                       r"member in a format 2 dataset \(every array is .npy.zst\)$"):
+        sf.decode_sample(plain, sf.ReadRules(format_version=2))
+    for readable in (unsummed, plain):
+        assert_clips_equal(make_clip(), sf.decode_sample(readable))
+        assert_clips_equal(make_clip(), sf.decode_sample(readable, sf.ReadRules(
+            format_version=1)))
+
+
+@pytest.mark.parametrize("kind", ["parent", "absolute", "symlink", "hardlink", "directory"])
+def test_strict_members_are_regular_files_with_names_inside_the_target(tmp_path, kind):
+    members = shard_members([make_clip()])
+    path = tmp_path / "s.tar"
+    depth = next(i for i, (name, _) in enumerate(members) if name.endswith(".depth.npy.zst"))
+    if kind == "parent":
+        members[depth] = (f"a/../../{members[depth][0]}", members[depth][1])
+    elif kind == "absolute":
+        members[depth] = (f"/{members[depth][0]}", members[depth][1])
+    crafted_shard(path, members)
+    if kind in ("symlink", "hardlink", "directory"):
+        with tarfile.open(path, "a") as tar:
+            info = tarfile.TarInfo("scene0000001.x")
+            info.type = {"symlink": tarfile.SYMTYPE, "hardlink": tarfile.LNKTYPE,
+                         "directory": tarfile.DIRTYPE}[kind]
+            info.linkname = "../../etc/passwd"
+            tar.addfile(info)
+    with pytest.raises(sf.FormatError) as err:
+        list(sf.iter_members(path, strict=True))
+    message = {
+        "parent": "member 'a/../../scene0000001.depth.npy.zst': an absolute name or one "
+                  "with '..' (unpacking the shard would write it outside the target "
+                  "directory)",
+        "absolute": "member '/scene0000001.depth.npy.zst': an absolute name or one with "
+                    "'..' (unpacking the shard would write it outside the target directory)",
+        "symlink": "member 'scene0000001.x' is a symbolic link, not a regular file",
+        "hardlink": "member 'scene0000001.x' is a hard link, not a regular file",
+        "directory": "member 'scene0000001.x' is a directory, not a regular file",
+    }[kind]
+    assert str(err.value) == message
+    assert len(list(sf.iter_members(path))) == len(members)   # the default: as before

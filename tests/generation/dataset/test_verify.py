@@ -2,13 +2,16 @@
 clips are drawn with numpy), damaged the ways disks and killed runs damage them."""
 
 import gzip
+import io
+import tarfile
 
 import pytest
+import zstandard
 from pvit_cli import pvit
 
 from generation.dataset.manifest import MANIFEST_NAME, new_manifest, sha256_file, write_json_atomic
 from generation.dataset.plan import SHARD_PATTERN
-from generation.dataset.shard_format import CLASSES, write_shard
+from generation.dataset.shard_format import CLASSES, encode_clip, read_shard, write_shard
 from training.drawn_clips import make_clip
 
 FRAMES, SIZE = 2, 16
@@ -111,3 +114,98 @@ def test_a_path_that_is_not_a_dataset_is_bad_input(tmp_path, location, message):
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
     assert message in result.stderr
     assert not (tmp_path / "PWNED").exists()
+
+
+def crafted_dataset(directory, shards: list[list], format_version=2):
+    """A dataset of shards made of the given members, in order: ``(name, bytes)`` or a
+    ``tarfile.TarInfo`` (a link, a directory); one sample ``scene000000N`` per shard, and
+    a manifest as `pvit generate` writes it (right sha256, sample count and keys)."""
+    directory.mkdir(parents=True)
+    manifest = new_manifest({"frames": FRAMES, "resolution": SIZE}, "spec-hash", list(CLASSES),
+                            {"scenes": len(shards), "scenes_per_shard": 1, "seed": 0})
+    manifest["format_version"] = format_version
+    for index, members in enumerate(shards):
+        name = SHARD_PATTERN.format(index)
+        with tarfile.open(directory / name, "w", format=tarfile.GNU_FORMAT) as tar:
+            for member in members:
+                if isinstance(member, tarfile.TarInfo):
+                    tar.addfile(member)
+                    continue
+                info = tarfile.TarInfo(member[0])
+                info.size = len(member[1])
+                tar.addfile(info, io.BytesIO(member[1]))
+        manifest["shards"].append({"name": name, "sha256": sha256_file(directory / name),
+                                   "samples": 1, "keys": [f"scene{index:07d}"]})
+    write_json_atomic(directory / MANIFEST_NAME, manifest)
+
+
+def clip_members(index, **replace):
+    """The members of drawn clip ``scene000000<index>`` as the writer writes them, with
+    ``replace`` (field name -> (new field name, bytes)) swapped in."""
+    key = f"scene{index:07d}"
+    sample = encode_clip(make_clip(key, seed=index, frames=FRAMES, size=SIZE))
+    members = {name: data for name, data in sample.items() if name != "__key__"}
+    for old, (new, data) in replace.items():
+        del members[old]
+        members[new] = data
+    return [(f"{key}.{name}", members[name]) for name in sorted(members)]
+
+
+def test_verify_holds_each_shard_to_the_documented_format(tmp_path):
+    """What docs/dataset-format.md rules out is one line naming the shard and the member:
+    a name `tarfile.extractall` would write outside its target (absolute, or with
+    ``..``), a member that is not a regular file, a zstd frame without its checksum, and
+    a plain .npy in a format 2 dataset."""
+    link = tarfile.TarInfo("scene0000003.rgb.npy.zst")
+    link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    depth = clip_members(4)[1][1]
+    assert zstandard.get_frame_parameters(depth).has_checksum
+    unsummed = zstandard.ZstdCompressor(level=3).compress(
+        zstandard.ZstdDecompressor().decompress(depth))
+    out = tmp_path / "ds"
+    crafted_dataset(out, [
+        clip_members(0),
+        [(f"../escape/{name}", data) for name, data in clip_members(1)],
+        [(f"/tmp/escape/{name}", data) for name, data in clip_members(2)],
+        clip_members(3) + [link],
+        clip_members(4, **{"depth.npy.zst": ("depth.npy.zst", unsummed)}),
+        clip_members(5, **{"depth.npy.zst": ("depth.npy", zstandard.ZstdDecompressor()
+                                             .decompress(depth))}),
+    ])
+    result = pvit("verify", out)
+    assert result.returncode == 1
+    lines = bad_lines(result)
+    assert not [line for line in lines if "shard-000000.tar" in line], lines
+    escape = ("an absolute name or one with '..' (unpacking the shard would write it outside "
+              "the target directory)")
+    for line in [
+        "bad: shard-000001.tar: does not decode after 0 samples: member "
+        f"'../escape/scene0000001.K.npy.zst': {escape}",
+        "bad: shard-000002.tar: does not decode after 0 samples: member "
+        f"'/tmp/escape/scene0000002.K.npy.zst': {escape}",
+        "bad: shard-000003.tar: does not decode after 0 samples: member "
+        "'scene0000003.rgb.npy.zst' is a symbolic link, not a regular file",
+        "bad: shard-000004.tar: does not decode after 0 samples: sample 'scene0000004': "
+        "depth.npy.zst: zstd frame without a content checksum (the format writes one in "
+        "every frame)",
+        "bad: shard-000005.tar: does not decode after 0 samples: sample 'scene0000005': "
+        "depth.npy: a plain .npy member in a format 2 dataset (every array is .npy.zst)",
+    ]:
+        assert line in lines, "\n".join(lines)
+    # training reads them as before: names are only keys there, and nothing is extracted
+    assert [clip["key"] for clip in read_shard(out / "shard-000001.tar")] == \
+        ["../escape/scene0000001"]
+    assert [clip["key"] for clip in read_shard(out / "shard-000003.tar")] == ["scene0000003"]
+
+
+def test_a_format1_dataset_still_verifies(tmp_path):
+    """Plain .npy members are what format 1 is: verify passes them there."""
+    def plain(index):
+        members = clip_members(index)
+        return [(name[:-4], zstandard.ZstdDecompressor().decompress(data))
+                if name.endswith(".npy.zst") else (name, data) for name, data in members]
+
+    out = tmp_path / "ds"
+    crafted_dataset(out, [plain(0), plain(1)], format_version=1)
+    result = pvit("verify", out)
+    assert result.returncode == 0 and result.stderr.startswith("ok:"), result.stderr
