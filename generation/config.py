@@ -14,7 +14,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from generation.dataset.manifest import renderer_fingerprint
+from generation.dataset.manifest import MAX_SCENES, renderer_fingerprint
 from generation.dataset.shard_format import class_list
 from generation.dataset.storage import dataset_path
 from generation.render.assets import DEFAULT_MANIFEST, load_manifest
@@ -69,10 +69,6 @@ class SceneConfig(BaseModel):
         return class_list(load_manifest(self.asset_manifest))
 
 
-# Clips one dataset (one ``out``) may plan: planning, the keep check and the manifest are
-# O(scenes) in memory (about 0.1 KB and 10 us per clip), so 10 M clips is ~1 GB and
-# minutes of planning before any render; a larger request is refused at once.
-MAX_SCENES = 10_000_000
 
 
 class GenerationConfig(BaseModel):

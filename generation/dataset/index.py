@@ -148,7 +148,7 @@ def open_dataset(location, *, warn: Callable[[str], None] | None = None) -> Data
 def _check_finished(where: Location, dataset, committed: int) -> None:
     try:
         planned = -(-int(dataset["scenes"]) // int(dataset["scenes_per_shard"]))
-    except (TypeError, KeyError, ValueError, ZeroDivisionError):
+    except (TypeError, KeyError, ValueError, ZeroDivisionError, OverflowError):
         return                      # no plan recorded (a hand-made manifest): as listed
     if committed < planned:
         raise DatasetError(f"synthetic: {where}: its generation run is unfinished ({committed} "

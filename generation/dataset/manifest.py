@@ -53,6 +53,12 @@ def versions() -> dict:
             "bpy": version("bpy"), "format": FORMAT_VERSION}
 
 
+# Clips one dataset (one ``out``) may plan: planning, the keep check and the manifest are
+# O(scenes) in memory (about 0.1 KB and 10 us per clip), so 10 M clips is ~1 GB and
+# minutes of planning before any render; a larger request (or a manifest claiming one)
+# is refused at once.
+MAX_SCENES = 10_000_000
+
 # A shard's name: a plan's shard i is SHARD_PATTERN.format(i); anything else in the
 # directory (``shard-old.tar``) is a user's and never touched.
 SHARD_PATTERN = "shard-{:06d}.tar"

@@ -21,10 +21,20 @@ from collections import defaultdict
 
 import numpy as np
 
-from generation.dataset.manifest import MANIFEST_NAME, read_manifest, sha256_object
-from generation.dataset.plan import SHARD_PATTERN
+from generation.dataset.manifest import (
+    MANIFEST_NAME,
+    MAX_SCENES,
+    SHARD_PATTERN,
+    SHARD_RE,
+    name_problem,
+    read_manifest,
+    sha256_object,
+)
 from generation.dataset.shard_format import FormatError, ReadRules, read_shard
 from generation.dataset.storage import Location, LocationError
+
+# Missing planned shards named one by one; beyond these, one line counts the rest.
+MISSING_SHOWN = 10
 
 
 def check_clip(clip: dict, spec: dict, classes: list[str]) -> list[str]:
@@ -93,8 +103,8 @@ def verify_dataset(directory) -> dict[str, list[str]]:
     rules = ReadRules.for_manifest(manifest)   # the format, and the spec's clip size
     for index, record in enumerate(manifest["shards"]):
         name = record.get("name") if isinstance(record, dict) else None
-        if not isinstance(name, str):
-            problems["manifest"].append(f"shard record {index} has no name")
+        if problem := name_problem(name):      # nothing outside the dataset is read
+            problems["manifest"].append(f"shard record {index} {problem}")
             continue
         found, clips = check_shard(where, name, record, spec, classes, rules)
         problems[name].extend(found)
@@ -141,23 +151,48 @@ def check_shard(where: Location, name: str, record: dict, spec: dict | None,
 
 def check_planned(dataset, listed: dict[str, int], problems: dict[str, list[str]]) -> None:
     """Compare the shards present with what the run planned (``dataset.scenes`` clips in
-    shards of ``scenes_per_shard``), so a killed run or a full disk is not "ok"."""
+    shards of ``scenes_per_shard``), so a killed run or a full disk is not "ok". Works
+    from the shards the manifest lists (O(listed)): the plan is never spelled out, so a
+    manifest claiming a billion clips costs nothing."""
     try:
-        scenes, per_shard = int(dataset["scenes"]), int(dataset["scenes_per_shard"])
-        if scenes <= 0 or per_shard <= 0:
+        scenes, per_shard = dataset["scenes"], dataset["scenes_per_shard"]
+        if (not all(isinstance(v, int) and not isinstance(v, bool) for v in (scenes, per_shard))
+                or scenes <= 0 or per_shard <= 0):
             raise ValueError
     except (TypeError, KeyError, ValueError):
         problems["manifest"].append("no valid `dataset` record (scenes, scenes_per_shard): "
                                     "completeness not checked")
         return
-    planned = {SHARD_PATTERN.format(i): min(per_shard, scenes - start)
-               for i, start in enumerate(range(0, scenes, per_shard))}
-    for name, clips in planned.items():
-        if name not in listed:
-            count = f"{clips} clip" + ("s" if clips != 1 else "")
-            problems[name].append(f"planned ({count}) but not in the manifest")
-    for name in sorted(listed.keys() - planned.keys()):
-        problems[name].append(f"not one of the {len(planned)} planned shards")
+    if scenes > MAX_SCENES:
+        problems["manifest"].append(f"the `dataset` record claims {scenes:,} clips, more than "
+                                    f"a dataset may hold ({MAX_SCENES:,}): completeness not "
+                                    "checked")
+        return
+    count = -(-scenes // per_shard)
+
+    def clips_of(i: int) -> int:
+        return min(per_shard, scenes - i * per_shard)
+
+    planned = {}                         # the listed names that are planned -> their index
+    for name in listed:
+        index = int(name[6:12]) if SHARD_RE.fullmatch(name) else None
+        if index is not None and index < count and SHARD_PATTERN.format(index) == name:
+            planned[name] = index
+        else:
+            problems[name].append(f"not one of the {count} planned shards")
+    missing = count - len(planned)
+    if missing:
+        shown, i = [], 0
+        while len(shown) < MISSING_SHOWN and i < count:
+            name = SHARD_PATTERN.format(i)
+            if name not in planned:
+                shown.append(name)
+                clips = f"{clips_of(i)} clip" + ("s" if clips_of(i) != 1 else "")
+                problems[name].append(f"planned ({clips}) but not in the manifest")
+            i += 1
+        if missing > len(shown):
+            problems["dataset"].append(f"{missing - len(shown):,} more planned shards are not "
+                                       "in the manifest")
     intact = sum(clips for name, clips in listed.items() if name in planned)
     if intact < scenes:
         problems["dataset"].append(f"{scenes - intact} of {scenes} planned clips are missing "

@@ -209,3 +209,41 @@ def test_a_format1_dataset_still_verifies(tmp_path):
     crafted_dataset(out, [plain(0), plain(1)], format_version=1)
     result = pvit("verify", out)
     assert result.returncode == 0 and result.stderr.startswith("ok:"), result.stderr
+
+
+def _claim(directory, **dataset):
+    import json
+    path = directory / MANIFEST_NAME
+    manifest = json.loads(path.read_text())
+    manifest["dataset"].update(dataset)
+    path.write_text(json.dumps(manifest).replace('"INF"', "Infinity"))
+
+
+def test_a_manifest_claiming_a_huge_plan_is_checked_from_what_it_lists(tmp_path):
+    # issue 24: `scenes: 1000000000` built one entry per planned shard (MemoryError)
+    from generation.dataset.verify import verify_dataset
+    make_dataset(tmp_path / "a", scenes=4, per_shard=2, written=1)
+    _claim(tmp_path / "a", scenes=1_000_000_000, scenes_per_shard=1)
+    problems = verify_dataset(tmp_path / "a")
+    assert any("claims 1,000,000,000 clips" in p for p in problems["manifest"]), problems
+    # within the bound: the first missing shards by name, then one line counting the rest
+    make_dataset(tmp_path / "b", scenes=4, per_shard=2, written=1)
+    _claim(tmp_path / "b", scenes=10_000_000, scenes_per_shard=1)
+    problems = verify_dataset(tmp_path / "b")
+    assert len(problems) <= 13, sorted(problems)[:20]
+    assert any("9,999,989 more planned shards" in p for p in problems["dataset"]), problems
+
+
+def test_an_infinite_plan_and_a_record_naming_a_path_outside_are_one_line_each(tmp_path):
+    make_dataset(tmp_path / "ds", scenes=4, per_shard=2)
+    _claim(tmp_path / "ds", scenes="INF")
+    import json
+    path = tmp_path / "ds" / MANIFEST_NAME
+    manifest = json.loads(path.read_text().replace("Infinity", '"INF"'))
+    manifest["shards"].append({"name": "../../etc/passwd", "sha256": "0", "samples": 1})
+    path.write_text(json.dumps(manifest).replace('"INF"', "Infinity"))
+    result = pvit("verify", tmp_path / "ds")
+    assert result.returncode == 1
+    lines = bad_lines(result)
+    assert any("no valid `dataset` record" in line for line in lines), lines
+    assert any("not a file of the dataset's directory" in line for line in lines), lines
