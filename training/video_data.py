@@ -22,6 +22,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import cv2
 import numpy as np
@@ -172,7 +173,7 @@ def require_decodable(records: list[VideoRecord], what: str) -> None:
     reasons: dict[str, int] = {}
     for record in records:
         try:
-            decode_video(record.path)
+            first_frame_decodes(record.path)
             return
         except Exception as exc:  # noqa: BLE001 - as VideoClips: any failure skips it
             reasons[str(exc)] = reasons.get(str(exc), 0) + 1
@@ -181,23 +182,85 @@ def require_decodable(records: list[VideoRecord], what: str) -> None:
                      f"undecodable ({counts}; first: {records[0].path})")
 
 
-def decode_video(path: str) -> np.ndarray:
-    """All frames of a video as uint8 RGB ``[N, H, W, 3]`` (short clips: fits in memory)."""
-    if not Path(path).is_file():
-        raise VideoDecodeError("no such file")  # OpenCV would only say "no frames"
+# Decoded bytes a video may hold in memory at once. A video that decodes to more (a
+# 4 MB MJPEG of 40 frames at 4096x4096 is 2 GB) is decoded twice instead: once to count
+# its frames, keeping none, and once to keep only the sampled frames, each resized as it
+# is decoded. Either way a clip's frames are the same bytes.
+MAX_DECODED_BYTES = 256 << 20
+
+
+@dataclass
+class Video:
+    """A decoded video: its frames (``[N, H, W, 3]`` uint8 RGB) when they fit in
+    ``MAX_DECODED_BYTES``, else None and only their count."""
+    path: str
+    total: int
+    frames: np.ndarray | None
+
+    def clip(self, indices: np.ndarray, short: int) -> np.ndarray:
+        """The frames at ``indices``, short side resized to ``short`` pixels."""
+        if self.frames is not None:
+            return _resize_short_side(self.frames[indices], short)
+        wanted = {int(i) for i in indices}
+        kept: dict[int, np.ndarray] = {}
+        for index, frame in enumerate(_frames(self.path)):
+            if index in wanted:
+                kept[index] = _resize_short_side(frame[None], short)[0]
+                if len(kept) == len(wanted):
+                    break
+        if len(kept) < len(wanted):
+            raise VideoDecodeError(f"decodes to fewer frames the second time ({len(kept)} of "
+                                   f"{len(wanted)} sampled)")
+        return np.stack([kept[int(i)] for i in indices])
+
+
+def _frames(path: str) -> Iterator[np.ndarray]:
+    """The frames of a video, decoded one at a time (uint8 RGB ``[H, W, 3]``)."""
     capture = cv2.VideoCapture(path)
-    frames = []
     try:
         while True:
             ok, frame = capture.read()
             if not ok:
-                break
-            frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+                return
+            yield cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
     finally:
         capture.release()
-    if not frames:
+
+
+def open_video(path: str, max_bytes: int | None = None) -> Video:
+    """Decode ``path`` once, keeping its frames if they fit in ``max_bytes`` (default
+    ``MAX_DECODED_BYTES``); else count them and keep none (``Video.clip`` decodes the
+    sampled ones again). Raises ``VideoDecodeError`` for a video with no frame."""
+    max_bytes = MAX_DECODED_BYTES if max_bytes is None else max_bytes
+    if not Path(path).is_file():
+        raise VideoDecodeError("no such file")  # OpenCV would only say "no frames"
+    frames: list[np.ndarray] | None = []
+    total = held = 0
+    for frame in _frames(path):
+        total += 1
+        if frames is not None:
+            held += frame.nbytes
+            frames.append(frame)
+            if held > max_bytes:
+                frames = None            # too big to hold: count the rest, keep nothing
+    if not total:
         raise VideoDecodeError("no decodable frames")
-    return np.stack(frames)
+    return Video(path, total, np.stack(frames) if frames is not None else None)
+
+
+def decode_video(path: str) -> np.ndarray:
+    """All frames of a video as uint8 RGB ``[N, H, W, 3]``, however large (tests and
+    tools; training goes through ``open_video``, which bounds what it holds)."""
+    return open_video(path, max_bytes=1 << 62).frames
+
+
+def first_frame_decodes(path: str) -> None:
+    """Raise ``VideoDecodeError`` unless the video's first frame decodes (the preflight
+    probe: nothing more is decoded)."""
+    if not Path(path).is_file():
+        raise VideoDecodeError("no such file")
+    if next(_frames(path), None) is None:
+        raise VideoDecodeError("no decodable frames")
 
 
 def sample_indices(total: int, num_frames: int, *, stride: int, sampling: str,
@@ -266,29 +329,33 @@ class VideoClips(Dataset):
     def __getitem__(self, index: int) -> dict | Skipped:
         record = self.records[index]
         try:
-            frames = decode_video(record.path)
+            video = open_video(record.path)
         except Exception as exc:  # noqa: BLE001 - any decoder failure skips the video
             log.warning("skipping undecodable video %s: %s", record.path, exc)
             return Skipped(record.path, str(exc))
-        if self.train:
-            return self._train_clip(frames, record, index)
-        views = []
-        for clip in range(self.temporal_clips):
-            idx = sample_indices(len(frames), self.num_frames, stride=self.stride,
-                                 sampling=self.sampling, rng=None, clip_index=clip,
-                                 num_clips=self.temporal_clips)
-            resized = _resize_short_side(frames[idx], self.img_size)
-            views += [normalize_rgb(torch.from_numpy(np.ascontiguousarray(c)))
-                      for c in spatial_crops(resized, self.img_size, self.spatial_crops)]
+        try:
+            if self.train:
+                return self._train_clip(video, record, index)
+            views = []
+            for clip in range(self.temporal_clips):
+                idx = sample_indices(video.total, self.num_frames, stride=self.stride,
+                                     sampling=self.sampling, rng=None, clip_index=clip,
+                                     num_clips=self.temporal_clips)
+                resized = video.clip(idx, self.img_size)
+                views += [normalize_rgb(torch.from_numpy(np.ascontiguousarray(c)))
+                          for c in spatial_crops(resized, self.img_size, self.spatial_crops)]
+        except VideoDecodeError as exc:   # a large video's second decode fell short
+            log.warning("skipping undecodable video %s: %s", record.path, exc)
+            return Skipped(record.path, str(exc))
         return {"video": torch.stack(views), "label": record.label}
 
-    def _train_clip(self, frames: np.ndarray, record: VideoRecord, index: int) -> dict:
+    def _train_clip(self, video: Video, record: VideoRecord, index: int) -> dict:
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        idx = sample_indices(len(frames), self.num_frames, stride=self.stride,
+        idx = sample_indices(video.total, self.num_frames, stride=self.stride,
                              sampling=self.sampling, rng=rng)
         short = int(rng.integers(round(self.img_size * 256 / 224),
                                  round(self.img_size * 320 / 224) + 1))
-        clip = _resize_short_side(frames[idx], short)
+        clip = video.clip(idx, short)
         h, w = clip.shape[1:3]
         top = int(rng.integers(0, h - self.img_size + 1))
         left = int(rng.integers(0, w - self.img_size + 1))

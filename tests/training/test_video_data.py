@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from torch.utils.data import DataLoader
 
 from training.toy_actions import draw_clip, write_toy_actions
@@ -127,3 +128,53 @@ def test_toy_actions_are_deterministic_and_classes_differ(tmp_path):
     assert sorted(labels.values(), key=int) == [str(i) for i in range(6)]
     assert summary["train_clips"] == summary["validation_clips"] == 6
     assert not (tmp_path / "toy.tmp").exists()
+
+
+def _write_mjpeg(path, frames, size):
+    import cv2
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (size, size))
+    ramp = np.linspace(0, 255, size, dtype=np.float32)
+    for t in range(frames):
+        frame = np.stack([np.add.outer(ramp, ramp * 0) / 2 + t * 3,
+                          np.add.outer(ramp * 0, ramp) / 2, np.full((size, size), 60.0)],
+                         axis=-1)
+        writer.write(frame.clip(0, 255).astype(np.uint8))
+    writer.release()
+    return path
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_a_video_too_large_to_hold_gives_the_same_clips(tmp_path, monkeypatch, train):
+    from training import video_data
+    from training.video_data import VideoClips, VideoRecord
+    path = _write_mjpeg(tmp_path / "v.avi", frames=12, size=96)
+    clips = VideoClips([VideoRecord(str(path), 0)], num_frames=4, img_size=32, stride=2,
+                       train=train, flip=True, temporal_clips=2, spatial_crops=3)
+    held = clips[0]["video"]
+    monkeypatch.setattr(video_data, "MAX_DECODED_BYTES", 0)   # decoded twice, none held
+    assert video_data.open_video(str(path)).frames is None
+    assert torch.equal(clips[0]["video"], held)
+
+
+@pytest.mark.slow
+def test_decoding_a_huge_video_holds_only_the_sampled_frames(tmp_path):
+    # issue 24: a 4 MB MJPEG of 40 frames at 4096^2 made finetune use 4.75 GB
+    import subprocess
+    import sys
+    script = ("import resource, sys; from training.video_data import VideoClips, VideoRecord; "
+              "clips = VideoClips([VideoRecord(sys.argv[1], 0)], num_frames=4, img_size=32, "
+              "train=False); assert clips[0]['video'].shape[0] == 1; "
+              "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+
+    def peak_kb(path):
+        return int(subprocess.run([sys.executable, "-c", script, str(path)], check=True,
+                                   capture_output=True, text=True).stdout.split()[-1])
+
+    small = peak_kb(_write_mjpeg(tmp_path / "small.avi", frames=40, size=64))
+    from training.video_data import MAX_DECODED_BYTES
+    big = _write_mjpeg(tmp_path / "big.avi", frames=80, size=2048)   # 1 GB decoded
+    assert big.stat().st_size < 16 << 20
+    # what decoding may hold at once (MAX_DECODED_BYTES), and a little more; decoding it
+    # whole held 2 GB (the frames, then their stacked copy)
+    bound_kb = (MAX_DECODED_BYTES + (128 << 20)) >> 10
+    assert peak_kb(big) - small < bound_kb, "more than the decode budget over a tiny video"
