@@ -50,16 +50,18 @@ class RunLayout:
         """Why ``root`` must not become a run directory, or None. A missing or empty
         directory is fine, and so is one of this project's runs (its marker, or a
         ``checkpoints/last.pt`` of a run from before the marker): the run resumes or
-        refuses another config. Hidden entries are bookkeeping (the pipeline's stage
-        record and torchrun config). Anything else holds someone's files, which the
-        run's config.yaml, summary.json and metrics.jsonl would overwrite."""
+        refuses another config. Hidden entries and torchrun logs are what the pipeline
+        writes before the run starts (its stage record, the torchrun config and log).
+        Anything else holds someone's files, which the run's config.yaml, summary.json
+        and metrics.jsonl would overwrite."""
         if not self.root.exists():
             return None
         if not self.root.is_dir():
             return f"{self.root} is not a directory"
         if self.marker.exists() or self.last_checkpoint.is_file():
             return None
-        if any(not entry.name.startswith(".") for entry in self.root.iterdir()):
+        if any(not entry.name.startswith(".") and not entry.name.endswith(".torchrun.log")
+               for entry in self.root.iterdir()):
             return (f"{self.root} already holds files that are not a pvit run; choose a new "
                     "or empty directory")
         return None
