@@ -42,7 +42,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Synthetic scenes -> WebDataset shards -> PViT, as Prefect flows.")
 
 
-def dataset_or_exit(location: Path) -> Path | str:
+def dataset_or_exit(location: str) -> Path | str:
     """The shard directory (a local ``Path``) or object-store URL (``s3://b/ds``) named by
     a DIR argument; any other scheme (pipe:...) exits 2."""
     try:
@@ -194,8 +194,11 @@ def start_render_workers(gen) -> None:
                           for job in first])
 
 
+# DIR arguments are str, not Path: a Path collapses file://HOST/p to file:/HOST/p (read
+# as the local /HOST/p) before the location check a config value gets.
 @app.command()
-def verify(directory: Path = typer.Argument(..., help="shard directory")) -> None:
+def verify(directory: str = typer.Argument(..., help="shard directory or URL",
+                                           metavar="DIR")) -> None:
     """Check every shard against the manifest and the planned dataset; exits 1 naming
     each bad or missing shard, 2 when DIR is not a shard directory."""
     from generation.dataset.verify import NotADataset, verify_dataset
@@ -217,7 +220,7 @@ def verify(directory: Path = typer.Argument(..., help="shard directory")) -> Non
 
 
 @app.command()
-def show(directory: Path = typer.Argument(..., help="shard directory"),
+def show(directory: str = typer.Argument(..., help="shard directory or URL", metavar="DIR"),
          out: Path = typer.Option(..., help="PNG to write"),
          sample: Optional[str] = typer.Option(None, help="sample key (default: the first)")
          ) -> None:

@@ -122,10 +122,15 @@ def _option(name: str, key: str, field: FieldInfo, parsed: Optional[type]) -> in
         annotation = str
     annotation = parsed or annotation
     decl = "--" + name.replace("_", "-")
+    metavar = None
+    if annotation is Path:
+        # parsed as the text given: a Path would collapse file://HOST/p to file:/HOST/p
+        # (and s3://b to s3:/b) before the location check the config value gets
+        annotation, metavar = str, "PATH"
     if annotation is bool:
         option = typer.Option(False, decl, help=escape(help))
     else:
-        option = typer.Option(None, decl, help=escape(help))
+        option = typer.Option(None, decl, help=escape(help), metavar=metavar)
         annotation = Optional[annotation]
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option,
                              annotation=annotation)

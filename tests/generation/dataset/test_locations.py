@@ -132,3 +132,16 @@ def test_an_object_store_without_its_package_is_one_line(tmp_path):
         assert "Traceback" not in result.stderr, result.stderr
         lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
         assert len(lines) == 1 and "gs:// needs the gcsfs package" in lines[0], lines
+
+
+def test_a_file_url_with_a_host_is_refused_from_the_command_line_too(tmp_path):
+    # issue 24: typer's Path collapsed file://HOST/p to file:/HOST/p, read as /HOST/p
+    (tmp_path / "HOST").mkdir()
+    url = f"file://HOST{tmp_path}"
+    for args in (("verify", url), ("show", url, "--out", tmp_path / "s.png")):
+        result = pvit(*args)
+        assert result.returncode == 2, result.stderr
+        assert "must name an absolute local path" in result.stderr
+    config = write_config(tmp_path / "c.yaml", tmp_path / "ds")
+    result = pvit("generate", config, "--out", url)
+    assert result.returncode == 2 and "must name an absolute local path" in result.stderr
