@@ -35,7 +35,7 @@ from prefect.tasks import exponential_backoff
 from flows import progress
 from generation.config import GenerationConfig
 from generation.dataset import plan as dataset
-from generation.dataset.contact_sheet import contact_sheet, find_clip, save_sheet, sheet_png
+from generation.dataset.contact_sheet import contact_sheet, find_clip, sheet_png, store_sheet
 from generation.dataset.lock import dataset_lock
 from generation.dataset.manifest import location
 from generation.dataset.storage import Location
@@ -307,11 +307,12 @@ def _contact_sheet_artifact(out: Location) -> None:
         sheet = contact_sheet(find_clip(out.url, None))
         png = sheet_png(sheet, SHEET_ARTIFACT_BYTES)
         try:
-            if out.remote:
-                out.write_bytes("contact_sheet.png", sheet_png(sheet, 1 << 30))
+            kept = store_sheet(out, sheet)
+            if kept:
+                logger.warning("contact sheet not written: %s", kept)
+                where = f"(not written: {kept})"
             else:
-                save_sheet(sheet, path)
-            where = f"`{path}`"
+                where = f"`{path}`"
         except (ValueError, OSError) as exc:
             logger.warning("contact sheet not written (the shards are fine): %s", exc)
             where = f"(not written to `{path}`: see the run's log)"

@@ -7,6 +7,7 @@ stay crisp.
 
 from __future__ import annotations
 
+import hashlib
 import tarfile
 from pathlib import Path
 
@@ -127,3 +128,36 @@ def sheet_png(sheet: np.ndarray, max_bytes: int) -> bytes:
 def write_contact_sheet(directory: Path, out: Path, key: str | None = None) -> Path:
     _check_target(Path(out))                  # before reading any shard
     return save_sheet(contact_sheet(find_clip(directory, key)), out)
+
+
+# The sheet ``pvit generate`` leaves in a dataset, and the record that says it wrote it
+# (the sheet's sha256): a file of that name it did not write is a user's, never replaced.
+SHEET_NAME = "contact_sheet.png"
+SHEET_RECORD = ".contact_sheet.sha256"
+
+
+def store_sheet(where: Location, sheet: np.ndarray) -> str | None:
+    """Write ``sheet`` as ``SHEET_NAME`` in the dataset ``where`` (a directory or an
+    object prefix), unless a file of that name is there that this project did not write
+    (its sha256 is not the one ``SHEET_RECORD`` holds). Returns None when written, else
+    why it was kept. Write failures raise ``OSError``/``ValueError``."""
+    try:
+        current = where.read_bytes(SHEET_NAME)
+    except FileNotFoundError:
+        current = None
+    known: list[str] = []
+    if current is not None:
+        try:
+            known = where.read_bytes(SHEET_RECORD).decode().split()
+        except (FileNotFoundError, UnicodeDecodeError):
+            pass
+        if hashlib.sha256(current).hexdigest() not in known:
+            return f"{where.join(SHEET_NAME)} is not one pvit wrote: kept as it is"
+    png = sheet_png(sheet, 1 << 30)
+    # the record first, naming the new sheet and the one still there: a failure between
+    # the two writes leaves a sheet the record still names as ours
+    new = hashlib.sha256(png).hexdigest()
+    old = [hashlib.sha256(current).hexdigest()] if current is not None else []
+    where.write_bytes(SHEET_RECORD, ("\n".join([new, *old]) + "\n").encode())
+    where.write_bytes(SHEET_NAME, png)
+    return None

@@ -87,3 +87,23 @@ def test_a_deeply_nested_manifest_or_journal_is_unreadable_not_a_recursion_error
     assert code == 2 and len(lines) == 1 and "no shards listed" in lines[0], lines
     with pytest.raises(DatasetError, match="not a readable manifest"):
         open_dataset(ds)
+
+
+def test_the_generated_sheet_never_replaces_a_users_file(tmp_path):
+    # issue 24: pvit generate wrote contact_sheet.png over a user's file of that name
+    import numpy as np
+
+    from generation.dataset.contact_sheet import SHEET_NAME, store_sheet
+    from generation.dataset.storage import Location
+    where = Location(tmp_path)
+    sheet = np.zeros((40, 80, 3), np.uint8)
+    (tmp_path / SHEET_NAME).write_bytes(b"my own picture")
+    assert "is not one pvit wrote" in store_sheet(where, sheet)
+    assert (tmp_path / SHEET_NAME).read_bytes() == b"my own picture"
+    (tmp_path / SHEET_NAME).unlink()
+    assert store_sheet(where, sheet) is None                    # ours: written...
+    first = (tmp_path / SHEET_NAME).read_bytes()
+    assert first.startswith(b"\x89PNG")
+    sheet[:, :40] = 255
+    assert store_sheet(where, sheet) is None                    # ...and replaced by ours
+    assert (tmp_path / SHEET_NAME).read_bytes() != first
