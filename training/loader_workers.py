@@ -27,6 +27,8 @@ import select
 import threading
 import time
 
+from generation.dataset.lock import pid_alive
+
 FORKSERVER_PRELOAD = ["torch", "training.synthetic_data", "training.video_data",
                       "training.forkserver_watchdog"]
 
@@ -60,18 +62,9 @@ def exit_with(pid: int) -> None:
         if pidfd is not None:
             select.select([pidfd], [], [])   # readable once the process has exited
         else:
-            while _alive(pid):
+            while pid_alive(pid):
                 time.sleep(1.0)
         os._exit(0)
 
     threading.Thread(target=watch, name=f"exit-with-{pid}", daemon=True).start()
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -72,7 +72,7 @@ def _read(path: Path) -> dict | None:
     return data if isinstance(data, dict) else {}
 
 
-def _pid_alive(pid) -> bool:
+def pid_alive(pid) -> bool:
     if not isinstance(pid, int) or pid <= 0:
         return True            # unknown: assume alive, never remove on a guess
     try:
@@ -163,7 +163,7 @@ def _remove_if_stale(path: Path, info: dict, host: str) -> Optional[str]:
             return None
         if not info and not taken:
             return None          # unreadable, and no flock to tell: not ours to remove
-        if info and _pid_alive(info.get("pid")):
+        if info and pid_alive(info.get("pid")):
             # the flock was free (or cannot be had) but the named process runs: never
             # remove a lock on a guess (pid reuse is rarer than a holder without flock)
             return "unheld" if taken else None
@@ -269,7 +269,7 @@ def _acquire_object(out: Location, *, owner: str, break_lock: bool,
             continue                    # released meanwhile: try again
         except (OSError, ValueError, RecursionError):
             holder = {}
-        if holder.get("host") == host and not _pid_alive(holder.get("pid")):
+        if holder.get("host") == host and not pid_alive(holder.get("pid")):
             out.delete(LOCK_NAME)
             warn(f"{out}: removed the stale lock of {_describe(holder)}: that process is "
                  "no longer running")
