@@ -40,6 +40,9 @@ class SceneConfig(BaseModel):
     assets: Optional[list[str]] = None      # subset of asset ids (None = all)
     flow: bool = False                      # also store optical flow
     object_coordinates: bool = False        # also store object coordinates
+    # point tracks per clip (generation/render/tracks.py); 0 = none, and a spec without
+    # them renders the bytes it always did
+    tracks: int = Field(0, ge=0, le=100_000, description="point tracks per clip (0: none)")
 
     @model_validator(mode="after")
     def _check(self) -> "SceneConfig":

@@ -51,3 +51,16 @@ def rendered_clip():
                       object_coordinates=True, flow=True)
     clip, _ = render_clip(cfg, seed=7, key="scene0000007")
     return clip
+
+
+@pytest.fixture(scope="session")
+def tracked_clip():
+    """``rendered_clip``'s scene again with point tracks on (the point-track and
+    ``pvit verify --labels`` tests): every other field must come out the same."""
+    from generation.config import SceneConfig
+    from generation.render.scene import render_clip
+
+    cfg = SceneConfig(resolution=48, frames=3, spp=4, min_objects=4, max_objects=6,
+                      object_coordinates=True, flow=True, tracks=192)
+    clip, _ = render_clip(cfg, seed=7, key="scene0000007")
+    return clip

@@ -39,7 +39,9 @@ log = logging.getLogger(__name__)
 BASE_FIELDS = ("rgb", "depth", "instance_seg", "semantic_seg", "normal", "K",
                "world_to_camera", "instances", "meta")
 OPTIONAL_FIELDS = {"flow": ("forward_flow", "backward_flow"),
-                   "object_coordinates": ("object_coordinates",)}
+                   "object_coordinates": ("object_coordinates",),
+                   "tracks": ("tracks_query", "tracks_2d", "tracks_occluded",
+                              "tracks_instance")}
 
 
 class DatasetError(ValueError):

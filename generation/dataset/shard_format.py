@@ -45,6 +45,9 @@ A clip dict (what ``decode_sample`` returns and ``encode_clip`` takes)::
     optional: forward_flow / backward_flow float32 [T,H,W,2] (pixels, (dx, dy), y down:
               to frame t+1 / t-1; 0 in the last / first frame);
               object_coordinates float32 [T,H,W,3] ([0,1] in the object's box)
+    point tracks (``scene.tracks`` = Q > 0; ``track_format``): tracks_query float32
+              [Q,3] (t, y, x), tracks_2d float32 [Q,T,2] (x, y pixels),
+              tracks_occluded bool [Q,T], tracks_instance uint16 [Q]
 """
 
 from __future__ import annotations
@@ -61,6 +64,8 @@ import numpy as np
 import zstandard
 
 from generation.dataset.storage import open_file
+from generation.dataset.track_format import (MAX_TRACKS, TRACK_SHAPES, TRACK_SWITCH,
+                                             check_track_shapes)
 
 # webdataset stays inside write_samples() and group_samples(): it imports torch (1.0-1.6
 # s, python -X importtime after flows.cli), and every `pvit` command imports this module
@@ -149,6 +154,10 @@ FIELDS = (
     Field("forward_flow",          "forward_flow",      np.float32, 4,   NPY_ZST, True),
     Field("backward_flow",         "backward_flow",     np.float32, 4,   NPY_ZST, True),
     Field("object_coordinates",    "object_coordinates", np.float32, 4,  NPY_ZST, True),
+    Field("tracks_query",          "tracks_query",      np.float32, 2,   NPY_ZST, True),
+    Field("tracks_2d",             "tracks_2d",         np.float32, 3,   NPY_ZST, True),
+    Field("tracks_occluded",       "tracks_occluded",   np.bool_,   2,   NPY_ZST, True),
+    Field("tracks_instance",       "tracks_instance",   np.uint16,  1,   NPY_ZST, True),
 )
 
 # Each array field's shape: T frames, H x W pixels, N instances, or a fixed size. Only
@@ -161,10 +170,12 @@ SHAPES = {
     "instances.bbox_3d": ("N", "T", 8, 3), "instances.visibility": ("N", "T"),
     "forward_flow": ("T", "H", "W", 2), "backward_flow": ("T", "H", "W", 2),
     "object_coordinates": ("T", "H", "W", 3),
+    **TRACK_SHAPES,
 }
 # The spec switch (``generation.scene``) that makes the renderer write an optional field.
 SPEC_SWITCHES = {"forward_flow": "flow", "backward_flow": "flow",
-                 "object_coordinates": "object_coordinates"}
+                 "object_coordinates": "object_coordinates",
+                 **{key: TRACK_SWITCH for key in TRACK_SHAPES}}
 
 
 class FormatError(ValueError):
@@ -224,12 +235,16 @@ def clip_limit(spec: dict) -> tuple[int, str] | None:
         return None
     objects = spec.get("max_objects")
     n = max(MAX_INSTANCES, objects + 1 if type(objects) is int else 0)
-    dims = {"T": frames, "H": size, "W": size, "N": n}
+    tracks = spec.get(TRACK_SWITCH)   # a count; absent (older specs): none
+    q = min(tracks, MAX_TRACKS) if type(tracks) is int and tracks > 0 else 0
+    dims = {"T": frames, "H": size, "W": size, "N": n, "Q": q}
     total = 0
     for field in FIELDS:
         if field.dtype is None or (field.optional and not spec.get(SPEC_SWITCHES[field.key], True)):
             continue
         count = math.prod(dims.get(d, d) for d in SHAPES[field.key])
+        if count == 0:        # no tracks (Q = 0): the spec writes no such member
+            continue
         total += NPY_HEADER_BYTES + count * np.dtype(field.dtype).itemsize
     return total, (f"the largest clip of the manifest's spec: {frames} frames of {size}x{size} "
                    f"px, up to {n} instances")
@@ -449,6 +464,9 @@ def _check_shapes(clip: dict) -> None:
         if clip["instances"][name].shape != shape:
             raise FormatError(f"instances.{name}: shape {clip['instances'][name].shape} "
                               f"!= {shape}")
+    problem = check_track_shapes(clip, t)
+    if problem:
+        raise FormatError(problem)
 
 
 def write_shard(path: Path, clips: Iterable[dict]) -> int:

@@ -24,6 +24,7 @@ from generation.render import labels
 from generation.render.assets import load_manifest
 from generation.render.devices import use_device
 from generation.render.recipes import get_recipe
+from generation.render.tracks import point_tracks
 
 # kubric and bpy, and asset_cache and kubric_compat (which import them at load), stay
 # inside the functions that use them: the render worker imports this module before it
@@ -288,4 +289,6 @@ def _clip_from_render(out: dict, scene, content, cfg: SceneConfig, seed: int, ke
         clip["forward_flow"], clip["backward_flow"] = forward, backward
     if cfg.object_coordinates:
         clip["object_coordinates"] = (out["object_coordinates"].astype(np.float32) / 65535.0)
+    if cfg.tracks:     # from the clip's own labels, once they are all there
+        clip.update(point_tracks(clip, cfg.tracks, seed))
     return clip
