@@ -172,10 +172,19 @@ def _generate(gen, device_line: Optional[str] = None) -> None:
             fail(str(exc), code=1)
         except (SpecChanged, LockError) as exc:   # changed since the checks above
             fail(str(exc))
-        progress.update(bar, completed=total)
+        progress.update(bar, completed=total, description=_render_outcome(summary))
     console.print(f"{summary['shards']} shards, {summary['clips']} clips "
                   f"({summary['rendered_shards']} rendered, {summary['kept_shards']} kept) -> "
                   f"{summary['manifest']}")
+
+
+def _render_outcome(summary: dict) -> str:
+    """The render bar's last words: a run that rendered nothing says it kept the shards,
+    rather than "rendering 4/4"."""
+    rendered, kept = summary["rendered_shards"], summary["kept_shards"]
+    if not rendered:
+        return f"kept {kept} shards (up to date), rendered none"
+    return f"rendered {rendered} shards" + (f", kept {kept}" if kept else "")
 
 
 def start_render_workers(gen) -> None:
@@ -300,7 +309,7 @@ def _pipeline(cfg: ExperimentConfig, force: list[str]) -> None:
     total = cfg.generation.scenes   # every planned clip, without building the plan
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console) as progress:
-        bar = progress.add_task("rendering (new shards)", total=total)
+        bar = progress.add_task(f"rendering into {canonical(cfg.generation.out)}", total=total)
         training_bars: dict[str, int] = {}
 
         def on_step(stage: str, record: dict) -> None:
@@ -319,7 +328,7 @@ def _pipeline(cfg: ExperimentConfig, force: list[str]) -> None:
                 result = pipeline_flow(cfg, force=list(force))
         except (StageError, TemporaryServerError) as exc:
             fail(str(exc), code=1)
-        progress.update(bar, completed=total)
+        progress.update(bar, completed=total, description=_render_outcome(result["generate"]))
     console.print("pipeline finished:", markup=False)
     for name, path in result["paths"].items():
         if path:

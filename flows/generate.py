@@ -33,6 +33,7 @@ from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
 from flows import progress
+from flows.run_view import artifact_key, generate_run_name, reused
 from generation.config import GenerationConfig
 from generation.dataset import plan as dataset
 from generation.dataset.contact_sheet import contact_sheet, find_clip, sheet_png, store_sheet
@@ -172,7 +173,8 @@ def _flow_api_url() -> str:
     return url.rstrip("/")
 
 
-@flow(name="generate_dataset", persist_result=True, result_serializer="json")
+@flow(name="generate_dataset", flow_run_name=generate_run_name, persist_result=True,
+      result_serializer="json")
 def generate_dataset(config: GenerationConfig) -> State[dict]:
     """Render the shards ``config`` asks for that are not already valid in ``config.out``.
 
@@ -215,9 +217,10 @@ def _generate(config: GenerationConfig) -> State[dict]:
                f"{summary['clips']} clips in {out}")
     # Every run, cached ones included, gets the table: a rerun that reused everything says
     # so on its own page instead of looking like a run that did nothing.
-    _dataset_table(summary, shards, message)
-    if todo:
-        _contact_sheet_artifact(out)
+    _dataset_table(out, summary, shards, message)
+    if not todo:
+        return reused(message, summary)
+    _contact_sheet_artifact(out)
     return Completed(message=message, data=summary)
 
 
@@ -247,7 +250,8 @@ def _render(config: GenerationConfig, manifest: dict, jobs: list[dict]) -> dict:
     runner_task = render_shard_task.with_options(
         retries=config.retries, retry_delay_seconds=exponential_backoff(backoff_factor=1),
         retry_jitter_factor=0)
-    progress_id = create_progress_artifact(progress=0.0, key="generate-progress",
+    progress_id = create_progress_artifact(progress=0.0, key=artifact_key("generate-progress",
+                                                                          out.url),
                                            description=f"shards rendered into {out}")
     out.delete_prefix(RECORDS_DIR)                  # a killed run's: never trusted
     committed = 0
@@ -256,7 +260,10 @@ def _render(config: GenerationConfig, manifest: dict, jobs: list[dict]) -> dict:
         nonlocal committed
         dataset.commit(out, manifest, record)
         committed += 1
-        update_progress_artifact(progress_id, 100.0 * committed / len(jobs))
+        try:
+            update_progress_artifact(progress_id, 100.0 * committed / len(jobs))
+        except Exception as exc:  # noqa: BLE001 - cosmetic: the shard is committed
+            logger.warning("progress artifact not updated (%s): the run goes on", exc)
         logger.info("%s committed (%d/%d shards): %d clips, %.1f MB", record["name"],
                     committed, len(jobs), record["samples"], record["bytes"] / 1e6)
         progress.shard_committed(record)
@@ -317,7 +324,8 @@ def _contact_sheet_artifact(out: Location) -> None:
             logger.warning("contact sheet not written (the shards are fine): %s", exc)
             where = f"(not written to `{path}`: see the run's log)"
         create_markdown_artifact(
-            key="synthetic-contact-sheet",
+            key=artifact_key("synthetic-contact-sheet", out.url),
+            description=f"the first clip of {out}",
             markdown=f"![contact sheet](data:image/png;base64,{base64.b64encode(png).decode()})"
                      f"\n\n{where} (RGB, depth, instance seg, semantic seg, normals; a few "
                      "frames of the first clip)")
@@ -325,9 +333,9 @@ def _contact_sheet_artifact(out: Location) -> None:
         logger.warning("contact sheet artifact skipped (the shards are fine): %s", exc)
 
 
-def _dataset_table(summary: dict, shards: list[dict], message: str) -> None:
+def _dataset_table(out: Location, summary: dict, shards: list[dict], message: str) -> None:
     create_table_artifact(
-        key="synthetic-dataset",
+        key=artifact_key("synthetic-dataset", out.url),
         table=[{"shard": s["name"], "clips": s["samples"], "bytes": s["bytes"],
                 "render_seconds": s.get("render_seconds"), "sha256": s["sha256"][:12]}
                for s in shards],

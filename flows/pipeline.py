@@ -11,13 +11,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger, tags, task
+from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 from prefect.states import Completed, State
 
 from flows import stage_cache
 from flows.experiment import ExperimentConfig, ToyActionsConfig
 from flows.generate import generate_dataset
+from flows.run_view import CACHED, artifact_key, pipeline_run_name, reused
 from flows.train import (
     cached,
     dataset_key,
@@ -38,7 +40,7 @@ class StageError(RuntimeError):
     """A stage failed; the message names the stage and where its log is."""
 
 
-@task(name="toy-actions", result_serializer="json")
+@task(name="toy-actions", task_run_name="toy-actions", result_serializer="json")
 def toy_actions_task(cfg: ToyActionsConfig, key: str) -> dict:
     out = Path(cfg.out)
     stage_cache.begin(out, key, owned=["set", "set.tmp"])   # write_toy_actions' names
@@ -91,56 +93,69 @@ def force_stage(cfg: ExperimentConfig, stage: str) -> None:
         stage_cache.invalidate(Path(targets[stage]))
 
 
-def _stage(name: str, fn, *args, logs: str = "", messages: dict | None = None):
-    """Run one stage and return its result, recording its final state's message (reused
-    or computed) in ``messages``; a failure is re-raised naming the stage, the flow run
-    and where the stage's own logs are. Earlier stages' outputs stay as they are."""
+def _stage(name: str, fn, *args, logs: str = "", states: dict, messages: dict,
+           after: tuple[str, ...] = ()):
+    """Run one stage after the stages named in ``after`` and return its result, keeping
+    its final state in ``states`` and its message (reused or computed) in ``messages``.
+    ``wait_for`` records the upstream stages as the run's inputs, which is what draws the
+    edges of the pipeline's graph in the UI. A failure is re-raised naming the stage, the
+    flow run and where the stage's own logs are; earlier stages' outputs stay as they are."""
     try:
-        state = fn(*args, return_state=True)
+        state = fn(*args, return_state=True,
+                   wait_for=[states[up] for up in after if up in states])
         result = state.result()
     except Exception as exc:  # noqa: BLE001 - re-raised with the stage named
         where = f"Prefect flow run '{flow_run.name}'" + (f", {logs}" if logs else "")
         raise StageError(f"stage {name} failed: {exc} (logs: {where})") from exc
-    if messages is not None:
-        messages[name] = state.message or "computed"
+    states[name] = state
+    messages[name] = state.message or "computed"
     return result
 
 
 # The result is persisted and the final state's message names what each stage did, so
-# the run's page in the UI says it (a fully cached rerun included).
-@flow(name="pipeline", persist_result=True, result_serializer="json")
+# the run's page in the UI says it (a fully cached rerun included). The run's tags are
+# passed on to every stage's run (Prefect gives a subflow only the tags in context).
+@flow(name="pipeline", flow_run_name=pipeline_run_name, persist_result=True,
+      result_serializer="json")
 def pipeline(config: ExperimentConfig, force: list[str] | None = None) -> State[dict]:
     """The whole DAG. ``force`` names stages to recompute (``--force STAGE``)."""
+    with tags(*flow_run.tags):
+        return _pipeline(config, force)
+
+
+def _pipeline(config: ExperimentConfig, force: list[str] | None) -> State[dict]:
     logger = get_run_logger()
     cfg = wire(config)
     for stage in force or []:
         force_stage(cfg, stage)
     messages: dict[str, str] = {}
+    states: dict[str, State] = {}
+    run = {"states": states, "messages": messages}
     results: dict = {"generate": _stage("generate", generate_dataset, cfg.generation,
-                                        logs=f"{Path(cfg.generation.out) / 'logs'}/",
-                                        messages=messages)}
+                                        logs=f"{Path(cfg.generation.out) / 'logs'}/", **run)}
     logger.info("dataset %s: %s", cfg.generation.out, dataset_key(cfg.generation.out)[:12])
 
     if cfg.toy_actions is not None:
         key = stage_cache.stage_key("toy_actions", cfg.toy_actions.model_dump(mode="json"), {},
                                     stage_cache.code_version("training"))
-        reused = cached("toy_actions", cfg.toy_actions.out, key)
-        if reused is not None:
+        kept = cached("toy_actions", cfg.toy_actions.out, key)
+        if kept is not None:
             messages["toy_actions"] = reuse_message(cfg.toy_actions.out)
-            results["toy_actions"] = reused
+            results["toy_actions"] = kept
         else:
             results["toy_actions"] = _stage("toy_actions", toy_actions_task, cfg.toy_actions,
-                                            key, messages=messages)
+                                            key, **run)
     if cfg.pretrain is not None:
         results["pretrain"] = _stage("pretrain", pretrain, cfg.pretrain,
                                      logs=str(RunLayout(cfg.pretrain.out).metrics),
-                                     messages=messages)
+                                     after=("generate",), **run)
     if cfg.finetune is not None:
         results["finetune"] = _stage("finetune", finetune, cfg.finetune,
                                      logs=str(RunLayout(cfg.finetune.out).metrics),
-                                     messages=messages)
+                                     after=("generate", "toy_actions", "pretrain"), **run)
     if cfg.evaluate is not None and cfg.finetune is not None:
-        results["evaluate"] = _stage("evaluate", evaluate, cfg.evaluate, messages=messages)
+        results["evaluate"] = _stage("evaluate", evaluate, cfg.evaluate,
+                                     after=("finetune",), **run)
     results["paths"] = {
         "dataset": str(cfg.generation.out),
         "pretrain": cfg.pretrain and cfg.pretrain.out,
@@ -148,5 +163,32 @@ def pipeline(config: ExperimentConfig, force: list[str] | None = None) -> State[
         "metrics": cfg.evaluate and cfg.evaluate.checkpoint and str(
             evaluation_file(cfg.evaluate.checkpoint, cfg.evaluate.split)),
     }
-    return Completed(message="; ".join(f"{name}: {text}" for name, text in messages.items()),
-                     data=results)
+    _summary_artifact(cfg, results, messages)
+    message = "; ".join(f"{name}: {text}" for name, text in messages.items())
+    if all(name not in states or states[name].name == CACHED for name in messages):
+        return reused(message, results)
+    return Completed(message=message, data=results)
+
+
+def _summary_artifact(cfg: ExperimentConfig, results: dict, messages: dict) -> None:
+    """One table on the pipeline's own run: each stage, whether it was reused, and what
+    a user looks for next (the dataset's hash, the checkpoints, top-1/top-5), so that a
+    cached pipeline shows its metrics too (not only inside the evaluate run)."""
+    rows = [{"stage": name, "outcome": text} for name, text in messages.items()]
+    rows.append({"stage": "dataset", "outcome": f"{cfg.generation.out} (content key "
+                                                f"{dataset_key(cfg.generation.out)[:12]})"})
+    for stage in ("pretrain", "finetune"):
+        section = getattr(cfg, stage)
+        if section is not None:
+            rows.append({"stage": f"{stage} checkpoint",
+                         "outcome": str(RunLayout(section.out).final_checkpoint)})
+    metrics = results.get("evaluate") or {}
+    for name in ("top1", "top5"):
+        if isinstance(metrics.get(name), (int, float)):
+            rows.append({"stage": f"evaluate {name}", "outcome": f"{metrics[name]:.4f}"})
+    try:
+        create_table_artifact(key=artifact_key("pipeline-summary", cfg.generation.out),
+                              table=rows, description="what each stage did, and where its "
+                                                      "outputs are")
+    except Exception as exc:  # noqa: BLE001 - cosmetic: every stage has finished
+        get_run_logger().warning("pipeline summary artifact skipped: %s", exc)

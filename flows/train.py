@@ -25,6 +25,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Completed, State
 
 from flows import progress, stage_cache
+from flows.run_view import artifact_key, reused, training_run_name
 from generation.dataset.contact_sheet import sheet_png
 from generation.dataset.manifest import read_manifest
 from training.config import EvaluateConfig, FinetuneConfig, PretrainConfig
@@ -57,13 +58,16 @@ def _metrics_artifact(stage: str, summary: dict) -> None:
             if isinstance(v, (int, float, str)) and not isinstance(v, bool)]
     losses = summary.get("losses") or summary.get("final_losses") or {}
     rows += [{"metric": f"loss/{k}", "value": v} for k, v in losses.items()]
-    create_table_artifact(key=f"{stage}-metrics", table=rows, description=f"{stage} summary")
+    where = summary.get("run_dir", "")
+    create_table_artifact(key=artifact_key(f"{stage}-metrics", where), table=rows,
+                          description=f"{stage} summary of {where}")
     curve = RunLayout(summary.get("run_dir", "")).loss_curve
     image = cv2.imread(str(curve)) if curve.is_file() else None
     if image is not None:
         # Embedded, as the contact sheet is: a file:// link does not load in the UI.
         png = base64.b64encode(sheet_png(image[..., ::-1], 150_000)).decode()
-        create_markdown_artifact(key=f"{stage}-loss-curve",
+        create_markdown_artifact(key=artifact_key(f"{stage}-loss-curve", where),
+                                 description=f"{stage} loss curve of {where}",
                                  markdown=f"![{stage} loss curve](data:image/png;base64,{png})"
                                           f"\n\n`{curve}`")
 
@@ -96,7 +100,8 @@ def _train(stage: str, cfg, run) -> dict:
     return json.loads(layout.summary.read_text())
 
 
-@task(name="pretrain", retries=TRAIN_RETRIES, retry_delay_seconds=2, result_serializer="json")
+@task(name="pretrain", task_run_name="pretrain", retries=TRAIN_RETRIES, retry_delay_seconds=2,
+      result_serializer="json")
 def pretrain_task(cfg: PretrainConfig, key: str) -> dict:
     from training.train import run_pretrain
     # a retry finds "resumable": keeps last.pt; a stale run loses only what a run writes
@@ -107,7 +112,8 @@ def pretrain_task(cfg: PretrainConfig, key: str) -> dict:
     return summary
 
 
-@task(name="finetune", retries=TRAIN_RETRIES, retry_delay_seconds=2, result_serializer="json")
+@task(name="finetune", task_run_name="finetune", retries=TRAIN_RETRIES, retry_delay_seconds=2,
+      result_serializer="json")
 def finetune_task(cfg: FinetuneConfig, key: str) -> dict:
     from training.train import run_finetune
     stage_cache.begin(Path(cfg.out), key, owned=RunLayout(cfg.out).owned("finetune"))
@@ -117,12 +123,12 @@ def finetune_task(cfg: FinetuneConfig, key: str) -> dict:
     return summary
 
 
-@task(name="evaluate", result_serializer="json")
+@task(name="evaluate", task_run_name="evaluate", result_serializer="json")
 def evaluate_task(cfg: EvaluateConfig, key: str) -> dict:
     # the checkpoint's evaluation home, shared with `pvit evaluate` (training/evaluate.py)
     from flows.evaluation_home import run_evaluate_in_home
     result = run_evaluate_in_home(cfg, key)
-    _metrics_artifact("evaluate", result)
+    _metrics_artifact("evaluate", {**result, "run_dir": str(evaluation_dir(cfg.checkpoint))})
     return result
 
 
@@ -133,7 +139,7 @@ def trained_outputs(run_dir) -> list[str]:
     return [layout.relative(layout.final_checkpoint), layout.relative(layout.summary)]
 
 
-@flow(name="pretrain", result_serializer="json")
+@flow(name="pretrain", flow_run_name=training_run_name("pretrain"), result_serializer="json")
 def pretrain(config: PretrainConfig) -> State[dict]:
     """Prompt pretraining on synthetic shards (cached on its config and the shards)."""
     key = stage_cache.stage_key("pretrain", config.model_dump(mode="json"),
@@ -142,7 +148,7 @@ def pretrain(config: PretrainConfig) -> State[dict]:
     return _cached_or_run("pretrain", config.out, key, lambda: pretrain_task(config, key))
 
 
-@flow(name="finetune", result_serializer="json")
+@flow(name="finetune", flow_run_name=training_run_name("finetune"), result_serializer="json")
 def finetune(config: FinetuneConfig) -> State[dict]:
     """Downstream fine-tuning with synthetic batches mixed in."""
     upstream = {"synthetic": dataset_key(config.synthetic),
@@ -152,7 +158,7 @@ def finetune(config: FinetuneConfig) -> State[dict]:
     return _cached_or_run("finetune", config.out, key, lambda: finetune_task(config, key))
 
 
-@flow(name="evaluate", result_serializer="json")
+@flow(name="evaluate", flow_run_name=training_run_name("evaluate"), result_serializer="json")
 def evaluate(config: EvaluateConfig) -> State[dict]:
     """Top-1/top-5 (single and multi-view) of a fine-tuned checkpoint."""
     from flows.evaluation_home import evaluation_key
@@ -168,7 +174,7 @@ def cached(stage: str, out_dir, key: str) -> dict | None:
         return None
     get_run_logger().info("%s is up to date (key %s): skipped", out_dir, key[:12])
     create_markdown_artifact(
-        key=f"{stage.replace('_', '-')}-reused",
+        key=artifact_key(f"{stage.replace('_', '-')}-reused", out_dir),
         markdown=f"**{stage}: reused**, nothing recomputed: `{out_dir}` is up to date "
                  f"(stage key `{key[:12]}`, record `{Path(out_dir) / stage_cache.RECORD}`).",
         description=f"{stage} reused its cached output")
@@ -184,7 +190,7 @@ def _cached_or_run(stage: str, out_dir, key: str, run: Callable[[], dict]) -> St
     reused or computed (shown next to the state in the UI and in the pipeline's)."""
     summary = cached(stage, out_dir, key)
     if summary is not None:
-        return Completed(message=reuse_message(out_dir), data=summary)
+        return reused(reuse_message(out_dir), summary)
     return Completed(message=f"computed into {out_dir}", data=run())
 
 

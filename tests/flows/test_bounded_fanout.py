@@ -13,7 +13,9 @@ import pytest
 from pydantic import ValidationError
 
 from flows.generate import chunk_jobs, dask_cluster_kwargs
+from flows.run_view import artifact_key
 from generation.config import GenerationConfig
+from generation.dataset.manifest import location
 
 
 def test_chunks_are_consecutive_even_and_never_more_than_the_bound():
@@ -112,7 +114,8 @@ def test_a_bounded_run_renders_in_chunks_with_per_shard_commits(tmp_path, monkey
     assert sorted(t.name for t in task_runs) == ["render-shard-000000.tar..shard-000001.tar",
                                                   "render-shard-000002.tar..shard-000003.tar"]
     assert all(t.state.is_completed() for t in task_runs)
-    progress = [a for a in artifacts if a.key == "generate-progress"]
+    progress = [a for a in artifacts
+                if a.key == artifact_key("generate-progress", location(chunked_out).url)]
     assert progress and progress[0].data == 100
 
     # One task per shard (the default bound) renders the same bytes.

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from prefect_api import artifacts_of, subflow_runs_of, task_runs_of, top_level_runs
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -50,6 +51,34 @@ def records(tmp_path: Path) -> dict:
     return out
 
 
+def check_prefect_view(tmp_path: Path, outcome: str) -> None:
+    """The last pipeline run as the UI shows it: named runs and tasks, the stages linked
+    generate -> pretrain -> finetune -> evaluate, and a summary on the pipeline's own run
+    (a cached one included); ``outcome`` is its final state's name."""
+    from flows.run_view import artifact_key
+
+    run = top_level_runs("pipeline", tmp_path / "shards")[-1]
+    assert run.name == "pipeline-shards" and run.state.name == outcome
+    subflows = subflow_runs_of(run.id)
+    assert sorted(subflows) == ["evaluate-fine", "finetune-fine", "generate-shards-2",
+                                "pretrain-pre"]
+    assert {name: r.state.name for name, (r, _) in subflows.items()} == dict.fromkeys(
+        subflows, outcome)
+
+    def upstream(name: str) -> set:
+        waits = subflows[name][1].task_inputs.get("wait_for", [])
+        return {n for n, (_, parent) in subflows.items() if parent.id in {w.id for w in waits}}
+    assert upstream("pretrain-pre") == {"generate-shards-2"}
+    assert upstream("finetune-fine") == {"generate-shards-2", "pretrain-pre"}
+    assert upstream("evaluate-fine") == {"finetune-fine"}
+    if outcome == "Completed":      # a reused stage runs no task
+        assert [t.name for t in task_runs_of(subflows["pretrain-pre"][0].id)] == ["pretrain"]
+    summary = artifacts_of(run.id)[artifact_key("pipeline-summary", tmp_path / "shards")]
+    stages = {row["stage"]: row["outcome"] for row in json.loads(summary.data)}
+    assert "evaluate top1" in stages and stages["finetune checkpoint"].endswith("final.pt")
+    assert stages["pretrain"].startswith("reused" if outcome == "Cached" else "computed")
+
+
 def test_pipeline_runs_caches_and_reruns_only_what_changed(tmp_path):
     cfg = experiment(tmp_path)
     first = pipeline(cfg)
@@ -61,12 +90,14 @@ def test_pipeline_runs_caches_and_reruns_only_what_changed(tmp_path):
     summary = json.loads((tmp_path / "pre" / "summary.json").read_text())
     assert summary  # pretrain ran on the rendered shards
     before = records(tmp_path)
+    check_prefect_view(tmp_path, "Completed")
 
     # Nothing changed: nothing renders, nothing trains.
     again = pipeline(cfg)
     assert again.returncode == 0, again.stderr[-3000:]
     assert records(tmp_path) == before
     assert "up to date" in again.stdout + again.stderr
+    check_prefect_view(tmp_path, "Cached")
 
     # Only the fine-tuning rate changed: finetune and evaluate rerun, nothing else.
     lr = experiment(tmp_path, finetune__lr=5e-4)

@@ -19,6 +19,10 @@ import cv2
 import numpy as np
 import pytest
 import yaml
+from prefect_api import artifacts_of, task_runs_of, top_level_runs
+
+from flows.run_view import artifact_key
+from generation.dataset.manifest import location
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -32,38 +36,6 @@ GENERATION = {"scenes": 1, "scenes_per_shard": 1, "workers": 1, "retries": 0,
 def pvit(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "flows.cli", *map(str, args)], cwd=REPO,
                           capture_output=True, text=True, timeout=600)
-
-
-def top_level_runs(flow_name: str, out: Path) -> list:
-    """``flow_name``'s runs started by a user (not as a subflow) on ``out``, oldest first."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
-
-    with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])))
-    config = (lambda r: r.parameters["config"]) if flow_name == "generate_dataset" else \
-        (lambda r: r.parameters["config"]["generation"])
-    return sorted((r for r in runs if r.parent_task_run_id is None
-                   and str(config(r)["out"]) == str(out)), key=lambda r: r.created)
-
-
-def artifacts_of(flow_run_id) -> dict:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-
-    with get_client(sync_client=True) as client:
-        found = client.read_artifacts(artifact_filter=ArtifactFilter(
-            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
-    return {a.key: a for a in found if a.key}
-
-
-def task_runs_of(flow_run_id) -> list:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterFlowRunId
-
-    with get_client(sync_client=True) as client:
-        return client.read_task_runs(task_run_filter=TaskRunFilter(
-            flow_run_id=TaskRunFilterFlowRunId(any_=[flow_run_id])))
 
 
 @pytest.fixture(scope="module")
@@ -92,15 +64,21 @@ def test_unwritable_contact_sheet_warns_and_keeps_the_dataset(dataset):
 def test_the_run_started_shows_its_renders_artifacts_and_summary(dataset):
     assert dataset["first"].returncode == 0, dataset["first"].stderr[-3000:]
     (run,) = top_level_runs("generate_dataset", dataset["out"])[:1]
-    assert run.state.is_completed()
+    assert run.state.is_completed() and run.state.name == "Completed"
+    assert run.name == "generate-ds-1"                       # dataset name, clips
     assert run.state.message.startswith("0 shards kept, 1 rendered")
     assert run.state.result()["rendered_shards"] == 1        # persisted: readable later
     assert [t.name for t in task_runs_of(run.id)] == ["render-shard-000000.tar"]
 
+    # each dataset has its own cards: the keys name the location
+    url = location(dataset["out"]).url
+    progress, table, sheet = (artifact_key(kind, url) for kind in (
+        "generate-progress", "synthetic-dataset", "synthetic-contact-sheet"))
+    assert re.fullmatch(r"generate-progress-ds-[0-9a-f]{8}", progress)
     artifacts = artifacts_of(run.id)
-    assert {"generate-progress", "synthetic-dataset", "synthetic-contact-sheet"} <= set(artifacts)
-    assert artifacts["generate-progress"].data == 100
-    markdown = artifacts["synthetic-contact-sheet"].data
+    assert {progress, table, sheet} <= set(artifacts)
+    assert artifacts[progress].data == 100
+    markdown = artifacts[sheet].data
     assert "file://" not in markdown
     encoded = re.search(r"!\[contact sheet\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)",
                         markdown).group(1)
@@ -113,10 +91,12 @@ def test_the_run_started_shows_its_renders_artifacts_and_summary(dataset):
 def test_a_cached_rerun_says_what_it_reused(dataset):
     again = pvit("generate", dataset["config"])
     assert again.returncode == 0, again.stderr[-3000:]
+    assert "kept 1 shards (up to date), rendered none" in again.stdout + again.stderr
     run = top_level_runs("generate_dataset", dataset["out"])[-1]
+    assert run.state.is_completed() and run.state.name == "Cached"   # its own badge
     assert run.state.message.startswith("1 shards kept, 0 rendered")
     assert task_runs_of(run.id) == []
-    table = artifacts_of(run.id)["synthetic-dataset"]
+    table = artifacts_of(run.id)[artifact_key("synthetic-dataset", location(dataset["out"]).url)]
     assert table.description.startswith("1 shards kept, 0 rendered")
 
 
@@ -136,7 +116,9 @@ def test_pipeline_state_message_names_reused_stages(dataset):
     message = runs[-1].state.message
     assert "generate: 1 shards kept, 0 rendered" in message
     assert f"toy_actions: reused {root / 'toy'}" in message
-    assert "toy-actions-reused" in artifacts_of(runs[-1].id)
+    assert artifact_key("toy-actions-reused", root / "toy") in artifacts_of(runs[-1].id)
+    assert [r.state.name for r in runs[-2:]] == ["Completed", "Cached"]
+    assert runs[-1].name == "pipeline-ds"
 
 
 def test_a_cached_training_stage_says_so(dataset, tmp_path):
@@ -157,9 +139,10 @@ def test_a_cached_training_stage_says_so(dataset, tmp_path):
     stage_cache.finish(Path(cfg.out), key, {"steps": 7}, ["checkpoints/final.pt",
                                                           "summary.json"])
     state = pretrain(cfg, return_state=True)
-    assert state.is_completed() and state.result() == {"steps": 7}
+    assert state.is_completed() and state.name == "Cached"
+    assert state.result() == {"steps": 7}
     assert state.message == f"reused {cfg.out} (up to date), nothing recomputed"
-    assert "pretrain-reused" in artifacts_of(state.state_details.flow_run_id)
+    assert artifact_key("pretrain-reused", cfg.out) in artifacts_of(state.state_details.flow_run_id)
 
 
 def test_show_refuses_a_directory_as_out_and_leaves_no_temporary_file(dataset, tmp_path):
@@ -194,7 +177,8 @@ def test_loss_curve_artifact_embeds_the_image(tmp_path):
         _metrics_artifact("pretrain", {"run_dir": str(tmp_path), "steps": 3})
 
     state = publish(return_state=True)
-    markdown = artifacts_of(state.state_details.flow_run_id)["pretrain-loss-curve"].data
+    artifacts = artifacts_of(state.state_details.flow_run_id)
+    markdown = artifacts[artifact_key("pretrain-loss-curve", str(tmp_path))].data
     assert "file://" not in markdown
     encoded = re.search(r"data:image/png;base64,([A-Za-z0-9+/=]+)\)", markdown).group(1)
     image = cv2.imdecode(np.frombuffer(base64.b64decode(encoded), np.uint8), cv2.IMREAD_COLOR)

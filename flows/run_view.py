@@ -1,0 +1,76 @@
+"""What a Prefect user sees of a run: its name, its artifacts' keys and a reused run's state.
+
+- Run names come from the run's location (``generate-<dataset>-<scenes>``,
+  ``pretrain-<run>``), not Prefect's random pairs, so the runs page reads as a list
+  of datasets and training runs.
+- An artifact key names its location (``synthetic-dataset-<dataset>-<hash>``): Prefect
+  shows the latest artifact of a key as that key's card, so one key per kind shared by
+  every dataset would show one dataset's card on another's runs.
+- A stage that reused its outputs ends in a Completed state named ``Cached``, the badge
+  Prefect gives a task whose result came from its cache: in the UI a fully reused run
+  no longer looks like one that computed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import PurePosixPath
+from typing import Any
+
+from prefect.runtime import flow_run
+from prefect.states import Completed, State
+
+CACHED = "Cached"
+# Prefect's artifact keys: lowercase letters, digits and dashes
+_NOT_KEY = re.compile(r"[^a-z0-9]+")
+_KEY_NAME_CHARS = 40        # of the location's name; the hash keeps keys unique
+
+
+def location_name(location: Any) -> str:
+    """The last component of a dataset or run location (a path or an ``s3://`` URL)."""
+    text = str(location).rstrip("/")
+    return PurePosixPath(text.split("://", 1)[-1]).name or text
+
+
+def artifact_key(kind: str, location: Any) -> str:
+    """``kind`` for ``location``: its name, then 8 hex digits of the whole location, so
+    that two datasets called ``ds`` in different places keep their own cards."""
+    name = _NOT_KEY.sub("-", location_name(location).lower()).strip("-")[:_KEY_NAME_CHARS]
+    digest = hashlib.sha256(str(location).rstrip("/").encode()).hexdigest()[:8]
+    return "-".join(part for part in (kind, name, digest) if part)
+
+
+def reused(message: str, data: Any) -> State:
+    """The final state of a run that recomputed nothing."""
+    return Completed(name=CACHED, message=message, data=data)
+
+
+def _config_value(*keys: str) -> Any:
+    """``parameters["config"][keys...]`` of the current flow run, whether the config is
+    the validated model (in process) or its JSON (as a deployment passes it)."""
+    value = flow_run.parameters.get("config")
+    for key in keys:
+        value = value.get(key) if isinstance(value, dict) else getattr(value, key, None)
+    return value
+
+
+def generate_run_name() -> str:
+    return f"generate-{location_name(_config_value('out'))}-{_config_value('scenes')}"
+
+
+def pipeline_run_name() -> str:
+    return f"pipeline-{location_name(_config_value('generation', 'out'))}"
+
+
+def training_run_name(stage: str):
+    """``<stage>-<run>``: the run directory's name (evaluate: the checkpoint's run)."""
+    def name() -> str:
+        if stage == "evaluate":
+            checkpoint = PurePosixPath(str(_config_value("checkpoint")))
+            run = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" \
+                else checkpoint.parent
+            return f"evaluate-{run.name or checkpoint.stem}"
+        return f"{stage}-{location_name(_config_value('out'))}"
+    name.__name__ = f"{stage}_run_name"
+    return name
