@@ -207,19 +207,24 @@ def start_render_workers(gen) -> None:
 # as the local /HOST/p) before the location check a config value gets.
 @app.command()
 def verify(directory: str = typer.Argument(..., help="shard directory or URL",
-                                           metavar="DIR")) -> None:
+                                           metavar="DIR"),
+           labels: bool = typer.Option(False, "--labels", help="also check each clip's labels "
+                                       "against each other: floor plane, normals, masks in "
+                                       "boxes, classes, visibility, flow, tracks "
+                                       "(docs/dataset-format.md, 'Label checks')")) -> None:
     """Check every shard against the manifest and the planned dataset; exits 1 naming
     each bad or missing shard, 2 when DIR is not a shard directory."""
     from generation.dataset.verify import NotADataset, verify_dataset
 
     directory = dataset_or_exit(directory)
     try:
-        problems = verify_dataset(directory)
+        problems = verify_dataset(directory, labels=labels)
     except NotADataset as exc:
         fail(str(exc))
     if not problems:
         console.print(f"ok: {directory} holds every planned shard and each matches its "
-                      "manifest", markup=False, highlight=False, soft_wrap=True)
+                      "manifest" + ("; every clip's labels agree with each other" if labels
+                                    else ""), markup=False, highlight=False, soft_wrap=True)
         return
     for name, found in problems.items():
         for line in found:
@@ -268,11 +273,39 @@ def check_stage_outputs(cfg: ExperimentConfig) -> None:
             if a < b and (pa == pb or pa in pb.parents or pb in pa.parents):
                 fail(f"{a} ({outs[a]}) and {b} ({outs[b]}) overlap: each stage needs a "
                      "directory of its own")
+    check_stage_inputs(wired)
     if wired.evaluate is not None and wired.finetune is not None:
         # inside finetune.out, so only a foreign directory already there can be in the way
         target = evaluation_dir(wired.evaluate.checkpoint)
         if problem := stage_cache.foreign(target):
             fail(f"evaluate: {problem}")
+
+
+def check_stage_inputs(wired: ExperimentConfig) -> None:
+    """Fail (exit 2) before any work on an input that neither exists nor is made by an
+    earlier stage: found after rendering and pretraining, it would have cost both. The
+    wired config reads the shards, the pretrained and the fine-tuned checkpoints from the
+    stages that make them; what is left is the downstream set (made by ``toy_actions``
+    when that section is there and the stage names no ``data_root`` of its own) and a
+    fine-tuning ``init`` without a pretrain stage."""
+    made = set()
+    if wired.toy_actions is not None:
+        made |= {os.path.normpath(wired.toy_actions.root(fmt)) for fmt in ("list", "ssv2")}
+    inputs = []
+    for section in ("finetune", "evaluate"):
+        stage = getattr(wired, section)
+        if stage is not None:
+            inputs.append((f"{section}.data_root", stage.data_root))
+    if wired.finetune is not None and wired.pretrain is None and wired.finetune.init:
+        inputs.append(("finetune.init", wired.finetune.init))
+    for what, value in inputs:
+        if not value or os.path.normpath(str(value)) in made or "://" in str(value):
+            continue        # made upstream; an object-store input is read where it lives
+        if not Path(value).exists():
+            hint = (f" (toy_actions makes {wired.toy_actions.root('list')})"
+                    if wired.toy_actions is not None and what.endswith("data_root") else "")
+            fail(f"{what}: {value} does not exist and no stage of this pipeline makes "
+                 f"it{hint}")
 
 
 @app.command()

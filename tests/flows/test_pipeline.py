@@ -169,6 +169,21 @@ def test_bad_config_fails_before_any_task(tmp_path):
     assert bad_force.returncode == 2 and "unknown stage" in bad_force.stderr
 
 
+def test_inputs_no_stage_makes_are_refused_before_any_work_and_set_rewires(tmp_path):
+    # a downstream set that does not exist and that no stage makes: refused at once
+    missing = experiment(tmp_path, finetune__data_root=str(tmp_path / "nowhere"))
+    result = pipeline(missing)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert f"finetune.data_root: {tmp_path / 'nowhere'} does not exist" in result.stderr
+    assert not (tmp_path / "shards").exists() and not (tmp_path / "toy").exists()
+
+    # `--set toy_actions.out=X` moves the set that finetune and evaluate read with it
+    from flows.cli_common import load_or_exit
+    cfg = load_or_exit(experiment(tmp_path), {}, [f"toy_actions.out={tmp_path / 'moved'}"])
+    root = str(tmp_path / "moved" / "set" / "list")
+    assert cfg.finetune.data_root == root and cfg.evaluate.data_root == root
+
+
 def test_failed_stage_names_itself_and_keeps_upstream_outputs(tmp_path):
     # finetune on another model size than its pretrain checkpoint: a clear error
     cfg = experiment(tmp_path, finetune__model="pvit_tiny")
