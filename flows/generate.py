@@ -184,7 +184,11 @@ def generate_dataset(config: GenerationConfig) -> State[dict]:
     Render tasks run in this flow run, on a task runner the config chooses at run time
     (so deployments and ``pvit serve`` honour it too); when every shard is up to date no
     runner starts at all. The run holds the dataset's lock throughout
-    (``generation.dataset.lock``): a second writer of the same ``out`` fails naming it."""
+    (``generation.dataset.lock``): a second writer of the same ``out`` fails naming it.
+
+    Args:
+        config: the experiment file's `generation` section (docs/generation.md)
+    """
     with dataset_lock(config.out, owner=f"generate_dataset flow run '{flow_run.name}'"):
         return _generate(config)
 

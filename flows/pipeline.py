@@ -118,7 +118,13 @@ def _stage(name: str, fn, *args, logs: str = "", states: dict, messages: dict,
 @flow(name="pipeline", flow_run_name=pipeline_run_name, persist_result=True,
       result_serializer="json")
 def pipeline(config: ExperimentConfig, force: list[str] | None = None) -> State[dict]:
-    """The whole DAG. ``force`` names stages to recompute (``--force STAGE``)."""
+    """The whole DAG. ``force`` names stages to recompute (``--force STAGE``).
+
+    Args:
+        config: the whole experiment file (every section; README.md)
+        force: stages to compute again even if their outputs are up to date: generate,
+            toy_actions, pretrain, finetune or evaluate
+    """
     with tags(*flow_run.tags):
         return _pipeline(config, force)
 

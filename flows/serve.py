@@ -8,7 +8,7 @@ parameter defaults to that file's section, so a run needs no parameters at all::
     prefect server start &                      # once, in another terminal
     export PREFECT_API_URL=http://127.0.0.1:4200/api
     pvit serve configs/demo.yaml
-    prefect deployment run generate_dataset/serve
+    prefect deployment run generate_dataset/synthetic-dataset
 
 Flows are imported one by one and tolerantly: a flow module that does not exist in
 this checkout is skipped with a note, so ``pvit serve`` works whatever subset exists.
@@ -42,6 +42,20 @@ FLOWS: list[tuple[str, str, str, str | None]] = [
     ("evaluate", "flows.train", "evaluate", "evaluate"),
     ("pipeline", "flows.pipeline", "pipeline", None),
 ]
+# What a user sees in the deployments list: a name and a description per flow, written
+# for the person starting a run (the flows' docstrings are for their readers).
+DEPLOYMENTS: dict[str, tuple[str, str]] = {
+    "generate_dataset": ("synthetic-dataset", "Render synthetic clips with exact labels into "
+                         "WebDataset shards (only what is missing; a rerun renders nothing)."),
+    "pretrain": ("prompt-pretraining", "Pretrain PViT's prompt tokens on a synthetic dataset "
+                 "(reused when the config and the shards are unchanged)."),
+    "finetune": ("fine-tuning", "Fine-tune on the downstream video set, with synthetic "
+                 "batches mixed in (reused when nothing it reads changed)."),
+    "evaluate": ("evaluation", "Top-1/top-5 of a fine-tuned checkpoint, single and "
+                 "multi-view (reused for an unchanged checkpoint and split)."),
+    "pipeline": ("full-pipeline", "Generate, pretrain, fine-tune and evaluate, each stage "
+                 "cached on what determines it: a rerun computes only what changed."),
+}
 FLOW_NAMES = [name for name, *_ in FLOWS]
 
 
@@ -85,9 +99,12 @@ def default_parameters(name: str, experiment: ExperimentConfig | None) -> dict:
 
 
 def build_deployments(flows: dict[str, Flow], experiment: ExperimentConfig | None = None,
-                      name: str = "serve") -> list[RunnerDeployment]:
-    """One deployment per flow, named ``<flow>/<name>``."""
-    return [flow.to_deployment(name=name, parameters=default_parameters(flow_name, experiment),
+                      name: str | None = None) -> list[RunnerDeployment]:
+    """One deployment per flow, named ``<flow>/<its deployment name>`` (``DEPLOYMENTS``)
+    or ``<flow>/<name>`` when a name is given, with a description for its users."""
+    return [flow.to_deployment(name=name or DEPLOYMENTS[flow_name][0],
+                               description=DEPLOYMENTS[flow_name][1],
+                               parameters=default_parameters(flow_name, experiment),
                                tags=["pvit", "serve"])
             for flow_name, flow in flows.items()]
 
@@ -118,7 +135,10 @@ def register(app: typer.Typer) -> None:
             None, help="experiment YAML; its sections become the deployments' default config"),
         flow: list[str] | None = typer.Option(
             None, "--flow", help=f"serve only this flow (repeatable; {', '.join(FLOW_NAMES)})"),
-        name: str = typer.Option("serve", help="deployment name: runs are <flow>/<name>"),
+        name: str | None = typer.Option(
+            None, help="one deployment name for every flow (runs are <flow>/<name>); by "
+            "default each flow's own: " + ", ".join(f"{f}/{d}" for f, (d, _) in
+                                                   DEPLOYMENTS.items())),
         limit: int | None = typer.Option(None, min=1, help="flow runs executed at once"),
         sets: list[str] | None = SetOpt,
     ) -> None:
@@ -142,6 +162,6 @@ def register(app: typer.Typer) -> None:
         if problem := api_problem(PREFECT_API_URL.value()):
             fail(problem)
         deployments = build_deployments(flows, experiment, name)
-        console.print("serving " + ", ".join(f"{f}/{name}" for f in flows)
+        console.print("serving " + ", ".join(f"{d.flow_name}/{d.name}" for d in deployments)
                       + f" on {PREFECT_API_URL.value()}", markup=False)
         serve(*deployments, limit=limit)

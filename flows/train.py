@@ -141,7 +141,11 @@ def trained_outputs(run_dir) -> list[str]:
 
 @flow(name="pretrain", flow_run_name=training_run_name("pretrain"), result_serializer="json")
 def pretrain(config: PretrainConfig) -> State[dict]:
-    """Prompt pretraining on synthetic shards (cached on its config and the shards)."""
+    """Prompt pretraining on synthetic shards (cached on its config and the shards).
+
+    Args:
+        config: the experiment file's `pretrain` section (docs/training.md)
+    """
     key = stage_cache.stage_key("pretrain", config.model_dump(mode="json"),
                                 {"synthetic": dataset_key(config.synthetic)},
                                 stage_cache.code_version("training"))
@@ -150,7 +154,11 @@ def pretrain(config: PretrainConfig) -> State[dict]:
 
 @flow(name="finetune", flow_run_name=training_run_name("finetune"), result_serializer="json")
 def finetune(config: FinetuneConfig) -> State[dict]:
-    """Downstream fine-tuning with synthetic batches mixed in."""
+    """Downstream fine-tuning with synthetic batches mixed in.
+
+    Args:
+        config: the experiment file's `finetune` section (docs/training.md)
+    """
     upstream = {"synthetic": dataset_key(config.synthetic),
                 "init": stage_cache.file_key(config.init)}
     key = stage_cache.stage_key("finetune", config.model_dump(mode="json"), upstream,
@@ -160,7 +168,11 @@ def finetune(config: FinetuneConfig) -> State[dict]:
 
 @flow(name="evaluate", flow_run_name=training_run_name("evaluate"), result_serializer="json")
 def evaluate(config: EvaluateConfig) -> State[dict]:
-    """Top-1/top-5 (single and multi-view) of a fine-tuned checkpoint."""
+    """Top-1/top-5 (single and multi-view) of a fine-tuned checkpoint.
+
+    Args:
+        config: the experiment file's `evaluate` section (docs/training.md)
+    """
     from flows.evaluation_home import evaluation_key
     out_dir = str(evaluation_dir(config.checkpoint))  # shared with `pvit evaluate`
     key = evaluation_key(config)

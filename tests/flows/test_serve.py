@@ -39,6 +39,18 @@ def test_deployments_default_to_the_experiment_sections(tmp_path):
     assert bare.parameters == {}
 
 
+def test_each_flow_has_its_own_deployment_name_description_and_run_form_help():
+    flows, _ = load_flows()
+    deployments = {d.flow_name: d for d in build_deployments(flows)}
+    assert {f: d.name for f, d in deployments.items()} == {
+        "generate_dataset": "synthetic-dataset", "pretrain": "prompt-pretraining",
+        "finetune": "fine-tuning", "evaluate": "evaluation", "pipeline": "full-pipeline"}
+    for flow_name, deployment in deployments.items():
+        assert deployment.description and "``" not in deployment.description, flow_name
+        form = flows[flow_name].parameters.model_dump()["properties"]   # the run form
+        assert form["config"]["description"].startswith("the "), flow_name
+
+
 def _app() -> typer.Typer:
     app = typer.Typer()
     app.command("noop")(lambda: None)  # two commands, so `serve` stays a subcommand
