@@ -18,7 +18,8 @@ from generation.dataset.manifest import MAX_SCENES, renderer_fingerprint
 from generation.dataset.shard_format import class_list
 from generation.dataset.storage import dataset_path
 from generation.render.assets import DEFAULT_MANIFEST, load_manifest
-from generation.render.recipes import RECIPES
+from generation.render.object_assets import ASSET_SETS
+from generation.render.recipes import RECIPE_ASSET_SET, RECIPES
 
 
 class SceneConfig(BaseModel):
@@ -40,6 +41,22 @@ class SceneConfig(BaseModel):
     assets: Optional[list[str]] = None      # subset of asset ids (None = all)
     flow: bool = False                      # also store optical flow
     object_coordinates: bool = False        # also store object coordinates
+    # movi_f only: Cycles motion blur, the shutter centred on each frame
+    shutter: float = Field(0.5, gt=0.0, le=1.0, description="movi_f's motion-blur shutter, "
+                           "in frames (labels are for its centre)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _asset_set(cls, data: Any) -> Any:
+        """``asset_manifest`` may name an asset set (``objects``); left out, it is the
+        recipe's own set (``RECIPE_ASSET_SET``), else the shapes."""
+        if isinstance(data, dict):
+            value = data.get("asset_manifest", RECIPE_ASSET_SET.get(data.get("recipe")))
+            if isinstance(value, str) and value in ASSET_SETS:
+                value = ASSET_SETS[value]
+            if value is not None:
+                data = {**data, "asset_manifest": value}
+        return data
     # point tracks per clip (generation/render/tracks.py); 0 = none, and a spec without
     # them renders the bytes it always did
     tracks: int = Field(0, ge=0, le=100_000, description="point tracks per clip (0: none)")

@@ -67,6 +67,7 @@ SHARD_RE = re.compile(r"shard-\d{6}\.tar")
 # The code that decides pixels and labels, relative to the ``generation`` package: editing
 # any of it renders datasets again. The store hashes these files; it never imports them.
 RENDER_CODE = ("render/scene.py", "render/labels.py", "render/kubric_compat.py",
+               "render/actors.py", "render/actor_labels.py", "dataset/actor_format.py",
                "render/physics.py", "render/asset_cache.py", "render/recipes",
                "dataset/shard_format.py")
 GENERATION_ROOT = Path(__file__).resolve().parents[1]

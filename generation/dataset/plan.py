@@ -108,6 +108,7 @@ def prepare(cfg: GenerationConfig) -> tuple[dict, list[ShardJob], list[ShardJob]
     dataset = {"scenes": cfg.scenes, "scenes_per_shard": cfg.scenes_per_shard, "seed": cfg.seed}
     manifest = new_manifest(jobs[0].scene, jobs[0].spec_hash, _classes(cfg, old, jobs[0]),
                             dataset)
+    manifest.update(cfg.scene.actor_names())   # action_names, joint_names: recipes with people
     replacing = _replacing(cfg, old)   # raises SpecChanged unless cfg.overwrite
     same_spec = old is not None and old.get("spec_hash") == manifest["spec_hash"]
     old_records = _records_by_name(old) if same_spec else {}

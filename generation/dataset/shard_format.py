@@ -48,6 +48,10 @@ A clip dict (what ``decode_sample`` returns and ``encode_clip`` takes)::
     point tracks (``scene.tracks`` = Q > 0; ``track_format``): tracks_query float32
               [Q,3] (t, y, x), tracks_2d float32 [Q,T,2] (x, y pixels),
               tracks_occluded bool [Q,T], tracks_instance uint16 [Q]
+    actors (recipes with people, ``actor_format``; A actors, J = meta["joint_names"]):
+              actor_ids uint16 [A], actor_action int32 [A], actor_mirrored uint8 [A],
+              actor_joints_3d float32 [A,T,J,3] (world metres), actor_joints_2d
+              float32 [A,T,J,2] (pixels), actor_joints_visible uint8 [A,T,J]
 """
 
 from __future__ import annotations
@@ -63,6 +67,9 @@ from typing import Iterable, Iterator
 import numpy as np
 import zstandard
 
+from generation.dataset.actor_format import (ACTOR_CLASSES, ACTOR_SHAPES, ACTOR_SWITCH,
+                                             MAX_ACTORS, MAX_JOINTS, check_actor_shapes,
+                                             writes_actors)
 from generation.dataset.storage import open_file
 from generation.dataset.track_format import (MAX_TRACKS, TRACK_SHAPES, TRACK_SWITCH,
                                              check_track_shapes)
@@ -78,12 +85,15 @@ CLASSES = ("background", "floor", "cube", "sphere", "cylinder", "cone", "torus",
            "icosahedron", "pyramid")
 
 
-def class_list(manifest: dict) -> list[str]:
+def class_list(manifest: dict, actors: bool = False) -> list[str]:
     """A dataset's classes for an asset manifest (Kubric's format, as a dict): the fixed
-    list, then any extra categories of a user's asset set, sorted. Lives with the format
-    (and its hash, ``manifest.RENDER_CODE``): a shard's semantic ids index this list."""
+    list, then any extra categories of a user's asset set, sorted, then (``actors``: a
+    recipe with people) "person" and the body parts (``actor_format.ACTOR_CLASSES``), so
+    a dataset without people keeps its list. Lives with the format (and its hash,
+    ``manifest.RENDER_CODE``): a shard's semantic ids index this list."""
     categories = {a.get("metadata", {}).get("category", k) for k, a in manifest["assets"].items()}
-    return list(CLASSES) + sorted(categories - set(CLASSES))
+    classes = list(CLASSES) + sorted(categories - set(CLASSES))
+    return classes + [c for c in ACTOR_CLASSES if actors and c not in classes]
 
 
 # 1: every array a plain .npy member. 2: every array .npy.zst (format 1 is still read).
@@ -154,6 +164,12 @@ FIELDS = (
     Field("forward_flow",          "forward_flow",      np.float32, 4,   NPY_ZST, True),
     Field("backward_flow",         "backward_flow",     np.float32, 4,   NPY_ZST, True),
     Field("object_coordinates",    "object_coordinates", np.float32, 4,  NPY_ZST, True),
+    Field("actor_ids",             "actor_ids",         np.uint16,  1,   NPY_ZST, True),
+    Field("actor_action",          "actor_action",      np.int32,   1,   NPY_ZST, True),
+    Field("actor_mirrored",        "actor_mirrored",    np.uint8,   1,   NPY_ZST, True),
+    Field("actor_joints_3d",       "actor_joints_3d",   np.float32, 4,   NPY_ZST, True),
+    Field("actor_joints_2d",       "actor_joints_2d",   np.float32, 4,   NPY_ZST, True),
+    Field("actor_joints_visible",  "actor_joints_visible", np.uint8, 3,  NPY_ZST, True),
     Field("tracks_query",          "tracks_query",      np.float32, 2,   NPY_ZST, True),
     Field("tracks_2d",             "tracks_2d",         np.float32, 3,   NPY_ZST, True),
     Field("tracks_occluded",       "tracks_occluded",   np.bool_,   2,   NPY_ZST, True),
@@ -170,12 +186,14 @@ SHAPES = {
     "instances.bbox_3d": ("N", "T", 8, 3), "instances.visibility": ("N", "T"),
     "forward_flow": ("T", "H", "W", 2), "backward_flow": ("T", "H", "W", 2),
     "object_coordinates": ("T", "H", "W", 3),
+    **ACTOR_SHAPES,
     **TRACK_SHAPES,
 }
 # The spec switch (``generation.scene``) that makes the renderer write an optional field.
 SPEC_SWITCHES = {"forward_flow": "flow", "backward_flow": "flow",
                  "object_coordinates": "object_coordinates",
-                 **{key: TRACK_SWITCH for key in TRACK_SHAPES}}
+                 **{key: TRACK_SWITCH for key in TRACK_SHAPES},
+                 **{key: ACTOR_SWITCH for key in ACTOR_SHAPES}}
 
 
 class FormatError(ValueError):
@@ -237,10 +255,11 @@ def clip_limit(spec: dict) -> tuple[int, str] | None:
     n = max(MAX_INSTANCES, objects + 1 if type(objects) is int else 0)
     tracks = spec.get(TRACK_SWITCH)   # a count; absent (older specs): none
     q = min(tracks, MAX_TRACKS) if type(tracks) is int and tracks > 0 else 0
-    dims = {"T": frames, "H": size, "W": size, "N": n, "Q": q}
+    dims = {"T": frames, "H": size, "W": size, "N": n, "A": MAX_ACTORS, "J": MAX_JOINTS,
+            "Q": q}
     total = 0
     for field in FIELDS:
-        if field.dtype is None or (field.optional and not spec.get(SPEC_SWITCHES[field.key], True)):
+        if field.dtype is None or (field.optional and not _switched_on(spec, field.key)):
             continue
         count = math.prod(dims.get(d, d) for d in SHAPES[field.key])
         if count == 0:        # no tracks (Q = 0): the spec writes no such member
@@ -248,6 +267,15 @@ def clip_limit(spec: dict) -> tuple[int, str] | None:
         total += NPY_HEADER_BYTES + count * np.dtype(field.dtype).itemsize
     return total, (f"the largest clip of the manifest's spec: {frames} frames of {size}x{size} "
                    f"px, up to {n} instances")
+
+
+def _switched_on(spec: dict, key: str) -> bool:
+    """Whether the spec's switch lets the renderer write optional field ``key``; a switch
+    the spec leaves out allows it (a hand-made spec). The actor fields' switch is the
+    recipe (``actor_format.writes_actors``); a spec without one is the default, movi."""
+    if SPEC_SWITCHES[key] == ACTOR_SWITCH:
+        return writes_actors(spec.get(ACTOR_SWITCH))
+    return bool(spec.get(SPEC_SWITCHES[key], True))
 
 
 def _zstd_error(name: str, why) -> FormatError:
@@ -464,7 +492,7 @@ def _check_shapes(clip: dict) -> None:
         if clip["instances"][name].shape != shape:
             raise FormatError(f"instances.{name}: shape {clip['instances'][name].shape} "
                               f"!= {shape}")
-    problem = check_track_shapes(clip, t)
+    problem = check_actor_shapes(clip, t) or check_track_shapes(clip, t)
     if problem:
         raise FormatError(problem)
 

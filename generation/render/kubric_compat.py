@@ -68,6 +68,9 @@ from kubric.renderer.blender import (
 )
 from singledispatchmethod import singledispatchmethod
 
+from generation.render import procedural_blender
+from generation.render.procedural import ProceduralMaterial
+
 logger = logging.getLogger(__name__)
 
 OBJECT_COORDINATES_AOV = "ObjectCoordinates"
@@ -223,6 +226,13 @@ class Blender45(Blender):
         if obj.transmission_roughness:
             logger.debug("transmission_roughness has no socket in Blender 4.x; ignored")
         return mat
+
+    # -- procedural materials (generation.render.procedural) -----------------------------
+    @add_asset.register(ProceduralMaterial)
+    @blender_utils.prepare_blender_object
+    def _add_procedural_material(self, obj: ProceduralMaterial):
+        return procedural_blender.build_material(
+            obj, lambda trait, socket: _bind(obj, trait, socket))
 
     # -- fix: OBJ importer renamed; Mesh.use_auto_smooth removed ---------------------------
     @add_asset.register(core.FileBasedObject)

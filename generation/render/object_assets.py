@@ -31,6 +31,7 @@ import numpy as np
 
 from generation.dataset.storage import write_atomic
 from generation.render.assets import (
+    DEFAULT_MANIFEST,
     FRICTION,
     RESTITUTION,
     _canonical_float,
@@ -207,6 +208,11 @@ def build_object_set(out_dir: Path, data: Path | None = None) -> Path:
     path = out_dir / "manifest.json"
     write_atomic(path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
     return path
+
+
+# Asset sets by name: ``generation.scene.asset_manifest`` may name one instead of a
+# path (``asset_manifest: objects``); any other value is a path to a Kubric manifest.
+ASSET_SETS = {"shapes": DEFAULT_MANIFEST, "objects": OBJECTS_MANIFEST}
 
 
 if __name__ == "__main__":

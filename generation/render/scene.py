@@ -99,6 +99,7 @@ def render_passes(cfg: SceneConfig, seed: int, key: str, *, scratch_root: Path |
 
     from generation.render.asset_cache import asset_source
     from generation.render.kubric_compat import Blender45
+    from generation.render.procedural_blender import apply_content
 
     timings = {}
     scratch = Path(tempfile.mkdtemp(prefix=f"render_{key}_", dir=scratch_root))
@@ -135,6 +136,8 @@ def render_passes(cfg: SceneConfig, seed: int, key: str, *, scratch_root: Path |
         source = asset_source(cfg.asset_manifest, scratch_root)
         with _quiet_fd():
             content = get_recipe(cfg.recipe)(scene, cfg, rng, source, asset_ids)
+        # the recipe's HDRI world and motion blur (none for movi)
+        apply_content(renderer, content)
         timings["build_s"] = time.perf_counter() - t0
 
         t1 = time.perf_counter()

@@ -12,7 +12,14 @@ process (TensorFlow loaded before torch's triton crashes the process).
 
 from importlib import import_module
 
-RECIPES = {"movi": "generation.render.recipes.movi:build"}
+RECIPES = {"movi": "generation.render.recipes.movi:build",
+           "movi_c": "generation.render.recipes.movi_c:build",
+           "movi_e": "generation.render.recipes.movi_e:build",
+           "movi_f": "generation.render.recipes.movi_f:build"}
+
+# The asset set (generation.render.object_assets.ASSET_SETS) a recipe renders when the
+# config names none; every other recipe renders the shapes.
+RECIPE_ASSET_SET = {"movi_c": "objects", "movi_e": "objects", "movi_f": "objects"}
 
 
 def get_recipe(name: str):

@@ -35,6 +35,10 @@ class SceneContent:
     floor: kb.Cube
     objects: list = field(default_factory=list)   # kb.FileBasedObject, in instance order
     camera: kb.PerspectiveCamera | None = None
+    # Applied to Blender after the recipe (procedural_blender.apply_content): an
+    # HdriWorld for light and background, and Cycles' motion-blur shutter in frames.
+    world: object | None = None
+    motion_blur_shutter: float = 0.0
 
 
 def _random_material(rng: np.random.RandomState, name: str) -> kb.PrincipledBSDFMaterial:
@@ -51,11 +55,12 @@ def _camera_position(radius: float, elevation_deg: float, azimuth_deg: float) ->
     return radius * np.array([np.cos(el) * np.cos(az), np.cos(el) * np.sin(az), np.sin(el)])
 
 
-def _place(scene: kb.Scene, simulator: PyBullet, obj, rng: np.random.RandomState) -> bool:
-    """Move ``obj`` to a random pose where it overlaps nothing; remove it from the
-    scene (simulator and renderer too) and say False when there is none."""
+def _place(scene: kb.Scene, simulator: PyBullet, obj, rng: np.random.RandomState,
+           spawn_region=SPAWN_REGION) -> bool:
+    """Move ``obj`` to a random pose in ``spawn_region`` where it overlaps nothing;
+    remove it from the scene (simulator and renderer too) and say False when there is none."""
     try:
-        kb.move_until_no_overlap(obj, simulator, spawn_region=SPAWN_REGION, rng=rng)
+        kb.move_until_no_overlap(obj, simulator, spawn_region=spawn_region, rng=rng)
     except RuntimeError as err:
         if not err.args or err.args[0] != "Failed to place":
             raise
