@@ -9,8 +9,10 @@ nor holds ``..`` (``tarfile.extractall`` would write it outside its target), eve
 frame with its checksum, no plain ``.npy`` in a format 2 dataset, and no clip larger than
 the manifest's spec renders, checked before anything is decompressed. Per dataset:
 every planned shard (``dataset`` in the manifest) is there, and no ``*.tar`` is
-unlisted. Returns the problems found, one line each; a damaged shard never stops the
-others from being checked. The dataset may be a local directory or an object-store
+unlisted. With ``labels`` (``pvit verify --labels``), each clip's labels are also
+checked against each other (``label_checks``: floor plane, normals, masks and boxes,
+classes, visibility, flow, tracks). Returns the problems found, one line each; a
+damaged shard never stops the others from being checked. The dataset may be a local directory or an object-store
 prefix (``s3://bucket/ds``): objects are streamed, never downloaded whole.
 """
 
@@ -30,8 +32,10 @@ from generation.dataset.manifest import (
     read_manifest,
     sha256_object,
 )
+from generation.dataset.label_checks import check_labels
 from generation.dataset.shard_format import FormatError, ReadRules, read_shard
 from generation.dataset.storage import Location, LocationError
+from generation.dataset.track_format import track_ranges
 
 # Missing planned shards named one by one; beyond these, one line counts the rest.
 MISSING_SHOWN = 10
@@ -69,6 +73,7 @@ def check_clip(clip: dict, spec: dict, classes: list[str]) -> list[str]:
     q = clip["instances"]["quaternion"]
     if np.abs(np.linalg.norm(q, axis=-1) - 1).max() > 1e-3:
         problems.append(f"{clip['key']}: instance quaternions are not unit")
+    problems += [f"{clip['key']}: {p}" for p in track_ranges(clip)]
     return problems
 
 
@@ -76,9 +81,10 @@ class NotADataset(ValueError):
     """The path is not a shard directory at all: bad input (exit 2), not bad data."""
 
 
-def verify_dataset(directory) -> dict[str, list[str]]:
+def verify_dataset(directory, labels: bool = False) -> dict[str, list[str]]:
     """Problems per shard name (``"manifest"`` and ``"dataset"`` for dataset-level
-    ones); empty when valid. Every shard is checked whatever the others hold."""
+    ones); empty when valid. Every shard is checked whatever the others hold; with
+    ``labels``, each clip's labels against each other too (``label_checks``)."""
     where = Location(directory)
     if where.local is not None and not where.local.is_dir():
         raise NotADataset(f"{where}: " + ("not a directory" if where.local.exists()
@@ -106,8 +112,10 @@ def verify_dataset(directory) -> dict[str, list[str]]:
         if problem := name_problem(name):      # nothing outside the dataset is read
             problems["manifest"].append(f"shard record {index} {problem}")
             continue
-        found, clips = check_shard(where, name, record, spec, classes, rules)
-        problems[name].extend(found)
+        found, clips, wrong_labels = check_shard(where, name, record, spec, classes, rules,
+                                                 labels)
+        problems[name].extend(found + wrong_labels)
+        # a clip whose labels disagree is there and reads: not missing from the plan
         listed[name] = 0 if found else clips
     if not listed:
         problems["manifest"].append("manifest lists no shards")
@@ -119,25 +127,32 @@ def verify_dataset(directory) -> dict[str, list[str]]:
 
 
 def check_shard(where: Location, name: str, record: dict, spec: dict | None,
-                classes: list | None, rules: ReadRules | None = None) -> tuple[list[str], int]:
-    """(problems of shard ``name`` of ``where``, clips decoded). Never raises on bad
-    data: a damaged shard is one more line, and the caller goes on with the next shard.
-    ``rules``: what the shard is held to besides decoding (``ReadRules.for_manifest``)."""
+                classes: list | None, rules: ReadRules | None = None,
+                labels: bool = False) -> tuple[list[str], int, list[str]]:
+    """(problems of shard ``name`` of ``where``, clips decoded, label problems). Never
+    raises on bad data: a damaged shard is one more line, and the caller goes on with the
+    next shard.
+    ``rules``: what the shard is held to besides decoding (``ReadRules.for_manifest``);
+    ``labels``: check each clip's labels against each other (``label_checks``) once its
+    ranges are right."""
     found = [f"manifest record has no {field}" for field in ("sha256", "samples")
              if field not in record]
     if not where.is_file(name):
-        return found + ["missing"], 0
+        return found + ["missing"], 0, []
     try:
         if "sha256" in record and sha256_object(where, name) != record["sha256"]:
             found.append("sha256 does not match the manifest")
     except OSError as exc:
-        return found + [f"cannot be read: {exc}"], 0
-    keys = []
+        return found + [f"cannot be read: {exc}"], 0, []
+    keys, wrong_labels = [], []
     try:
         for clip in read_shard(where.local / name if where.local else where.join(name), rules):
             keys.append(clip["key"])
             if spec is not None and classes is not None:
-                found.extend(check_clip(clip, spec, classes))
+                ranges = check_clip(clip, spec, classes)
+                found.extend(ranges)
+                if labels and not ranges:
+                    wrong_labels.extend(check_labels(clip, classes))
             del clip   # one clip in memory at a time, not this one and the next
     except (FormatError, OSError, ValueError, tarfile.TarError) as exc:
         # truncated, empty or with a broken tar header: tarfile.ReadError
@@ -146,7 +161,7 @@ def check_shard(where: Location, name: str, record: dict, spec: dict | None,
         found.append(f"{len(keys)} samples decoded, manifest says {record['samples']}")
     elif keys != record.get("keys", keys):
         found.append("sample keys differ from the manifest")
-    return found, len(keys)
+    return found, len(keys), wrong_labels
 
 
 def check_planned(dataset, listed: dict[str, int], problems: dict[str, list[str]]) -> None:

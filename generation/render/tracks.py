@@ -5,7 +5,7 @@ neighbours show it, so its depth is that surface's) at a frame of the clip. The 
 centre is back-projected through depth, K and world_to_camera, held in its object's
 frame (``instances.position``/``quaternion`` at the query frame), carried to every
 frame with the object's pose, and projected. A point is occluded where it leaves the
-frame or something nearer covers it (``geometry.occluded``, ``OCCLUSION_TOLERANCE``).
+frame or something nearer covers it (``geometry.occluded``, ``geometry.OCCLUSION_TOLERANCE``).
 
 Pure numpy; called by ``scene._clip_from_render`` when ``SceneConfig.tracks`` > 0.
 """
@@ -16,10 +16,6 @@ import numpy as np
 
 from generation.dataset import geometry
 
-# Relative depth slack of the occlusion test. A visible point's depth matches the surface
-# seen around it to ~1e-5 (float32 depth and poses; measured on movi clips); 1e-3 (8 mm
-# at 8 m) keeps a point on the far side of a 1 m object hidden.
-OCCLUSION_TOLERANCE = 1e-3
 # The draws of the tracks come from their own stream of the scene's seed: the recipe's
 # draws (np.random.RandomState(seed)) are untouched, so tracks=0 renders the same bytes.
 RNG_STREAM = 0x747261636B      # "track"
@@ -39,7 +35,7 @@ def point_tracks(clip: dict, count: int, seed: int) -> dict:
     instance = np.argmax(ids[None, :] == instance_seg[t, v, u][:, None], axis=1)
     points = _query_points(clip, t, v, u)
     xy, z = project_tracks(clip, points, instance, t)
-    hidden = geometry.occluded(xy, z, clip["depth"], OCCLUSION_TOLERANCE)
+    hidden = geometry.occluded(xy, z, clip["depth"], geometry.OCCLUSION_TOLERANCE)
     return {"tracks_query": np.stack([t, v + 0.5, u + 0.5], axis=-1).astype(np.float32),
             "tracks_2d": xy.astype(np.float32),
             "tracks_occluded": hidden,
