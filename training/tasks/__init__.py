@@ -8,7 +8,7 @@ converters loop over it. Adding a task: a module defining a ``SyntheticTask`` an
 
 from __future__ import annotations
 
-from training.tasks import boxes, depth, normals, pose, segmentation
+from training.tasks import boxes, depth, human_pose, normals, pose, segmentation
 from training.tasks.base import ClipView, HeadContext, SyntheticTask  # noqa: F401
 
 TASKS: dict[str, SyntheticTask] = {}
@@ -42,7 +42,7 @@ def target_keys(names: list[str] | tuple[str, ...] | None = None) -> tuple[str, 
 
 
 def _register_builtins() -> None:
-    for module in (depth, normals, segmentation, pose, boxes):
+    for module in (depth, normals, segmentation, pose, boxes, human_pose):
         register(module.TASK)
 
 
