@@ -14,6 +14,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from generation.dataset.actor_format import ACTION_NAMES, ACTOR_RECIPES, JOINT_NAMES
 from generation.dataset.manifest import MAX_SCENES, renderer_fingerprint
 from generation.dataset.shard_format import class_list
 from generation.dataset.storage import dataset_path
@@ -85,8 +86,16 @@ class SceneConfig(BaseModel):
 
     def classes(self) -> list[str]:
         """The semantic classes its clips label: the fixed list, then any extra
-        categories of the asset manifest (what the manifest's ``classes`` records)."""
-        return class_list(load_manifest(self.asset_manifest))
+        categories of the asset manifest, then "person" and the body parts for a recipe
+        with people (what the manifest's ``classes`` records)."""
+        return class_list(load_manifest(self.asset_manifest), actors=self.recipe in ACTOR_RECIPES)
+
+    def actor_names(self) -> dict:
+        """What the manifest adds for a recipe with people: the names its clips'
+        ``actor_action`` and joint axis index (``actor_format``); else nothing."""
+        if self.recipe not in ACTOR_RECIPES:
+            return {}
+        return {"action_names": list(ACTION_NAMES), "joint_names": list(JOINT_NAMES)}
 
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from generation.config import SceneConfig
 from generation.dataset.shard_format import class_list, encode_clip
-from generation.render import labels
+from generation.render import actor_labels, labels
 from generation.render.assets import load_manifest
 from generation.render.devices import use_device
 from generation.render.recipes import get_recipe
@@ -129,7 +129,7 @@ def render_passes(cfg: SceneConfig, seed: int, key: str, *, scratch_root: Path |
         if not labels_on:
             _disable_label_passes()
         manifest = load_manifest(cfg.asset_manifest)
-        classes = class_list(manifest)
+        classes = cfg.classes()
         asset_ids = sorted(cfg.assets or manifest["assets"])
         # the process's asset source: each asset is unpacked once per process, not
         # once per scene
@@ -241,23 +241,29 @@ def _clip_from_render(out: dict, scene, content, cfg: SceneConfig, seed: int, ke
     w2c = np.stack([labels.world_to_camera(cam.get_value_at("position", f),
                                            cam.get_value_at("quaternion", f)) for f in frames])
 
-    # Our instance ids: floor 1, objects 2.. in the order the recipe added them.
+    # Our instance ids: floor 1, objects 2.. in the order the recipe added them, then the
+    # actors of a recipe with people (all body parts of one actor are one instance).
     instances = [content.floor] + list(content.objects)
+    actors = list(getattr(content, "actors", ()))
     lookup = np.zeros(len(scene.assets) + 1, dtype=np.uint16)
     for idx, asset in enumerate(scene.assets, start=1):
         for our_id, inst in enumerate(instances, start=1):
             if asset is inst:
                 lookup[idx] = our_id
+    parts = actor_labels.actor_assets(scene.assets, actors, len(instances) + 1, classes)
+    for idx, (our_id, _) in parts.items():
+        lookup[idx] = our_id
     instance_seg = labels.remap_ids(out["segmentation"][..., 0], lookup).astype(np.uint16)
-    categories = np.array([classes.index(i.metadata["category"]) for i in instances],
-                          dtype=np.int32)
+    categories = np.array([classes.index(i.metadata["category"]) for i in instances]
+                          + actor_labels.categories(actors, classes), dtype=np.int32)
     cat_lookup = np.concatenate([[0], categories]).astype(np.uint8)
-    semantic_seg = cat_lookup[instance_seg]
+    semantic_seg = actor_labels.part_classes(cat_lookup[instance_seg],
+                                             out["segmentation"][..., 0], parts)
 
     mask = instance_seg > 0
     normal = np.stack([labels.normals_to_camera(out["normal_float"][t], w2c[t], mask[t])
                        for t in range(len(frames))])
-    ids = np.arange(1, len(instances) + 1, dtype=np.uint16)
+    ids = np.arange(1, len(instances) + len(actors) + 1, dtype=np.uint16)
     position = np.array([[i.get_value_at("position", f) for f in frames] for i in instances],
                         dtype=np.float32)
     quaternion = np.array([[i.get_value_at("quaternion", f) for f in frames] for i in instances],
@@ -265,6 +271,11 @@ def _clip_from_render(out: dict, scene, content, cfg: SceneConfig, seed: int, ke
     bbox = np.array([[labels.box_corners(i.bounds, i.scale, position[n, t], quaternion[n, t])
                       for t in range(len(frames))] for n, i in enumerate(instances)],
                     dtype=np.float32)
+    if actors:
+        rows = actor_labels.instance_rows(actors)
+        position, quaternion, bbox = (np.concatenate([a, rows[k]]) for a, k in
+                                      ((position, "position"), (quaternion, "quaternion"),
+                                       (bbox, "bbox_3d")))
     clip = {
         "key": key,
         "rgb": np.ascontiguousarray(out["rgba"][..., :3]),
@@ -292,6 +303,9 @@ def _clip_from_render(out: dict, scene, content, cfg: SceneConfig, seed: int, ke
         clip["forward_flow"], clip["backward_flow"] = forward, backward
     if cfg.object_coordinates:
         clip["object_coordinates"] = (out["object_coordinates"].astype(np.float32) / 65535.0)
+    if actors:
+        clip.update(actor_labels.clip_fields(actors, ids[len(instances):], K, w2c, clip["depth"]))
+        clip["meta"].update(actor_labels.meta(actors))
     if cfg.tracks:     # from the clip's own labels, once they are all there
         clip.update(point_tracks(clip, cfg.tracks, seed))
     return clip

@@ -13,6 +13,7 @@ process (TensorFlow loaded before torch's triton crashes the process).
 from importlib import import_module
 
 RECIPES = {"movi": "generation.render.recipes.movi:build",
+           "humanoid": "generation.render.recipes.humanoid:build",
            "movi_c": "generation.render.recipes.movi_c:build",
            "movi_e": "generation.render.recipes.movi_e:build",
            "movi_f": "generation.render.recipes.movi_f:build"}
@@ -20,6 +21,9 @@ RECIPES = {"movi": "generation.render.recipes.movi:build",
 # The asset set (generation.render.object_assets.ASSET_SETS) a recipe renders when the
 # config names none; every other recipe renders the shapes.
 RECIPE_ASSET_SET = {"movi_c": "objects", "movi_e": "objects", "movi_f": "objects"}
+
+# Recipes whose scenes have people (this one module: generation.dataset.actor_format)
+from generation.dataset.actor_format import ACTOR_RECIPES  # noqa: E402,F401
 
 
 def get_recipe(name: str):
