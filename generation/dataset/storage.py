@@ -16,15 +16,26 @@ What "atomic" means here:
 Cheap metadata (``Meta``): size plus the local file's ``mtime_ns`` or the object's ETag;
 a listing of the location gives both for every object in one request per 1,000 objects,
 which is what lets a rerun decide what is kept without reading shard bytes.
+
+Transient faults: every object-store call of a ``Location`` (and ``open_file``) goes
+through ``retrying``: a connection refused or reset, a timeout, or an HTTP 5xx/429
+answer is retried with exponential backoff (0.5 s doubling to 15 s between tries) for up
+to ``PVIT_STORE_RETRY_S`` seconds in all (default ``RETRY_SECONDS``, 120), so a store
+that restarts or a network that drops for a minute costs a run that minute, not the run.
+A missing object (404), a denied one (403) or a refused conditional write (412) is an
+answer, never retried. What still fails after the bound is ``StoreUnreachable``, one line.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
+import logging
 import os
 import shutil
 import stat
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Optional
@@ -39,6 +50,15 @@ OBJECT_STORES = ("s3", "gs")
 EXTRAS = {"s3": ("s3fs", "s3"), "gs": ("gcsfs", "gcs")}
 
 
+log = logging.getLogger(__name__)
+
+# How long an object-store call keeps retrying a transient fault, in seconds, all tries
+# together; the environment's PVIT_STORE_RETRY_S overrides it (0: no retries).
+RETRY_SECONDS = 120.0
+RETRY_ENV = "PVIT_STORE_RETRY_S"
+_FIRST_WAIT_S, _MAX_WAIT_S = 0.5, 15.0
+
+
 class LocationError(ValueError):
     """A dataset location the project cannot (or must not) open; one line."""
 
@@ -51,6 +71,15 @@ class WriteError(OSError):
 
     def __str__(self) -> str:
         return f"cannot write {self.filename}: {self.strerror}"
+
+
+class StoreUnreachable(OSError):
+    """An object-store call that kept failing with transient faults (connection refused,
+    timeouts, 5xx) for the whole retry budget; ``str()`` is one line naming the
+    location, the last cause and the time spent."""
+
+    def __str__(self) -> str:
+        return f"{self.filename}: {self.strerror}"
 
 
 @dataclass(frozen=True)
@@ -123,6 +152,119 @@ def filesystem(scheme: str):
     return _filesystems[key]
 
 
+def retry_budget() -> float:
+    """Seconds a store call may spend retrying transient faults (``PVIT_STORE_RETRY_S``,
+    else ``RETRY_SECONDS``)."""
+    text = os.environ.get(RETRY_ENV, "").strip()
+    if not text:
+        return RETRY_SECONDS
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise LocationError(f"{RETRY_ENV}={text!r}: expected a number of seconds >= 0")
+    return value
+
+
+# Answers of the store, whatever wraps them: never retried.
+_ANSWERS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
+            NotADirectoryError)
+# HTTP error codes S3/GCS send with a status that may be a gateway's, not the store's
+_TRANSIENT_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout",
+                    "RequestTimeTooSkewed", "Throttling", "ThrottlingException",
+                    "TooManyRequests"}
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it wraps) is an outage worth waiting out: a connection
+    refused, reset or closed, a timeout, or an HTTP 5xx/429 answer. A 404, 403 or 412
+    (and any other answer) is not: a missing object is an answer, not an outage."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, _ANSWERS):
+            return False
+        if isinstance(exc, (ConnectionError, TimeoutError)):   # socket.timeout too
+            return True
+        status = _http_status(exc)
+        if status is not None:
+            return status >= 500 or status == 429
+        module = type(exc).__module__ or ""
+        name = type(exc).__name__
+        if module.startswith("botocore") and name in _BOTOCORE_TRANSIENT:
+            return True
+        if module.startswith("aiohttp") and ("Connect" in name or "Disconnected" in name
+                                             or "Timeout" in name or "Payload" in name):
+            return True
+        if name == "FSTimeoutError":
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+# botocore's connection-level failures (no answer from the store at all)
+_BOTOCORE_TRANSIENT = {"EndpointConnectionError", "ConnectionClosedError",
+                       "ReadTimeoutError", "ConnectTimeoutError", "ConnectionError",
+                       "HTTPClientError", "IncompleteReadError", "ResponseStreamingError",
+                       "ProxyConnectionError"}
+
+
+def _http_status(exc: BaseException) -> int | None:
+    """The HTTP status of a store's error answer (botocore's ``ClientError``, gcsfs's
+    ``HttpError``), else None."""
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict) and "Error" in response:
+        code = response["Error"].get("Code")
+        if code in _TRANSIENT_CODES:
+            return 503
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return int(status) if isinstance(status, int) else None
+    code = getattr(exc, "code", None)
+    if type(exc).__module__.startswith("gcsfs") and isinstance(code, int):
+        return code
+    return None
+
+
+def retrying(call, where: str, *args, **kwargs):
+    """``call(*args, **kwargs)``, retried on transient faults (``transient``) with
+    exponential backoff for up to ``retry_budget()`` seconds; then ``StoreUnreachable``
+    naming ``where``. Anything else is raised as it is, at once."""
+    budget, wait, deadline = retry_budget(), _FIRST_WAIT_S, None
+    while True:
+        try:
+            return call(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - sorted by transient()
+            if not transient(exc):
+                raise
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + budget
+                if budget > 0:
+                    log.warning("%s: %s; retrying for up to %.0f s", where,
+                                _first_line(exc), budget)
+            if now >= deadline:
+                raise StoreUnreachable(errno.EIO, f"cannot reach the store: "
+                                       f"{_first_line(exc)} (retried for {budget:.0f} s, "
+                                       f"{RETRY_ENV})", where) from None
+            time.sleep(min(wait, deadline - now))
+            wait = min(2 * wait, _MAX_WAIT_S)
+
+
+class _Retrying:
+    """An fsspec filesystem whose every method call goes through ``retrying``: what
+    ``Location.fs`` hands out, so no store call of the project goes without it."""
+
+    def __init__(self, fs, where: str):
+        self._fs, self._where = fs, where
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._fs, name)
+        if not callable(attr):
+            return attr
+        return functools.partial(retrying, attr, self._where)
+
+
 def _store_error(exc: Exception, where: str) -> OSError:
     """A store's failure (no credentials, endpoint down, access denied) as an ``OSError``
     with one line naming the location: botocore's exceptions are not ``OSError``s."""
@@ -169,7 +311,8 @@ class Location:
 
     @property
     def fs(self):
-        return filesystem(self.scheme)
+        """The store's filesystem, every call retried on transient faults (``retrying``)."""
+        return _Retrying(filesystem(self.scheme), self.url)
 
     # --- reading -----------------------------------------------------------------------
     def exists(self, name: str = "") -> bool:
@@ -264,6 +407,8 @@ class Location:
         except PermissionError as exc:
             raise WriteError(errno.EACCES, f"access denied to bucket '{bucket}' (check the "
                              f"credentials): {_first_line(exc)}", self.url) from None
+        except StoreUnreachable as exc:
+            raise WriteError(errno.EIO, exc.strerror, self.url) from None
         except Exception as exc:  # noqa: BLE001 - endpoint down, bad config: one line
             raise WriteError(errno.EIO, f"cannot reach the store: {_first_line(exc)}",
                              self.url) from None
@@ -349,7 +494,7 @@ def open_file(path: str | os.PathLike, mode: str = "rb") -> IO[bytes]:
     scheme, where = parse(path)
     if not scheme:
         return open(where, mode)
-    return filesystem(scheme).open(where, mode)
+    return retrying(filesystem(scheme).open, os.fspath(path), where, mode)
 
 
 def _meta(info: dict) -> Meta:

@@ -109,14 +109,19 @@ def test_an_endpoint_that_refuses_connections_is_named_not_a_missing_bucket(tmp_
     # issue 24: generate said "no such bucket" when the endpoint was down
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
-           "AWS_EC2_METADATA_DISABLED": "true", "AWS_MAX_ATTEMPTS": "1"}
+           "AWS_EC2_METADATA_DISABLED": "true", "AWS_MAX_ATTEMPTS": "1",
+           "PVIT_STORE_RETRY_S": "1"}   # retried for 1 s, then one line
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"generation": {"scene": TINY_SCENE}}))
     result = pvit("generate", config, "--out", f"s3://{BUCKET}/ds", env=env, timeout=300)
     assert result.returncode == 2, result.stderr[-2000:]
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "cannot reach the store" in lines[0], lines
-    assert "Could not connect to the endpoint URL" in lines[0] and "no such bucket" not in lines[0]
+    # one notice while it retries, then the error's one line (issue 25: no traceback)
+    *notices, error = lines
+    assert len(notices) == 1 and notices[0].endswith("retrying for up to 1 s"), lines
+    assert error.startswith("error: ") and "cannot reach the store" in error, lines
+    assert "Could not connect to the endpoint URL" in error and "no such bucket" not in error
+    assert "(retried for 1 s, PVIT_STORE_RETRY_S)" in error
 
 
 def test_exclusive_create_refuses_the_second_writer(prefix):
