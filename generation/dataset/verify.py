@@ -12,8 +12,9 @@ every planned shard (``dataset`` in the manifest) is there, and no ``*.tar`` is
 unlisted. With ``labels`` (``pvit verify --labels``), each clip's labels are also
 checked against each other (``label_checks``: floor plane, normals, masks and boxes,
 classes, visibility, flow, tracks). Returns the problems found, one line each; a
-damaged shard never stops the others from being checked. The dataset may be a local directory or an object-store
-prefix (``s3://bucket/ds``): objects are streamed, never downloaded whole.
+damaged shard never stops the others from being checked. The dataset may be a local
+directory or an object-store prefix (``s3://bucket/ds``): objects are streamed, never
+downloaded whole.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from collections import defaultdict
 
 import numpy as np
 
+from generation.dataset.label_checks import check_labels
 from generation.dataset.manifest import (
     MANIFEST_NAME,
     MAX_SCENES,
@@ -32,7 +34,6 @@ from generation.dataset.manifest import (
     read_manifest,
     sha256_object,
 )
-from generation.dataset.label_checks import check_labels
 from generation.dataset.shard_format import FormatError, ReadRules, read_shard
 from generation.dataset.storage import Location, LocationError
 from generation.dataset.track_format import track_ranges

@@ -8,7 +8,7 @@ import pytest
 from pvit_cli import pvit
 from pyquaternion import Quaternion
 
-from generation.dataset.label_checks import check_labels, residuals, Scene
+from generation.dataset.label_checks import Scene, check_labels, residuals
 from generation.dataset.manifest import MANIFEST_NAME, new_manifest, sha256_file, write_json_atomic
 from generation.dataset.shard_format import CLASSES, write_shard
 from generation.dataset.verify import verify_dataset

@@ -32,7 +32,8 @@ def expected_track(clip, q):
     local = pose[t][0].T @ (world_point(clip, t, y, x) - pose[t][1])
     xy, z = [], []
     for s, (rotation, origin) in enumerate(pose):
-        cam = clip["world_to_camera"][s].astype(np.float64) @ np.append(rotation @ local + origin, 1)
+        world = np.append(rotation @ local + origin, 1.0)
+        cam = clip["world_to_camera"][s].astype(np.float64) @ world
         pix = clip["K"].astype(np.float64) @ cam[:3]
         xy.append(pix[:2] / pix[2])
         z.append(cam[2])
@@ -102,7 +103,7 @@ def test_visible_points_show_their_instance_at_their_depth(tracked_clip):
     checked = hidden = 0
     for q in range(len(clip["tracks_query"])):
         xy, z = expected_track(clip, q)
-        for s, ((x, y), zs) in enumerate(zip(xy, z)):
+        for s, ((x, y), zs) in enumerate(zip(xy, z, strict=True)):
             if not (0 <= x < w and 0 <= y < h):
                 assert clip["tracks_occluded"][q, s]           # out of the frame
                 continue
