@@ -46,12 +46,12 @@ def movi_c():
 
 @pytest.fixture(scope="module")
 def movi_e():
-    return _render(_cfg("movi_e"))
+    return _render(_cfg("movi_e", flow=True, object_coordinates=True))
 
 
 @pytest.fixture(scope="module")
 def movi_f():
-    return _render(_cfg("movi_f"))
+    return _render(_cfg("movi_f", flow=True, object_coordinates=True))
 
 
 @pytest.fixture(params=["movi_c", "movi_e", "movi_f"])
@@ -169,7 +169,8 @@ def test_movi_f_blurs_rgb_only_labels_equal_movi_e(movi_e, movi_f):
     assert state["motion_blur"] and not state["aux_motion_blur"]
     assert not sharp_state["motion_blur"]
     assert not np.array_equal(sharp["rgb"], blurred["rgb"])
-    for key in ("depth", "instance_seg", "semantic_seg", "normal", "K", "world_to_camera"):
+    for key in ("depth", "instance_seg", "semantic_seg", "normal", "K", "world_to_camera",
+                "forward_flow", "backward_flow", "object_coordinates"):
         assert np.array_equal(sharp[key], blurred[key]), key
     for key, value in sharp["instances"].items():
         assert np.array_equal(blurred["instances"][key], value), key
