@@ -42,9 +42,22 @@ class SceneConfig(BaseModel):
     assets: Optional[list[str]] = None      # subset of asset ids (None = all)
     flow: bool = False                      # also store optical flow
     object_coordinates: bool = False        # also store object coordinates
+    # point tracks per clip (generation/render/tracks.py); 0 = none, and a spec without
+    # them renders the bytes it always did
+    tracks: int = Field(0, ge=0, le=100_000, description="point tracks per clip (0: none)")
+
     # movi_f only: Cycles motion blur, the shutter centred on each frame
     shutter: float = Field(0.5, gt=0.0, le=1.0, description="movi_f's motion-blur shutter, "
                            "in frames (labels are for its centre)")
+
+    # humanoid only (generation/render/recipes/humanoid.py)
+    actions: Optional[list[str]] = Field(None, description="motions the actors play (None: "
+                                         "all of the manifest's action_names)")
+    min_actors: int = Field(1, ge=1, le=3)
+    max_actors: int = Field(3, ge=1, le=3)
+    domain: Literal["source", "heldout"] = Field(
+        "source", description="humanoid looks: heldout draws other worlds, materials, "
+        "camera ranges and body heights than source (a held-out test domain)")
 
     @model_validator(mode="before")
     @classmethod
@@ -58,14 +71,17 @@ class SceneConfig(BaseModel):
             if value is not None:
                 data = {**data, "asset_manifest": value}
         return data
-    # point tracks per clip (generation/render/tracks.py); 0 = none, and a spec without
-    # them renders the bytes it always did
-    tracks: int = Field(0, ge=0, le=100_000, description="point tracks per clip (0: none)")
 
     @model_validator(mode="after")
     def _check(self) -> "SceneConfig":
         if self.min_objects > self.max_objects:
             raise ValueError(f"min_objects ({self.min_objects}) > max_objects ({self.max_objects})")
+        if self.min_actors > self.max_actors:
+            raise ValueError(f"min_actors ({self.min_actors}) > max_actors ({self.max_actors})")
+        if self.actions is not None:
+            unknown = sorted(set(self.actions) - set(ACTION_NAMES))
+            if unknown or not self.actions:
+                raise ValueError(f"unknown action(s) {unknown} (known: {list(ACTION_NAMES)})")
         if self.recipe not in RECIPES:
             raise ValueError(f"unknown recipe {self.recipe!r} (known: {sorted(RECIPES)})")
         manifest = load_manifest(self.asset_manifest)

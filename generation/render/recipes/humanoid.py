@@ -25,11 +25,11 @@ import pybullet as pb
 from generation.dataset.actor_format import ACTION_NAMES
 from generation.render import actors as skeleton
 from generation.render.physics import PyBullet
+from generation.render.procedural import HDRI_NAMES, random_hdri_world, random_procedural_material
 from generation.render.recipes.movi import (FLOOR_CATEGORY, FLOOR_HALF_SIZE, SCALE_RANGE,
                                             SceneContent, _camera_position, _place,
                                             _random_material)
 
-ACTORS = (1, 3)
 HEIGHT_M = (1.5, 1.9)
 TIME_SCALE = (0.85, 1.15)
 ACTOR_REGION = 1.5            # metres: actors start within +-this of the centre
@@ -37,7 +37,7 @@ PLACEMENT_TRIES = 50
 CAMERA_RADIUS = (5.0, 7.0)
 CAMERA_ELEVATION_DEG = (10.0, 35.0)
 CAMERA_ARC_DEG = 15.0
-LOOK_AT = (0.0, 0.0, 0.9)     # about a standing actor's waist
+LOOK_AT_HEIGHT = 0.9          # metres: about a standing actor's waist
 OBJECT_SCALE = 0.6            # of movi's shapes: 0.4-0.8 m across, beside 1.5-1.9 m people
 # Skin tones (linear RGB), from light to dark; a tone is drawn between two neighbours.
 SKIN_TONES = np.array([[0.87, 0.62, 0.50], [0.76, 0.50, 0.36], [0.58, 0.36, 0.23],
@@ -46,6 +46,26 @@ SKIN_TONES = np.array([[0.87, 0.62, 0.50], [0.76, 0.50, 0.36], [0.58, 0.36, 0.23
 PART_GROUPS = {"head": "skin", "torso": "shirt", "upper_arm": "shirt", "lower_arm": "sleeve",
                "hand": "skin", "upper_leg": "trousers", "lower_leg": "trousers",
                "foot": "shoes"}
+
+
+@dataclass(frozen=True)
+class Domain:
+    """The appearance ranges of one domain (``scene.domain``). ``heldout`` shares none
+    of ``source``'s looks: an action set rendered in it tests what a model learned from
+    ``source`` scenes on people, places and views it never saw (issue 27, the study)."""
+    hdris: tuple[str, ...] | None       # None: the sun and a flat sky, as movi
+    height_m: tuple[float, float]
+    camera_radius: tuple[float, float]
+    camera_elevation_deg: tuple[float, float]
+    patterned: bool                     # procedural floor and clothes (else plain colours)
+
+
+DOMAINS = {
+    "source": Domain(hdris=None, height_m=HEIGHT_M, camera_radius=CAMERA_RADIUS,
+                     camera_elevation_deg=CAMERA_ELEVATION_DEG, patterned=False),
+    "heldout": Domain(hdris=HDRI_NAMES, height_m=(1.6, 2.0), camera_radius=(4.0, 5.5),
+                      camera_elevation_deg=(30.0, 50.0), patterned=True),
+}
 
 
 @dataclass
@@ -84,8 +104,9 @@ class _PosingClient:
         return self._client.stepSimulation()
 
 
-def _draw_spec(rng: np.random.RandomState) -> skeleton.ActorSpec:
-    action = ACTION_NAMES[rng.randint(len(ACTION_NAMES))]
+def _draw_spec(rng: np.random.RandomState, actions: tuple[str, ...],
+               height_m: tuple[float, float]) -> skeleton.ActorSpec:
+    action = actions[rng.randint(len(actions))]
     mirrored = bool(rng.randint(2))
     motion = skeleton.load_motion(action, mirrored)
     cycle = motion.getCycleTime()
@@ -95,7 +116,7 @@ def _draw_spec(rng: np.random.RandomState) -> skeleton.ActorSpec:
                               heading_rad=float(rng.uniform(-np.pi, np.pi)),
                               origin=tuple(float(v) for v in
                                            rng.uniform(-ACTOR_REGION, ACTOR_REGION, 2)),
-                              height_m=float(rng.uniform(*HEIGHT_M)))
+                              height_m=float(rng.uniform(*height_m)))
 
 
 def _overlaps(body: int, others: list[int], client: int) -> bool:
@@ -103,11 +124,12 @@ def _overlaps(body: int, others: list[int], client: int) -> bool:
                for other in others)
 
 
-def _place_actor(rng, client: int, placed: list[tuple], times: list[float]):
+def _place_actor(rng, client: int, placed: list[tuple], times: list[float],
+                 actions: tuple[str, ...], height_m: tuple[float, float]):
     """(spec, body) of a new actor whose body meets no placed actor at any of ``times``
     (each at its own pose then), or None after PLACEMENT_TRIES draws."""
     for _ in range(PLACEMENT_TRIES):
-        spec = _draw_spec(rng)
+        spec = _draw_spec(rng, actions, height_m)
         body = skeleton.load_body(spec, client)
         clear = True
         for t in times:
@@ -123,10 +145,22 @@ def _place_actor(rng, client: int, placed: list[tuple], times: list[float]):
     return None
 
 
-def _materials(rng: np.random.RandomState, name: str) -> dict:
-    """One material per clothing group of an actor."""
+def _materials(rng: np.random.RandomState, name: str, patterned: bool = False) -> dict:
+    """One material per clothing group of an actor (patterned: procedural shirt and
+    trousers)."""
     low = rng.randint(len(SKIN_TONES) - 1)
     skin = SKIN_TONES[low] + rng.uniform() * (SKIN_TONES[low + 1] - SKIN_TONES[low])
+    if patterned:
+        shirt, trousers = (random_procedural_material(rng, f"{name}_{part}", (2.0, 6.0))
+                           for part in ("shirt", "trousers"))
+        out = {"skin": kb.PrincipledBSDFMaterial(name=f"{name}_skin", color=kb.Color(*skin),
+                                                 roughness=0.6, specular=0.3),
+               "shirt": shirt, "trousers": trousers,
+               "shoes": kb.PrincipledBSDFMaterial(name=f"{name}_shoes",
+                                                  color=kb.Color(*(rng.uniform(0.02, 0.3, 3))),
+                                                  roughness=0.5, specular=0.4)}
+        out["sleeve"] = out["shirt"] if rng.uniform() < 0.5 else out["skin"]
+        return out
     shirt = kb.random_hue_color(rng=rng)
     out = {"skin": kb.PrincipledBSDFMaterial(name=f"{name}_skin", color=kb.Color(*skin),
                                              roughness=0.6, specular=0.3),
@@ -201,24 +235,38 @@ def build(scene: kb.Scene, cfg, rng: np.random.RandomState, assets: kb.AssetSour
 
     floor = kb.Cube(name="floor", scale=(FLOOR_HALF_SIZE, FLOOR_HALF_SIZE, 0.5),
                     position=(0, 0, -0.5), static=True, friction=0.3, restitution=0.5)
-    floor.material = kb.PrincipledBSDFMaterial(name="floor_mat", color=kb.Color(0.6, 0.6, 0.6),
-                                               roughness=0.9, specular=0.2)
+    domain = DOMAINS[cfg.domain]
+    world = None
+    if domain.patterned:
+        floor.material = random_procedural_material(rng, "floor_mat", (20.0, 80.0))
+    else:
+        floor.material = kb.PrincipledBSDFMaterial(name="floor_mat",
+                                                   color=kb.Color(0.6, 0.6, 0.6),
+                                                   roughness=0.9, specular=0.2)
     floor.metadata["category"] = FLOOR_CATEGORY
     scene += floor
-    scene += kb.DirectionalLight(name="sun", position=(10, -10, 12), look_at=(0, 0, 0),
-                                 intensity=2.5)
-    scene.ambient_illumination = kb.Color(0.05, 0.05, 0.05)
-    scene.background = kb.Color(0.3, 0.4, 0.55)
-    camera = _add_camera(scene, cfg, rng)
+    if domain.hdris is None:
+        scene += kb.DirectionalLight(name="sun", position=(10, -10, 12), look_at=(0, 0, 0),
+                                     intensity=2.5)
+        scene.ambient_illumination = kb.Color(0.05, 0.05, 0.05)
+        scene.background = kb.Color(0.3, 0.4, 0.55)
+    else:   # light and background from an HDRI (movi_c's world): depth +inf, id 0 there
+        world = random_hdri_world(rng)
+    view = _draw_view(cfg, rng, domain)
+    actions = tuple(cfg.actions or ACTION_NAMES)
 
     # Frames 0..T+1 as Kubric simulates them (the renderer's neighbours of 1..T).
     frames = range(0, scene.frame_end + 2)
     times = [f / cfg.fps for f in frames]
     placed = []
-    for _ in range(rng.randint(ACTORS[0], ACTORS[1] + 1)):
-        found = _place_actor(rng, client, placed, times)
+    for _ in range(rng.randint(cfg.min_actors, cfg.max_actors + 1)):
+        found = _place_actor(rng, client, placed, times, actions, domain.height_m)
         if found is not None:
             placed.append(found)
+    # the camera looks at the actors' mean start place, at waist height: they fill the
+    # frame wherever they were placed
+    centre = np.mean([spec.origin for spec, _ in placed], axis=0) if placed else np.zeros(2)
+    camera = _add_camera(scene, view, (float(centre[0]), float(centre[1]), LOOK_AT_HEIGHT))
     for spec, body in placed:
         skeleton.set_pose(spec, body, 0.0, client)
         for link in range(-1, len(skeleton.LINK_NAMES)):   # posed, never pushed back by the floor
@@ -254,24 +302,32 @@ def build(scene: kb.Scene, cfg, rng: np.random.RandomState, assets: kb.AssetSour
     actors = []
     for n, (spec, body) in enumerate(placed):
         actor = Actor(name=f"actor{n}_{spec.action}", spec=spec)
-        _add_parts(scene, actor, _materials(rng, actor.name))
+        _add_parts(scene, actor, _materials(rng, actor.name, domain.patterned))
         _record_frames(actor, body, client, frames, cfg.fps)
         actors.append(actor)
-    return HumanoidContent(floor=floor, objects=objects, camera=camera, actors=actors)
+    return HumanoidContent(floor=floor, objects=objects, camera=camera, world=world,
+                           actors=actors)
 
 
-def _add_camera(scene: kb.Scene, cfg, rng: np.random.RandomState) -> kb.PerspectiveCamera:
-    radius = rng.uniform(*CAMERA_RADIUS)
-    elevation = rng.uniform(*CAMERA_ELEVATION_DEG)
+def _draw_view(cfg, rng: np.random.RandomState, domain: Domain) -> tuple[float, ...]:
+    """(radius, elevation, azimuth, sweep) of the camera's arc, in degrees."""
+    radius = rng.uniform(*domain.camera_radius)
+    elevation = rng.uniform(*domain.camera_elevation_deg)
     azimuth = rng.uniform(0.0, 360.0)
+    sweep = rng.uniform(-CAMERA_ARC_DEG, CAMERA_ARC_DEG) if cfg.camera_motion else 0.0
+    return radius, elevation, azimuth, sweep
+
+
+def _add_camera(scene: kb.Scene, view: tuple[float, ...],
+                look_at: tuple[float, float, float]) -> kb.PerspectiveCamera:
+    radius, elevation, azimuth, sweep = view
     camera = kb.PerspectiveCamera(name="camera", focal_length=35.0, sensor_width=32.0)
     scene += camera
     scene.camera = camera
-    sweep = rng.uniform(-CAMERA_ARC_DEG, CAMERA_ARC_DEG) if cfg.camera_motion else 0.0
     for i, frame in enumerate(range(scene.frame_start, scene.frame_end + 1)):
         t = i / max(1, scene.frame_end - scene.frame_start)
-        camera.position = np.add(_camera_position(radius, elevation, azimuth + sweep * t), LOOK_AT)
-        camera.look_at(LOOK_AT)
+        camera.position = np.add(_camera_position(radius, elevation, azimuth + sweep * t), look_at)
+        camera.look_at(look_at)
         camera.keyframe_insert("position", frame)
         camera.keyframe_insert("quaternion", frame)
     return camera

@@ -183,3 +183,28 @@ def test_class_lists_and_manifest_names():
     assert humanoid.actor_names() == {"action_names": list(ACTION_NAMES),
                                       "joint_names": list(JOINT_NAMES)}
     assert skeleton.native_height() == pytest.approx(1.619, abs=1e-3)
+
+
+def test_an_action_set_clip_one_actor_playing_a_chosen_motion_in_the_heldout_domain():
+    """What the action set renders (flows/actions.py): exactly one actor, playing the
+    asked motion, in the held-out domain's looks (HDRI world, patterned clothes and
+    floor, other heights and views), with labels as exact as the source domain's."""
+    from generation.dataset.label_checks import check_labels
+    from generation.render.recipes.humanoid import DOMAINS
+    from generation.render.scene import render_clip
+
+    cfg = SceneConfig(recipe="humanoid", resolution=32, frames=2, spp=1, min_objects=1,
+                      max_objects=1, actions=["punch"], min_actors=1, max_actors=1,
+                      domain="heldout")
+    clip, _ = render_clip(cfg, seed=5, key="heldout0005")
+    assert clip["actor_ids"].shape == (1,)
+    assert ACTION_NAMES[clip["actor_action"][0]] == "punch"
+    (actor,) = clip["meta"]["actors"]
+    low, high = DOMAINS["heldout"].height_m
+    assert low <= actor["height_m"] <= high
+    assert check_labels(clip, cfg.classes()) == []
+    assert (clip["instance_seg"] == clip["actor_ids"][0]).any()     # the actor is seen
+    with pytest.raises(ValueError, match="unknown action"):
+        SceneConfig(recipe="humanoid", actions=["moonwalk"])
+    with pytest.raises(ValueError, match="min_actors"):
+        SceneConfig(recipe="humanoid", min_actors=3, max_actors=2)
