@@ -12,14 +12,28 @@ with a warning and proceeds. Where flock is unavailable the holder's pid is chec
 instead. A lock from another host cannot be checked from here: the run refuses, naming
 the holder, and ``--break-lock`` removes it.
 
+Who holds it (issue 25): a process is named by host, boot id
+(``/proc/sys/kernel/random/boot_id``), pid namespace (``/proc/self/ns/pid``), pid and
+the process's start time (``/proc/PID/stat`` field 22), so a lock survives PID
+namespaces (containers with ``--network host``, Kubernetes ``hostNetwork``: the same
+host name, other pids). A holder is dead only when, on the same host and boot and in the
+same pid namespace, no process with that pid and start time runs; a holder in another
+pid namespace of this host cannot be seen from here and counts as alive. Locally the
+flock stays the first check: it works across pid namespaces on one filesystem, so a
+free flock tells a dead holder even there.
+
 On an object store (``s3://``, ``gs://``) the lock is the object ``PREFIX/.pvit.lock``
 with the same JSON, created with a conditional PUT (``If-None-Match: *``, s3fs's
-``mode="create"``): the store itself refuses the second creator, so two runs cannot
-both take it. There is no flock: a lock of this host whose pid is gone is stale and is
-removed (a run on another host that took the lock in the instant between that check and
-the delete would lose it: the one race left, and only after a writer died), and
-``--break-lock`` removes another host's. The holder removes the object at the end only
-if it still holds its own content (its ``token``).
+``mode="create"``): the store itself refuses the second creator. There is no flock, so
+the lock is a lease: it names its length (``lease_s``, ``LEASE_S`` = 60 s, or
+``PVIT_LOCK_LEASE_S``), and a background thread of the holder rewrites it every third
+of that with a conditional write on its own ETag (``If-Match``). A second writer is
+refused while the lease is fresh (the store's last-modified time plus ``lease_s`` is
+still ahead); a lease that expired (its holder died or lost the store) or whose holder
+is dead by the identity above is taken over with a warning, by a conditional write on
+the ETag it read, so of two runs taking over only one succeeds and a holder that
+renews meanwhile keeps it. ``--break-lock`` removes another host's fresh lease. The
+holder removes the object at the end only if it still holds its own ``token``.
 
 Within one process the lock is re-entrant (the CLI takes it before Prefect starts, so a
 second writer fails fast with one line; the flow then takes it again for deployments
@@ -47,7 +61,12 @@ LOCK_NAME = ".pvit.lock"
 
 log = logging.getLogger(__name__)
 
-_held: dict[str, list] = {}          # resolved lock path -> [count, fd]
+# How long an object-store lock stays fresh without renewal (its holder renews it every
+# third of that); PVIT_LOCK_LEASE_S overrides it.
+LEASE_S = 60.0
+LEASE_ENV = "PVIT_LOCK_LEASE_S"
+
+_held: dict[str, list] = {}          # lock path or URL -> [count, fd or _Lease]
 _held_guard = threading.Lock()
 
 
@@ -82,6 +101,60 @@ def pid_alive(pid) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _read_text(path: str) -> Optional[str]:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _start_time(pid) -> Optional[int]:
+    """Field 22 of ``/proc/PID/stat``: when the process started, in clock ticks since
+    boot (with the pid, it names one process for the whole boot)."""
+    text = _read_text(f"/proc/{pid}/stat")
+    if not text or ")" not in text:
+        return None
+    fields = text.rsplit(")", 1)[1].split()   # the name in (...) may hold spaces
+    try:
+        return int(fields[19])                  # fields 3.. follow the name: 22 - 3
+    except (IndexError, ValueError):
+        return None
+
+
+def _pid_namespace() -> Optional[str]:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def identity() -> dict:
+    """This process as a lock names its holder: host, boot, pid namespace, pid, start."""
+    return {"host": socket.gethostname(),
+            "boot_id": _read_text("/proc/sys/kernel/random/boot_id"),
+            "pid_ns": _pid_namespace(), "pid": os.getpid(),
+            "start_time": _start_time(os.getpid())}
+
+
+def holder_state(info: dict, me: dict) -> str:
+    """"dead", "alive", "elsewhere" (another pid namespace of this host: cannot be seen,
+    counts as alive) or "unknown" (another host, or a lock without a host)."""
+    if not info or info.get("host") != me["host"]:
+        return "unknown"
+    if info.get("boot_id") and me["boot_id"] and info["boot_id"] != me["boot_id"]:
+        return "dead"                           # this host rebooted since
+    if info.get("pid_ns") and me["pid_ns"] and info["pid_ns"] != me["pid_ns"]:
+        return "elsewhere"
+    pid = info.get("pid")
+    if not pid_alive(pid):
+        return "dead"
+    started = info.get("start_time")
+    if isinstance(started, int) and _start_time(pid) not in (None, started):
+        return "dead"                           # the pid now names another process
+    return "alive"
 
 
 def _try_flock(fd: int) -> Optional[bool]:
@@ -145,13 +218,15 @@ def _create_unchecked(path: Path, info: dict) -> Optional[int]:
         tmp.unlink(missing_ok=True)
 
 
-def _remove_if_stale(path: Path, info: dict, host: str) -> Optional[str]:
+def _remove_if_stale(path: Path, info: dict, me: dict) -> Optional[str]:
     """Remove a lock that nobody holds; returns why it was stale ("dead": its process
-    on this host is gone; "unreadable": garbage nobody holds; "gone": removed
-    meanwhile), "unheld" for a lock of a live process of this host that holds no flock
-    on it (kept: a holder on a filesystem without flock, or a hand-made lock), or None
-    (the lock is live, or not checkable from here)."""
-    if info and info.get("host") != host:
+    on this host is gone; "elsewhere": its holder in another pid namespace no longer
+    holds the flock; "unreadable": garbage nobody holds; "gone": removed meanwhile),
+    "unheld" for a lock of a live process of this host that holds no flock on it (kept:
+    a holder on a filesystem without flock, or a hand-made lock), or None (the lock is
+    live, or not checkable from here)."""
+    state = holder_state(info, me) if info else None
+    if state == "unknown":
         return None
     try:
         fd = os.open(path, os.O_RDWR)
@@ -161,12 +236,12 @@ def _remove_if_stale(path: Path, info: dict, host: str) -> Optional[str]:
         taken = _try_flock(fd)
         if taken is False:
             return None
-        if not info and not taken:
-            return None          # unreadable, and no flock to tell: not ours to remove
-        if info and pid_alive(info.get("pid")):
-            # the flock was free (or cannot be had) but the named process runs: never
-            # remove a lock on a guess (pid reuse is rarer than a holder without flock)
-            return "unheld" if taken else None
+        if not taken and (not info or state != "dead"):
+            return None          # no flock to tell, and no proof of death: keep it
+        if state == "alive":
+            # the flock was free but the named process runs: never remove a lock on a
+            # guess (pid reuse is rarer than a holder without flock)
+            return "unheld"
         # Still the same file (not replaced by a new holder meanwhile)?
         try:
             if os.stat(path).st_ino != os.fstat(fd).st_ino:
@@ -174,7 +249,7 @@ def _remove_if_stale(path: Path, info: dict, host: str) -> Optional[str]:
         except FileNotFoundError:
             return "gone"
         path.unlink()
-        return "dead" if info else "unreadable"
+        return state if info else "unreadable"
     finally:
         os.close(fd)
 
@@ -194,9 +269,9 @@ def acquire(out: Path, *, owner: str = "pvit generate", break_lock: bool = False
         if key in _held:
             _held[key][0] += 1
             return
-    host = socket.gethostname()
-    info = {"owner": owner, "host": host, "pid": os.getpid(),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    me = identity()
+    host = me["host"]
+    info = {"owner": owner, **me, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     for _ in range(5):
         fd = _create(path, info)
         if fd is not None:
@@ -206,10 +281,14 @@ def acquire(out: Path, *, owner: str = "pvit generate", break_lock: bool = False
         holder = _read(path)
         if holder is None:
             continue            # released meanwhile: try again
-        why = _remove_if_stale(path, holder, host)
+        why = _remove_if_stale(path, holder, me)
         if why == "dead":
             warn(f"{out}: removed the stale lock of {_describe(holder)}: that process is "
                  "no longer running")
+            continue
+        if why == "elsewhere":
+            warn(f"{out}: removed the stale lock of {_describe(holder)}: that process (in "
+                 "another pid namespace of this host) no longer holds it")
             continue
         if why == "unreadable":
             warn(f"{out}: removed an unreadable lock file that no process holds")
@@ -244,6 +323,92 @@ def _hint(holder: dict, host: str, where: str) -> str:
     return f"the lock file is unreadable; if no run writes here, remove {where}"
 
 
+def lease_seconds() -> float:
+    """The lease an object-store lock taken now gets (``PVIT_LOCK_LEASE_S``, else
+    ``LEASE_S``)."""
+    text = os.environ.get(LEASE_ENV, "").strip()
+    try:
+        value = float(text) if text else LEASE_S
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise LockError(f"{LEASE_ENV}={text!r}: expected a number of seconds > 0")
+    return value
+
+
+class _Lease:
+    """The holder's side of an object-store lock: a daemon thread that rewrites the
+    lock every ``lease_s / 3`` seconds with a conditional write on the ETag it wrote
+    last, so the lease stays fresh while this process lives and reaches the store."""
+
+    def __init__(self, out: Location, info: dict, etag: str):
+        self.out, self.info, self.etag = out, info, etag
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="pvit-lock-lease",
+                                       daemon=True)
+        self.thread.start()
+
+    @property
+    def token(self) -> str:
+        return self.info["token"]
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.info["lease_s"] / 3):
+            # new bytes every time (renewed): the same bytes would keep the same ETag,
+            # and a taker's conditional write on the old one would still succeed
+            self.info["renewed"] = time.time_ns()
+            try:
+                etag = self.out.replace_bytes(LOCK_NAME, _encode(self.info), self.etag)
+                if etag is None:
+                    # a retried write that did land reads as refused: still ours?
+                    holder, meta = _read_object(self.out)
+                    etag = meta.etag if holder.get("token") == self.token and meta else None
+            except OSError as exc:     # the store is away (after retries): try again
+                log.warning("%s: could not renew the lock's lease: %s", self.out, exc)
+                continue
+            if etag is None:
+                log.error("%s: lost the dataset lock (its lease expired and another run "
+                          "took it over)", self.out)
+                return
+            self.etag = etag
+
+    def end(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=30)
+
+
+def _encode(info: dict) -> bytes:
+    return (json.dumps(info) + "\n").encode()
+
+
+def _read_object(out: Location):
+    """The lock object's JSON (``{}`` when unreadable, None when there is none) and its
+    ``Meta``, read after it so a takeover conditional on that ETag fails if it changed."""
+    meta = out.meta(LOCK_NAME)
+    if meta is None:
+        return None, None
+    try:
+        holder = json.loads(out.read_bytes(LOCK_NAME))
+    except FileNotFoundError:
+        return None, None
+    except (OSError, ValueError, RecursionError):
+        holder = {}
+    return (holder if isinstance(holder, dict) else {}), meta
+
+
+def _expired(out: Location, holder: dict) -> Optional[float]:
+    """Seconds since the holder's lease expired (by the store's last-modified time), or
+    None while it is fresh or when the lock names no lease."""
+    lease = holder.get("lease_s")
+    if not isinstance(lease, (int, float)) or isinstance(lease, bool) or lease <= 0:
+        return None
+    modified = out.modified(LOCK_NAME)
+    if modified is None:
+        return None
+    late = time.time() - (modified + lease)
+    return late if late > 0 else None
+
+
 def _acquire_object(out: Location, *, owner: str, break_lock: bool,
                     warn: Callable[[str], None]) -> None:
     """``acquire`` on an object store: see the module docstring."""
@@ -253,33 +418,47 @@ def _acquire_object(out: Location, *, owner: str, break_lock: bool,
             _held[key][0] += 1
             return
     out.makedirs()                     # the bucket exists and answers: else one line
-    host = socket.gethostname()
-    info = {"owner": owner, "host": host, "pid": os.getpid(),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "token": f"{host}-{os.getpid()}-{time.time_ns()}"}
+    me = identity()
+    host = me["host"]
+    info = {"owner": owner, **me, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "token": f"{host}-{os.getpid()}-{time.time_ns()}", "lease_s": lease_seconds(),
+            "renewed": time.time_ns()}
     for _ in range(5):
-        if out.create_bytes(LOCK_NAME, (json.dumps(info) + "\n").encode()):
-            with _held_guard:
-                _held[key] = [1, info["token"]]
-            return
-        try:
-            holder = json.loads(out.read_bytes(LOCK_NAME))
-            holder = holder if isinstance(holder, dict) else {}
-        except FileNotFoundError:
+        taken = out.create_bytes(LOCK_NAME, _encode(info))
+        holder, meta = _read_object(out)
+        if holder is None:
             continue                    # released meanwhile: try again
-        except (OSError, ValueError, RecursionError):
-            holder = {}
-        if holder.get("host") == host and not pid_alive(holder.get("pid")):
-            out.delete(LOCK_NAME)
-            warn(f"{out}: removed the stale lock of {_describe(holder)}: that process is "
-                 "no longer running")
-            continue
-        if break_lock and holder.get("host") != host:
-            out.delete(LOCK_NAME)
+        if holder.get("token") == info["token"]:
+            taken = True                # ours (a retried create that did land reads as 412)
+        if taken:
+            with _held_guard:
+                _held[key] = [1, _Lease(out, info, meta.etag)]
+            return
+        state = holder_state(holder, me) if holder else "unknown"
+        late = _expired(out, holder)
+        why = None
+        if state == "dead":
+            why = "that process is no longer running"
+        elif late is not None:
+            why = (f"its lease expired {late:.0f} s ago (the holder stopped renewing it: "
+                   "dead, or cut off from the store)")
+        elif break_lock and state == "unknown":
+            why = "--break-lock"
+        if why is None:
+            lease = (f", lease fresh: renewed every {holder['lease_s'] / 3:.0f} s"
+                     if isinstance(holder.get("lease_s"), (int, float)) else "")
+            raise LockError(f"{out} is being written by {_describe(holder)} (lock {key}"
+                            f"{lease}): {_hint(holder, host, key)}")
+        etag = out.replace_bytes(LOCK_NAME, _encode(info), meta.etag)
+        if etag is None:
+            continue                    # renewed or taken meanwhile: look again
+        with _held_guard:
+            _held[key] = [1, _Lease(out, info, etag)]
+        if why == "--break-lock":
             warn(f"{out}: --break-lock removed the lock of {_describe(holder)}")
-            continue
-        raise LockError(f"{out} is being written by {_describe(holder)} (lock {key}): "
-                        f"{_hint(holder, host, key)}")
+        else:
+            warn(f"{out}: took over the stale lock of {_describe(holder)}: {why}")
+        return
     raise LockError(f"{out}: could not take the lock {key} (it kept changing hands)")
 
 
@@ -300,12 +479,14 @@ def _release_object(out: Location) -> None:
     entry = _drop_hold(out.join(LOCK_NAME))
     if entry is None:
         return
+    lease = entry[1]
+    lease.end()
     try:
         holder = json.loads(out.read_bytes(LOCK_NAME))
     except (OSError, ValueError, RecursionError):
         return
-    # Only our own lock: a --break-lock elsewhere may have replaced it.
-    if isinstance(holder, dict) and holder.get("token") == entry[1]:
+    # Only our own lock: a --break-lock or a takeover elsewhere may have replaced it.
+    if isinstance(holder, dict) and holder.get("token") == lease.token:
         out.delete(LOCK_NAME)
 
 

@@ -439,6 +439,60 @@ class Location:
             raise _os_error(exc, self.join(name)) from None
         return True
 
+    def replace_bytes(self, name: str, data: bytes, etag: str) -> Optional[str]:
+        """Replace the object ``name`` with ``data`` only if it still has ETag ``etag``
+        (S3's ``If-Match``: the store decides, so of two writers holding the same ETag
+        only one succeeds); returns the new ETag, or None when the object changed or is
+        gone. Object stores only (the dataset lock's lease). Stores without a
+        conditional replace (gcsfs here) compare first and then write: not atomic."""
+        if self.local is not None:
+            raise NotImplementedError("local conditional replace: dataset_lock uses flock")
+        key = self._key(name)
+        try:
+            if self.scheme == "s3":
+                self.fs.pipe_file(key, data, IfMatch=f'"{etag.strip(chr(34))}"')
+            else:
+                current = self.meta(name)
+                if current is None or current.etag != etag:
+                    return None
+                self.fs.pipe_file(key, data)
+        except (FileNotFoundError, FileExistsError):
+            return None
+        except OSError as exc:
+            if "PreconditionFailed" in str(exc) or "pre-conditions" in str(exc) or \
+                    _http_status(exc.__cause__) == 412:
+                return None
+            raise _os_error(exc, self.join(name)) from None
+        except Exception as exc:  # noqa: BLE001 - any store error: one line naming it
+            if _http_status(exc) == 412:
+                return None
+            raise _os_error(exc, self.join(name)) from None
+        meta = self.meta(name)
+        return meta.etag if meta is not None else None
+
+    def modified(self, name: str) -> Optional[float]:
+        """When the object ``name`` was last written, by the store's clock (seconds since
+        the epoch), or None when there is none or the store does not say."""
+        if self.local is not None:
+            meta = self.meta(name)
+            return meta.mtime_ns / 1e9 if meta is not None else None
+        try:
+            info = self.fs.info(self._key(name))
+        except FileNotFoundError:
+            return None
+        except Exception as exc:  # noqa: BLE001 - see _store_error
+            raise _store_error(exc, self.join(name)) from None
+        stamp = info.get("LastModified") or info.get("updated") or info.get("mtime")
+        if hasattr(stamp, "timestamp"):
+            return stamp.timestamp()
+        if isinstance(stamp, str):
+            from datetime import datetime
+            try:
+                return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+            except ValueError:
+                return None
+        return None
+
     def upload(self, local_path: Path, name: str) -> Meta:
         """Put the locally written file ``local_path`` at ``name``; returns its metadata.
         Locally a rename (same filesystem: the caller writes next to the target)."""

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -174,7 +175,7 @@ def test_the_lock_object_refuses_a_second_writer_and_a_dead_ones_is_recovered(pr
         holder.wait()
     warnings = []
     acquire(prefix, owner="third", warn=warnings.append)      # its pid is gone: stale
-    assert len(warnings) == 1 and "removed the stale lock of holder" in warnings[0]
+    assert len(warnings) == 1 and "took over the stale lock of holder" in warnings[0]
     assert json.loads(Location(prefix).read_bytes(".pvit.lock"))["owner"] == "third"
     release(prefix)
     assert not Location(prefix).exists(".pvit.lock")
@@ -301,3 +302,69 @@ def test_generate_to_a_bucket_rerun_verify_and_pretrain_from_it(prefix, tmp_path
     bad = pvit("verify", prefix, env=env)
     assert bad.returncode == 1, bad.stderr
     assert "bad: shard-000001.tar: sha256 does not match the manifest" in bad.stderr
+
+
+def _lock_object(where, **holder):
+    where.write_bytes(".pvit.lock", json.dumps(holder).encode())
+
+
+def test_a_lease_of_another_host_is_refused_while_fresh_and_taken_over_once_expired(prefix):
+    # issue 25: the object-store lock had no expiry; another host's needed --break-lock
+    where = Location(prefix)
+    where.makedirs()
+    other = {"owner": "far run", "host": "render-node-7", "pid": 4242, "started": "then",
+             "token": "far"}
+    _lock_object(where, **other, lease_s=60)
+    with pytest.raises(LockError, match=r"far run \(pid 4242 on host render-node-7.*lease "
+                                        r"fresh.*--break-lock"):
+        acquire(prefix)
+    _lock_object(where, **other, lease_s=1)
+    time.sleep(2.2)             # the store's last-modified time has 1 s resolution
+    warnings = []
+    acquire(prefix, warn=warnings.append)
+    try:
+        assert len(warnings) == 1 and "took over the stale lock of far run" in warnings[0]
+        assert "lease expired" in warnings[0]
+        assert json.loads(where.read_bytes(".pvit.lock"))["pid"] == os.getpid()
+    finally:
+        release(prefix)
+    assert not where.exists(".pvit.lock")
+
+
+def test_a_renewed_lease_outlives_its_length_and_a_killed_holder_s_expires(prefix, s3_env):
+    """The holder (in another pid namespace where the machine allows it: the same host
+    name, pids that mean nothing here, as with docker --network host) renews a 2 s lease;
+    after 5 s a second writer is still refused; once the holder is killed its lease
+    expires and is taken over."""
+    from test_lock_holder import new_pid_namespace, start_holder
+    try:
+        namespace = new_pid_namespace()
+    except pytest.skip.Exception:
+        namespace = []          # the lease alone, the holder in this namespace
+    env = {**s3_env, "PVIT_LOCK_LEASE_S": "2"}
+    holder = start_holder(prefix, namespace, env=env)
+    try:
+        first = json.loads(Location(prefix).read_bytes(".pvit.lock"))
+        time.sleep(5)
+        with pytest.raises(LockError, match="being written by holder .*lease fresh"):
+            acquire(prefix, owner="second")
+        renewed = json.loads(Location(prefix).read_bytes(".pvit.lock"))
+        assert renewed["token"] == first["token"] and renewed["renewed"] > first["renewed"]
+    finally:
+        holder.kill()
+        holder.wait()
+    warnings = []
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            acquire(prefix, owner="third", warn=warnings.append)
+            break
+        except LockError:
+            assert namespace, "a dead holder of this namespace is recovered at once"
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+    try:
+        why = "lease expired" if namespace else "no longer running"
+        assert len(warnings) == 1 and why in warnings[0], warnings
+    finally:
+        release(prefix)
