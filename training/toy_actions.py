@@ -13,14 +13,12 @@ and renamed into place, so a killed run never leaves a half set behind.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
 import numpy as np
+
+from training.video_set import VideoSetWriter
 
 # SSv2-style templates; the label is the template without brackets
 TEMPLATES = (
@@ -32,7 +30,6 @@ TEMPLATES = (
     "Making [something] smaller",
 )
 MOTIONS = ((-1, 0, 1.0), (1, 0, 1.0), (0, -1, 1.0), (0, 1, 1.0), (0, 0, 1.04), (0, 0, 0.96))
-CODECS = {"webm": "VP80", "mp4": "mp4v"}  # both encoders ship with opencv-python wheels
 
 
 def draw_clip(label: int, rng: np.random.Generator, size: int = 64, frames: int = 24
@@ -60,102 +57,22 @@ def draw_clip(label: int, rng: np.random.Generator, size: int = 64, frames: int 
     return out
 
 
-@contextmanager
-def _quiet_stderr():
-    """FFmpeg prints a harmless note about the VP80 tag in WebM straight to fd 2."""
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "wb") as null:
-            os.dup2(null.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-def write_video(path: Path, frames: np.ndarray, fps: float = 12.0) -> None:
-    fourcc = cv2.VideoWriter_fourcc(*CODECS[path.suffix[1:]])
-    with _quiet_stderr():
-        writer = cv2.VideoWriter(str(path), fourcc, fps, (frames.shape[2], frames.shape[1]))
-    if not writer.isOpened():
-        raise RuntimeError(f"OpenCV cannot encode {path.suffix} here")
-    try:
-        for frame in frames:
-            writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
-    finally:
-        writer.release()
-
-
-# Written first into every set (and its temporary directory): only a directory that
-# carries it, or the layout of a set written before it existed, is ever replaced.
-MARKER = ".toy_actions"
-
-
-def _is_toy_set(path: Path) -> bool:
-    if (path / MARKER).is_file():
-        return True
-    return ({p.name for p in path.iterdir()} <= {"ssv2", "list"}
-            and (path / "ssv2" / "labels" / "labels.json").is_file())
-
-
-def _check_replaceable(path: Path) -> None:
-    """Raise unless ``path`` is missing, an empty directory, or a set written here: an
-    ``out`` pointing at someone's directory must never delete it."""
-    if not path.exists() and not path.is_symlink():
-        return
-    if not path.is_dir() or path.is_symlink():
-        raise ValueError(f"{path} exists and is not a toy-actions set: not replacing it")
-    if any(path.iterdir()) and not _is_toy_set(path):
-        raise ValueError(f"{path} holds files that are not a toy-actions set: not replacing it")
-
-
-def _remove_set(path: Path) -> None:
-    """Remove a set (or a killed run's temporary one) written here; refuse anything else."""
-    _check_replaceable(path)
-    if path.exists():
-        shutil.rmtree(path)
-
-
 def write_toy_actions(out: str | Path, *, clips_per_class: int = 8, val_per_class: int = 2,
                       seed: int = 0, size: int = 64, frames: int = 24) -> dict:
     """Write the set under ``out`` (replacing a set written here earlier, never other
     files: ``ValueError``) and return a summary: the two data roots, class names and clip
     counts. ``val_per_class`` of each class's clips form the ``validation`` split; the
     rest are ``train``."""
-    out = Path(out)
     if not 0 < val_per_class < clips_per_class:
         raise ValueError("val_per_class must be between 0 and clips_per_class (exclusive)")
-    tmp = out.with_name(out.name + ".tmp")
-    _check_replaceable(out)                   # refuse before drawing anything
-    _remove_set(tmp)
-    tmp.mkdir(parents=True)
-    (tmp / MARKER).write_text("written by training.toy_actions.write_toy_actions\n")
-    ssv2, lists = tmp / "ssv2", tmp / "list"
-    for d in (ssv2 / "labels", ssv2 / "videos", lists / "videos"):
-        d.mkdir(parents=True)
+    writer = VideoSetWriter(out, writer="training.toy_actions.write_toy_actions")
     rng = np.random.default_rng(seed)
-    splits: dict[str, list[dict]] = {"train": [], "validation": []}
-    lines: dict[str, list[str]] = {"train": [], "validation": []}
     clip_id = 1000
     for label, template in enumerate(TEMPLATES):
         for n in range(clips_per_class):
             split = "validation" if n < val_per_class else "train"
-            clip = draw_clip(label, rng, size, frames)
-            write_video(ssv2 / "videos" / f"{clip_id}.webm", clip)
-            write_video(lists / "videos" / f"{clip_id}.mp4", clip)
-            splits[split].append({"id": str(clip_id),
-                                  "label": template.replace("[something]", "a shape"),
-                                  "template": template, "placeholders": ["a shape"]})
-            lines[split].append(f"videos/{clip_id}.mp4 {label}")
+            writer.add(str(clip_id), draw_clip(label, rng, size, frames), label,
+                       template.replace("[something]", "a shape"), split, template=template,
+                       placeholders=["a shape"])
             clip_id += 1
-    labels = {template.replace("[", "").replace("]", ""): str(i)
-              for i, template in enumerate(TEMPLATES)}
-    (ssv2 / "labels" / "labels.json").write_text(json.dumps(labels, indent=1))
-    for split, entries in splits.items():
-        (ssv2 / "labels" / f"{split}.json").write_text(json.dumps(entries, indent=1))
-        (lists / f"{split}.txt").write_text("\n".join(lines[split]) + "\n")
-    _remove_set(out)
-    tmp.rename(out)
-    return {"ssv2_root": str(out / "ssv2"), "list_root": str(out / "list"),
-            "classes": list(labels), "train_clips": len(splits["train"]),
-            "validation_clips": len(splits["validation"])}
+    return writer.finish([t.replace("[", "").replace("]", "") for t in TEMPLATES])

@@ -90,11 +90,11 @@ def test_toy_actions_never_replace_someone_elses_directory(tmp_path):
     from training.toy_actions import write_toy_actions
     small = dict(clips_per_class=2, val_per_class=1, size=16, frames=4)
     out = someones_directory(tmp_path / "set")
-    with pytest.raises(ValueError, match="not a toy-actions set"):
+    with pytest.raises(ValueError, match="not a video set written here"):
         write_toy_actions(out, **small)
     assert intact(out) and not (tmp_path / "set.tmp").exists()
     tmp = someones_directory(tmp_path / "other.tmp")  # a directory that merely has the name
-    with pytest.raises(ValueError, match="not a toy-actions set"):
+    with pytest.raises(ValueError, match="not a video set written here"):
         write_toy_actions(tmp_path / "other", **small)
     assert intact(tmp)
     fresh = tmp_path / "fresh"
