@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import json
 import logging
 import os
 import shutil
@@ -592,13 +593,31 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+# The file in each scratch directory that names the process that made it (JSON of
+# ``holder.identity()``), for ``generation.render.scratch.sweep`` after a kill.
+SCRATCH_OWNER = ".pvit-owner.json"
+SCRATCH_CLAIM = ".pvit-claim-"
+
+
+def scratch_base() -> Path:
+    """Where scratch directories go: ``PVIT_SCRATCH`` if set (a node's fast local disk),
+    else the system's temp dir."""
+    base = os.environ.get("PVIT_SCRATCH")
+    return Path(base) if base else Path(tempfile.gettempdir())
+
+
 def scratch_dir(prefix: str) -> Path:
     """A fresh local directory for files on their way to an object store (a shard before
-    its upload): ``PVIT_SCRATCH`` if set (a node's fast local disk), else the system's."""
-    base = os.environ.get("PVIT_SCRATCH") or None
-    if base:
-        Path(base).mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=prefix, dir=base))
+    its upload), under ``scratch_base()``, named ``PREFIX...`` only once it holds its
+    owner file (``SCRATCH_OWNER``): a sweep never sees one of ours without it."""
+    from generation.dataset.holder import identity
+    base = scratch_base()
+    base.mkdir(parents=True, exist_ok=True)
+    claim = Path(tempfile.mkdtemp(prefix=SCRATCH_CLAIM, dir=base))
+    (claim / SCRATCH_OWNER).write_text(json.dumps(identity()))
+    final = base / (prefix + claim.name[len(SCRATCH_CLAIM):])
+    os.rename(claim, final)
+    return final
 
 
 # Dataset locations: the one check every shard directory named by a user passes.

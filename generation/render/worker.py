@@ -30,6 +30,7 @@ from pathlib import Path
 from generation.config import SceneConfig
 from generation.dataset.shard_format import write_samples
 from generation.render import devices
+from generation.render import scratch as scratch_module
 from generation.render.scene import render_clips
 
 # webdataset (torch), bpy and kubric stay in main(), fsspec in
@@ -86,11 +87,19 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         interpreter_s = 0.0
 
+    # What killed render processes of this node left (their shard scratch, EXRs and
+    # PNGs): every worker sweeps it when it starts (generation.render.scratch).
+    scratch_module.sweep(warn=lambda line: print(line, file=sys.stderr, flush=True))
+
     # write_samples's (lazily imported there), with torch: worker start-up, not shard write
     import webdataset  # noqa: F401, I001
     import bpy  # noqa: F401
     use_gfile_without_tensorflow()
-    import kubric  # noqa: F401
+    import kubric  # noqa: F401, I001
+    # every scene simulates: imported with the rest (a warm worker has it ready), and
+    # with it kubric.simulator.pybullet's import-time mkdtemp, removed at once (unused)
+    import generation.render.physics  # noqa: F401
+    scratch_module.drop_kubric_import_dir()
 
     waited_s = 0.0
     if warm:
