@@ -244,8 +244,8 @@ def show(directory: str = typer.Argument(..., help="shard directory or URL", met
 
     try:
         path = write_contact_sheet(dataset_or_exit(directory), out, sample)
-    except FormatError as exc:      # the dataset's data: a bad shard or manifest record
-        fail(str(exc), code=1)
+    except (FormatError, WriteError) as exc:   # a bad shard or record; a store still
+        fail(str(exc), code=1)                  # down after its retries (StoreUnreachable)
     except ValueError as exc:
         fail(str(exc))
     console.print(f"wrote {path}")

@@ -33,6 +33,7 @@ from pathlib import Path
 from generation.dataset.storage import (  # noqa: F401 - WriteError: re-exported for callers
     OBJECT_STORES,
     Location,
+    StoreUnreachable,
     WriteError,
     write_atomic,
 )
@@ -131,6 +132,8 @@ def read_manifest(directory: Path) -> dict | None:
     where = location(directory)
     try:
         manifest = json.loads(where.read_bytes(MANIFEST_NAME))
+    except StoreUnreachable:
+        raise        # an outage is not "no manifest": that would render everything again
     except (OSError, ValueError, RecursionError):   # none, a directory, not JSON, too deep
         return None
     if not isinstance(manifest, dict) or "shards" not in manifest:

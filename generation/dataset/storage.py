@@ -74,10 +74,11 @@ class WriteError(OSError):
         return f"cannot write {self.filename}: {self.strerror}"
 
 
-class StoreUnreachable(OSError):
+class StoreUnreachable(WriteError):
     """An object-store call that kept failing with transient faults (connection refused,
     timeouts, 5xx) for the whole retry budget; ``str()`` is one line naming the
-    location, the last cause and the time spent."""
+    location, the last cause and the time spent. A ``WriteError``, whether the call read
+    or wrote, so that every caller that turns those into one line does so for it too."""
 
     def __str__(self) -> str:
         return f"{self.filename}: {self.strerror}"

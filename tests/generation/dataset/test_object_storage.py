@@ -123,6 +123,11 @@ def test_an_endpoint_that_refuses_connections_is_named_not_a_missing_bucket(tmp_
     assert error.startswith("error: ") and "cannot reach the store" in error, lines
     assert "Could not connect to the endpoint URL" in error and "no such bucket" not in error
     assert "(retried for 1 s, PVIT_STORE_RETRY_S)" in error
+    # a reader too: the outage is named (exit 1), not read as "no manifest"
+    show = pvit("show", f"s3://{BUCKET}/ds", "--out", tmp_path / "s.png", env=env)
+    *notices, error = [line for line in show.stderr.splitlines() if line.strip()]
+    assert show.returncode == 1 and len(notices) == 1, show.stderr[-2000:]
+    assert error.startswith(f"error: s3://{BUCKET}/ds: cannot reach the store"), error
 
 
 def test_exclusive_create_refuses_the_second_writer(prefix):
