@@ -259,7 +259,7 @@ def check_stage_outputs(cfg: ExperimentConfig) -> None:
 
     wired = wire(cfg)
     outs = {"generation.out": Path(wired.generation.out)}
-    for section in ("toy_actions", "pretrain", "finetune"):
+    for section in ("toy_actions", "humanoid_actions", "pretrain", "finetune"):
         stage = getattr(wired, section)
         if stage is not None:
             outs[f"{section}.out"] = Path(stage.out)
@@ -289,8 +289,9 @@ def check_stage_inputs(wired: ExperimentConfig) -> None:
     when that section is there and the stage names no ``data_root`` of its own) and a
     fine-tuning ``init`` without a pretrain stage."""
     made = set()
-    if wired.toy_actions is not None:
-        made |= {os.path.normpath(wired.toy_actions.root(fmt)) for fmt in ("list", "ssv2")}
+    action_set = wired.toy_actions or wired.humanoid_actions
+    if action_set is not None:
+        made |= {os.path.normpath(action_set.root(fmt)) for fmt in ("list", "ssv2")}
     inputs = []
     for section in ("finetune", "evaluate"):
         stage = getattr(wired, section)
@@ -302,8 +303,8 @@ def check_stage_inputs(wired: ExperimentConfig) -> None:
         if not value or os.path.normpath(str(value)) in made or "://" in str(value):
             continue        # made upstream; an object-store input is read where it lives
         if not Path(value).exists():
-            hint = (f" (toy_actions makes {wired.toy_actions.root('list')})"
-                    if wired.toy_actions is not None and what.endswith("data_root") else "")
+            hint = (f" (the action set stage makes {action_set.root('list')})"
+                    if action_set is not None and what.endswith("data_root") else "")
             fail(f"{what}: {value} does not exist and no stage of this pipeline makes "
                  f"it{hint}")
 
@@ -312,7 +313,8 @@ def check_stage_inputs(wired: ExperimentConfig) -> None:
 def pipeline(
     config: Path = typer.Argument(..., help="experiment YAML (all sections)"),
     force: list[str] = typer.Option([], "--force", help="recompute a stage: generate | "
-                                    "toy_actions | pretrain | finetune | evaluate (repeatable)"),
+                                    "toy_actions | humanoid_actions | pretrain | finetune | "
+                                    "evaluate (repeatable)"),
     sets: Optional[list[str]] = SetOpt,
 ) -> None:
     """Run the whole DAG: generate -> pretrain -> finetune -> evaluate, cached per stage."""
@@ -329,6 +331,39 @@ def pipeline(
                                "it again (or set generation.overwrite: true); each old shard "
                                "stays until its replacement is rendered")
         _pipeline(cfg, force)
+
+
+@app.command()
+def actions(
+    config: Path = typer.Argument(..., help="experiment YAML with a humanoid_actions section"),
+    sets: Optional[list[str]] = SetOpt,
+) -> None:
+    """Render the humanoid action set (one actor playing one motion per clip) and write it
+    as videos in the SSv2 and list layouts: the controlled downstream task."""
+    from flows.actions import humanoid_actions
+    from flows.prefect_server import TemporaryServerError, use_server
+    from generation.dataset.lock import LockError
+    from generation.render.supervisor import RenderError
+
+    cfg = load_or_exit(config, {}, sets)
+    section = cfg.humanoid_actions
+    if section is None:
+        fail("the experiment file has no `humanoid_actions` section")
+    check_writable_dir(Path(section.out), "humanoid_actions.out")
+    if problem := stage_cache.foreign(Path(section.out)):
+        fail(f"humanoid_actions.out: {problem}")
+    try:
+        use_server()
+        summary = humanoid_actions(section)
+    except (RenderError, WriteError, TemporaryServerError) as exc:
+        fail(str(exc), code=1)
+    except LockError as exc:
+        fail(str(exc))
+    console.print(f"action set: {len(summary['classes'])} classes, "
+                  + ", ".join(f"{summary.get(f'{s}_clips', 0)} {s}"
+                              for s in ("train", "validation", "test"))
+                  + f" clips -> {summary['list_root']} (list), {summary['ssv2_root']} (ssv2)",
+                  markup=False)
 
 
 def _pipeline(cfg: ExperimentConfig, force: list[str]) -> None:

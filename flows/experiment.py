@@ -12,9 +12,17 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from generation.config import GenerationConfig
+from generation.config import GenerationConfig, SceneConfig
+from generation.dataset.actor_format import ACTION_NAMES
 from training.config import EvaluateConfig, FinetuneConfig, PretrainConfig
 
 # An experiment file is a few KB; reading (and quoting) more is only ever a mistake or an
@@ -53,6 +61,73 @@ class ToyActionsConfig(BaseModel):
         return Path(self.out) / "set" / ("ssv2" if data_format == "ssv2" else "list")
 
 
+# What an action-set clip looks like unless the file says otherwise: one actor in the
+# held-out domain, big enough to read its motion at 64 px.
+ACTION_SCENE = {"recipe": "humanoid", "resolution": 64, "frames": 16, "fps": 12, "spp": 8,
+                "min_objects": 1, "max_objects": 2, "min_actors": 1, "max_actors": 1,
+                "domain": "heldout"}
+
+
+class HumanoidActionsConfig(BaseModel):
+    """A downstream action-recognition set rendered from the ``humanoid`` recipe
+    (``flows/actions.py``): each clip is one actor playing one motion, the motion is its
+    label, written as encoded videos in the SSv2 and list layouts, as real data is."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    out: Path = Field(Path("data/humanoid_actions"), description="where the set and its "
+                      "renders (render/<action>/, one shard dataset per class) are written")
+    actions: list[str] = Field(["walk", "run", "jump", "kick", "punch", "dance_a"],
+                               min_length=2, description="the classes: motions of "
+                               "generation/dataset/actor_format.ACTION_NAMES")
+    train_per_class: int = Field(12, ge=1, le=100_000)
+    validation_per_class: int = Field(20, ge=1, le=100_000)
+    test_per_class: int = Field(20, ge=0, le=100_000)
+    seed: int = Field(0, ge=0, le=2**31 // 32, description="class c renders from dataset "
+                      "seed seed*32 + its index in action_names")
+    workers: int = Field(1, gt=0, le=256, description="shards rendered at once")
+    scenes_per_shard: int = Field(8, gt=0)
+    scene: SceneConfig = Field(default_factory=lambda: SceneConfig(**ACTION_SCENE),
+                               description="the clips' scene, over ACTION_SCENE's defaults")
+
+    @field_validator("scene", mode="before")
+    @classmethod
+    def _scene_defaults(cls, value: Any) -> Any:
+        return {**ACTION_SCENE, **value} if isinstance(value, dict) else value
+
+    @model_validator(mode="after")
+    def _check(self) -> "HumanoidActionsConfig":
+        unknown = sorted(set(self.actions) - set(ACTION_NAMES))
+        if unknown:
+            raise ValueError(f"actions: unknown {unknown} (known: {list(ACTION_NAMES)})")
+        if len(set(self.actions)) != len(self.actions):
+            raise ValueError("actions: each motion may be named once")
+        scene = self.scene
+        if scene.recipe != "humanoid" or scene.min_actors != 1 or scene.max_actors != 1 \
+                or scene.actions is not None:
+            raise ValueError("scene: an action set's clips are humanoid scenes with one actor "
+                             "(recipe: humanoid, min_actors = max_actors = 1, no scene.actions: "
+                             "the classes come from `actions`)")
+        return self
+
+    @property
+    def clips_per_class(self) -> int:
+        return self.train_per_class + self.validation_per_class + self.test_per_class
+
+    def root(self, data_format: str) -> Path:
+        """Where the set's ``ssv2`` or ``list`` layout is written."""
+        return Path(self.out) / "set" / ("ssv2" if data_format == "ssv2" else "list")
+
+    def generation(self, action: str) -> GenerationConfig:
+        """The shard dataset of one class: its clips, its own seed, the stage's renders
+        (``overwrite``: the stage owns them, a new renderer re-renders them)."""
+        return GenerationConfig(
+            out=Path(self.out) / "render" / action, scenes=self.clips_per_class,
+            scenes_per_shard=self.scenes_per_shard, workers=self.workers, overwrite=True,
+            seed=self.seed * 32 + ACTION_NAMES.index(action),
+            scene=self.scene.model_copy(update={"actions": [action]}))
+
+
 class ExperimentConfig(BaseModel):
     """All stages. ``generation`` has usable defaults; a training section that the file
     leaves out is None, and the command that needs it says so (see ``require``)."""
@@ -61,23 +136,31 @@ class ExperimentConfig(BaseModel):
 
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     toy_actions: Optional[ToyActionsConfig] = None
+    humanoid_actions: Optional[HumanoidActionsConfig] = None
     pretrain: Optional[PretrainConfig] = None
     finetune: Optional[FinetuneConfig] = None
     evaluate: Optional[EvaluateConfig] = None
 
     @model_validator(mode="before")
     @classmethod
-    def _downstream_from_toy_actions(cls, data: Any) -> Any:
-        """With a ``toy_actions`` section, fine-tuning and evaluation read that set
-        unless the file names another ``data_root``."""
-        if not isinstance(data, dict) or not isinstance(data.get("toy_actions"), dict):
+    def _downstream_from_action_set(cls, data: Any) -> Any:
+        """With a ``toy_actions`` or ``humanoid_actions`` section, fine-tuning and
+        evaluation read that set unless the file names another ``data_root``."""
+        if not isinstance(data, dict):
             return data
-        toy = ToyActionsConfig.model_validate(data["toy_actions"])
+        sets = [name for name in ("toy_actions", "humanoid_actions")
+                if isinstance(data.get(name), dict)]
+        if len(sets) > 1:
+            raise ValueError("toy_actions and humanoid_actions: choose one downstream set")
+        if not sets:
+            return data
+        kind = ToyActionsConfig if sets[0] == "toy_actions" else HumanoidActionsConfig
+        made = kind.model_validate(data[sets[0]])
         data = dict(data)
         for section in ("finetune", "evaluate"):
             if isinstance(data.get(section), dict) and not data[section].get("data_root"):
                 fmt = data[section].get("data_format", "list")
-                data[section] = {**data[section], "data_root": str(toy.root(fmt))}
+                data[section] = {**data[section], "data_root": str(made.root(fmt))}
         return data
 
     def require(self, section: str):

@@ -17,6 +17,7 @@ from prefect.runtime import flow_run
 from prefect.states import Completed, State
 
 from flows import stage_cache
+from flows.actions import humanoid_actions
 from flows.experiment import ExperimentConfig, ToyActionsConfig
 from flows.generate import generate_dataset
 from flows.run_view import CACHED, artifact_key, pipeline_run_name, reused
@@ -33,7 +34,7 @@ from generation.dataset.storage import Location
 from training.run_layout import RunLayout, evaluation_dir, evaluation_file
 from training.toy_actions import write_toy_actions
 
-STAGES = ("generate", "toy_actions", "pretrain", "finetune", "evaluate")
+STAGES = ("generate", "toy_actions", "humanoid_actions", "pretrain", "finetune", "evaluate")
 
 
 class StageError(RuntimeError):
@@ -84,6 +85,7 @@ def force_stage(cfg: ExperimentConfig, stage: str) -> None:
         return
     targets = {
         "toy_actions": cfg.toy_actions and cfg.toy_actions.out,
+        "humanoid_actions": cfg.humanoid_actions and cfg.humanoid_actions.out,
         "pretrain": cfg.pretrain and cfg.pretrain.out,
         "finetune": cfg.finetune and cfg.finetune.out,
         "evaluate": cfg.evaluate and cfg.evaluate.checkpoint
@@ -151,6 +153,9 @@ def _pipeline(config: ExperimentConfig, force: list[str] | None) -> State[dict]:
         else:
             results["toy_actions"] = _stage("toy_actions", toy_actions_task, cfg.toy_actions,
                                             key, **run)
+    if cfg.humanoid_actions is not None:
+        results["humanoid_actions"] = _stage("humanoid_actions", humanoid_actions,
+                                             cfg.humanoid_actions, **run)
     if cfg.pretrain is not None:
         results["pretrain"] = _stage("pretrain", pretrain, cfg.pretrain,
                                      logs=str(RunLayout(cfg.pretrain.out).metrics),
@@ -158,7 +163,8 @@ def _pipeline(config: ExperimentConfig, force: list[str] | None) -> State[dict]:
     if cfg.finetune is not None:
         results["finetune"] = _stage("finetune", finetune, cfg.finetune,
                                      logs=str(RunLayout(cfg.finetune.out).metrics),
-                                     after=("generate", "toy_actions", "pretrain"), **run)
+                                     after=("generate", "toy_actions", "humanoid_actions",
+                                            "pretrain"), **run)
     if cfg.evaluate is not None and cfg.finetune is not None:
         results["evaluate"] = _stage("evaluate", evaluate, cfg.evaluate,
                                      after=("finetune",), **run)

@@ -40,6 +40,7 @@ FLOWS: list[tuple[str, str, str, str | None]] = [
     ("pretrain", "flows.train", "pretrain", "pretrain"),
     ("finetune", "flows.train", "finetune", "finetune"),
     ("evaluate", "flows.train", "evaluate", "evaluate"),
+    ("humanoid_actions", "flows.actions", "humanoid_actions", "humanoid_actions"),
     ("pipeline", "flows.pipeline", "pipeline", None),
 ]
 # What a user sees in the deployments list: a name and a description per flow, written
@@ -53,6 +54,8 @@ DEPLOYMENTS: dict[str, tuple[str, str]] = {
                  "batches mixed in (reused when nothing it reads changed)."),
     "evaluate": ("evaluation", "Top-1/top-5 of a fine-tuned checkpoint, single and "
                  "multi-view (reused for an unchanged checkpoint and split)."),
+    "humanoid_actions": ("action-set", "Render the humanoid action set (one actor playing "
+                         "one motion per clip) and write it as videos: a downstream task."),
     "pipeline": ("full-pipeline", "Generate, pretrain, fine-tune and evaluate, each stage "
                  "cached on what determines it: a rerun computes only what changed."),
 }

@@ -119,7 +119,8 @@ def foreign(out_dir: Path) -> str | None:
             "choose a new or empty directory")
 
 
-def begin(out_dir: Path, key: str, owned: Iterable[str] = (), clear_files: bool = True) -> None:
+def begin(out_dir: Path, key: str, owned: Iterable[str] = (), clear_files: bool = True,
+          keep: Iterable[str] = ()) -> None:
     """Mark ``out_dir`` as being computed for ``key``, owning ``owned`` (names relative
     to it that the stage writes: files or directories).
 
@@ -129,7 +130,9 @@ def begin(out_dir: Path, key: str, owned: Iterable[str] = (), clear_files: bool 
     ``clear_files=False`` nothing is removed, for stages that reuse their files, such as
     the shard directory whose own manifest decides what to keep. Only a directory with
     a stage record is ever touched: any other non-empty one raises ``ForeignDirectory``
-    (the CLI refuses it before any work; this is the check for every other caller)."""
+    (the CLI refuses it before any work; this is the check for every other caller).
+    ``keep`` names what the stage keeps on purpose across runs (a cache of its own),
+    which is neither cleared nor warned about."""
     if clear_files and (problem := foreign(out_dir)):
         raise ForeignDirectory(problem)
     where = Location(out_dir)
@@ -141,7 +144,7 @@ def begin(out_dir: Path, key: str, owned: Iterable[str] = (), clear_files: bool 
         for name in owned:
             where.delete_prefix(name)      # a directory and what it holds,
             where.delete(name)             # or a file
-        kept = sorted(set(_top_level(where)) - {RECORD})
+        kept = sorted(set(_top_level(where)) - {RECORD, *keep})
         if kept:
             log.warning("%s: kept %s, not written by this stage", where, ", ".join(kept))
     where.makedirs()

@@ -44,7 +44,8 @@ def test_each_flow_has_its_own_deployment_name_description_and_run_form_help():
     deployments = {d.flow_name: d for d in build_deployments(flows)}
     assert {f: d.name for f, d in deployments.items()} == {
         "generate_dataset": "synthetic-dataset", "pretrain": "prompt-pretraining",
-        "finetune": "fine-tuning", "evaluate": "evaluation", "pipeline": "full-pipeline"}
+        "finetune": "fine-tuning", "evaluate": "evaluation", "humanoid_actions": "action-set",
+        "pipeline": "full-pipeline"}
     for flow_name, deployment in deployments.items():
         assert deployment.description and "``" not in deployment.description, flow_name
         form = flows[flow_name].parameters.model_dump()["properties"]   # the run form
