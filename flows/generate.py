@@ -35,6 +35,7 @@ from prefect.tasks import exponential_backoff
 from flows import progress
 from flows.run_view import artifact_key, generate_run_name, reused
 from generation.config import GenerationConfig
+from generation.dataset import asset_store
 from generation.dataset import plan as dataset
 from generation.dataset.contact_sheet import contact_sheet, find_clip, sheet_png, store_sheet
 from generation.dataset.lock import dataset_lock
@@ -200,6 +201,10 @@ def _generate(config: GenerationConfig) -> State[dict]:
     logger.info("%s: %d shards planned, %d up to date, %d to render", out,
                 len(todo) + len(done), len(done), len(todo))
     if todo:
+        if out.remote or config.task_runner == "dask":
+            # render machines that share no filesystem with this one find the asset set
+            # here when their own checkout lacks it (generation.dataset.asset_store)
+            asset_store.publish(out, config.scene.asset_manifest)
         try:
             manifest = _render(config, manifest, [dataset.job_to_dict(job) for job in todo])
         finally:

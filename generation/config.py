@@ -14,6 +14,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from generation.dataset import asset_store
 from generation.dataset.actor_format import ACTION_NAMES, ACTOR_RECIPES, JOINT_NAMES
 from generation.dataset.manifest import MAX_SCENES, renderer_fingerprint
 from generation.dataset.shard_format import class_list
@@ -21,6 +22,16 @@ from generation.dataset.storage import dataset_path
 from generation.render.assets import DEFAULT_MANIFEST, load_manifest
 from generation.render.object_assets import ASSET_SETS
 from generation.render.recipes import RECIPE_ASSET_SET, RECIPES
+
+
+# The presets of ``SceneConfig.quality``, chosen with ``benchmarks/render.py --quality``
+# (movi_c, 128 px, CPU; docs/performance.md, "Quality per second"): standard is the
+# cheapest setting within 0.5 dB PSNR of Kubric's default (128 spp + denoising).
+QUALITY_PRESETS = {
+    "draft": {"spp": 4, "denoise": True, "adaptive": False},
+    "standard": {"spp": 16, "denoise": True, "adaptive": False},
+    "high": {"spp": 128, "denoise": True, "adaptive": False},
+}
 
 
 class SceneConfig(BaseModel):
@@ -35,6 +46,13 @@ class SceneConfig(BaseModel):
     spp: int = Field(16, gt=0, le=16384,
                      description="Cycles samples per pixel (RGB layer)")
     denoise: bool = False                   # OpenImageDenoise on the RGB layer
+    # Cycles adaptive sampling on the RGB layer (``spp`` is then its maximum)
+    adaptive: bool = False
+    # A named preset fills spp / denoise / adaptive in (QUALITY_PRESETS); custom uses the
+    # three fields as given. Kept in the spec (so in its hash) beside what it set.
+    quality: Literal["custom", "draft", "standard", "high"] = Field(
+        "custom", description="render quality preset: draft | standard | high set spp, "
+        "denoise and adaptive (docs/generation.md, \"Quality\"); custom: use those fields")
     min_objects: int = Field(3, ge=1, le=64)
     max_objects: int = Field(10, ge=1, le=64)
     camera_motion: bool = True              # camera moves along a small arc
@@ -58,6 +76,21 @@ class SceneConfig(BaseModel):
     domain: Literal["source", "heldout"] = Field(
         "source", description="humanoid looks: heldout draws other worlds, materials, "
         "camera ranges and body heights than source (a held-out test domain)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _quality(cls, data: Any) -> Any:
+        """A named ``quality`` sets spp, denoise and adaptive; naming one of them too is
+        an error (which would win is not obvious)."""
+        if isinstance(data, dict) and data.get("quality", "custom") in QUALITY_PRESETS:
+            preset = QUALITY_PRESETS[data["quality"]]
+            given = sorted(set(preset) & set(data))
+            clash = [k for k in given if data[k] != preset[k]]
+            if clash:
+                raise ValueError(f"quality {data['quality']!r} sets {', '.join(clash)}; "
+                                 "leave them out or use quality: custom")
+            data = {**data, **preset}
+        return data
 
     @model_validator(mode="before")
     @classmethod
@@ -92,11 +125,17 @@ class SceneConfig(BaseModel):
                                  f"(known: {sorted(manifest['assets'])})")
         return self
 
+    def spec(self) -> dict:
+        """This config as a dataset's manifest records it and a render job carries it: the
+        asset set named by its content (``sha256:<hex>`` of its manifest and archives,
+        ``generation.dataset.asset_store``), never by this machine's path to it."""
+        return {**self.model_dump(mode="json"),
+                "asset_manifest": asset_store.digest(self.asset_manifest)}
+
     def digest(self) -> str:
-        """Content hash of everything that determines a clip: this spec, the asset
-        manifest's bytes, and the renderer's versions and code (``renderer_fingerprint``)."""
-        data = self.model_dump(mode="json")
-        data["asset_manifest"] = hashlib.sha256(Path(self.asset_manifest).read_bytes()).hexdigest()
+        """Content hash of everything that determines a clip: this spec (the asset set's
+        bytes included), and the renderer's versions and code (``renderer_fingerprint``)."""
+        data = self.spec()
         data["renderer"] = renderer_fingerprint()
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 

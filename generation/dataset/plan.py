@@ -67,7 +67,10 @@ class ShardJob:
     seeds: list[int]
     keys: list[str]
     spec_hash: str
-    scene: dict = field(default_factory=dict)   # SceneConfig as JSON
+    scene: dict = field(default_factory=dict)   # SceneConfig.spec(): assets by content
+    # where the submitting machine has the asset set (a hint for the render machine,
+    # which checks its bytes; not part of the spec: generation.dataset.asset_store)
+    assets: str = ""
 
     @property
     def label(self) -> str:
@@ -80,7 +83,7 @@ def scene_seed(seed: int, index: int) -> int:
 
 
 def plan(cfg: GenerationConfig) -> list[ShardJob]:
-    spec = cfg.scene.model_dump(mode="json")
+    spec = cfg.scene.spec()
     spec_hash = cfg.scene.digest()
     jobs = []
     for index, start in enumerate(range(0, cfg.scenes, cfg.scenes_per_shard)):
@@ -88,7 +91,8 @@ def plan(cfg: GenerationConfig) -> list[ShardJob]:
         jobs.append(ShardJob(index=index, name=SHARD_PATTERN.format(index),
                              seeds=[scene_seed(cfg.seed, j) for j in scene_ids],
                              keys=[f"scene{j:07d}" for j in scene_ids],
-                             spec_hash=spec_hash, scene=spec))
+                             spec_hash=spec_hash, scene=spec,
+                             assets=str(Path(cfg.scene.asset_manifest).resolve())))
     return jobs
 
 

@@ -47,7 +47,7 @@ def changes(old: dict, cfg: GenerationConfig) -> list[str]:
     """The fields in which ``cfg`` differs from the dataset ``old`` (a manifest) in a
     way that replaces or removes shards, as ``name: old → new``; empty when none."""
     found = []
-    new_spec = cfg.scene.model_dump(mode="json")
+    new_spec = cfg.scene.spec()
     old_spec = old.get("spec") if isinstance(old.get("spec"), dict) else {}
     for key in sorted(set(old_spec) | set(new_spec)):
         a, b = old_spec.get(key, _MISSING), new_spec.get(key, _MISSING)
@@ -60,10 +60,6 @@ def changes(old: dict, cfg: GenerationConfig) -> list[str]:
         if a != b:
             what = "code that makes clips" if key == "code" else f"{key} version"
             found.append(f"renderer.{key} ({what}): {_fmt(a)} → {_fmt(b)}")
-    if not found and old.get("spec_hash") != cfg.scene.digest():
-        # Same fields and renderer: what else the hash covers is the asset manifest's bytes.
-        found.append(f"generation.scene.asset_manifest: the contents of "
-                     f"{cfg.scene.asset_manifest} changed")
     dataset = old.get("dataset") if isinstance(old.get("dataset"), dict) else {}
     for key in ("seed", "scenes_per_shard"):
         if key in dataset and dataset[key] != getattr(cfg, key):

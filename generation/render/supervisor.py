@@ -12,6 +12,7 @@ removes after a killed run.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -22,11 +23,13 @@ import sys
 import time
 from pathlib import Path
 
+from generation.dataset import asset_store
 from generation.dataset.manifest import location, sha256_file
 from generation.dataset.plan import ShardJob
 from generation.dataset.storage import Location, scratch_dir
 from generation.render import warm_workers
 from generation.render.devices import worker_env  # one GPU per worker process
+from generation.render.object_assets import ASSET_SETS
 
 
 class RenderError(RuntimeError):
@@ -59,6 +62,7 @@ def render_shard(job: ShardJob, out_dir: Path, *, threads: int = 0,
     object-store ``out_dir`` the shard is rendered on local scratch and uploaded (see
     ``_render_and_upload``)."""
     where = location(out_dir)
+    job = with_local_assets(job, where)
     if where.remote:
         return _render_and_upload(job, where, threads=threads, log_dir=log_dir,
                                   on_scene=on_scene, device=device,
@@ -141,6 +145,22 @@ def _render_and_upload(job: ShardJob, out: Location, *, log_dir: Path | None,
                           f"bytes, not {record['bytes']}")
     record["etag"] = meta.etag
     return record
+
+
+def with_local_assets(job: ShardJob, dataset: Location) -> ShardJob:
+    """``job`` with its spec's asset set (``sha256:<hex>``) replaced by this machine's
+    copy of it (``asset_store.locate``: the submitter's path, this checkout's built-in
+    sets, or the run's upload next to the dataset); ``RenderError`` (one line) when this
+    machine has none, before any worker starts."""
+    named = job.scene.get("asset_manifest", "")
+    if not str(named).startswith(asset_store.PREFIX):
+        return job                      # already a local path (an inner call)
+    try:
+        path = asset_store.locate(named, hint=job.assets or None, known=ASSET_SETS.values(),
+                                  dataset=dataset)
+    except asset_store.AssetSetMissing as exc:
+        raise RenderError(f"{job.label}: {exc}") from None
+    return dataclasses.replace(job, scene={**job.scene, "asset_manifest": str(path)})
 
 
 def _open_attempt_log(log_dir: Path, stem: str):

@@ -127,7 +127,7 @@ def test_lock_is_reentrant_in_one_process_and_released_on_failure(tmp_path):
 def _dataset(tmp_path, scene, **dataset):
     cfg = GenerationConfig(out=tmp_path, scenes=4, scenes_per_shard=2, scene=scene)
     info = {"scenes": 4, "scenes_per_shard": 2, "seed": 0, **dataset}
-    manifest = new_manifest(scene.model_dump(mode="json"), scene.digest(), [], info)
+    manifest = new_manifest(scene.spec(), scene.digest(), [], info)
     write_json_atomic(tmp_path / "manifest.json", manifest)
     return cfg, manifest
 

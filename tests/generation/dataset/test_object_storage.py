@@ -373,3 +373,26 @@ def test_a_renewed_lease_outlives_its_length_and_a_killed_holder_s_expires(prefi
         assert len(warnings) == 1 and why in warnings[0], warnings
     finally:
         release(prefix)
+
+
+def test_a_render_machine_without_the_asset_set_fetches_the_runs_upload(prefix, tmp_path,
+                                                                        monkeypatch):
+    """Assets by content on a bucket: the run uploads its set once next to the dataset;
+    a machine that lacks it (no hint, no built-in copy) fetches it into its cache, checks
+    its bytes, and uses the cached copy from then on."""
+    import shutil
+
+    from generation.dataset import asset_store
+    from generation.render.assets import DEFAULT_MANIFEST
+
+    mine = tmp_path / "mine"
+    shutil.copytree(DEFAULT_MANIFEST.parent, mine)
+    manifest = mine / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"description": "', '"description": "x'))
+    name = asset_store.publish(prefix, manifest)
+    assert Location(prefix).exists(f".assets/{name.removeprefix('sha256:')}/manifest.json")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    shutil.rmtree(mine)
+    found = asset_store.locate(name, hint=str(manifest), dataset=prefix)
+    assert found.is_relative_to(tmp_path / "cache") and asset_store.digest(found) == name
+    assert asset_store.locate(name, dataset=prefix) == found
