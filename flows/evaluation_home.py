@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from flows import stage_cache
-from generation.dataset.storage import check_writable_dir
+from training import files
 from training.checkpoint import CheckpointError
 from training.config import EvaluateConfig
 from training.evaluate import score, write_result
@@ -40,11 +40,11 @@ def run_evaluate_in_home(cfg: EvaluateConfig, key: str | None = None) -> dict[st
     home = evaluation_dir(cfg.checkpoint)
     if problem := stage_cache.foreign(home):
         raise stage_cache.ForeignDirectory(f"out: {problem}")
-    check_writable_dir(home, "out")  # before the evaluation, not after it
+    files.check_writable(home, "out")  # before the evaluation, not after it
     key = key or evaluation_key(cfg)
     result = score(cfg)
     name = evaluation_name(cfg.checkpoint, cfg.split)
     stage_cache.begin(home, key, clear_files=False)
-    write_result(home / name, result)
+    write_result(files.join(home, name), result)
     stage_cache.finish(home, key, result, [name])
     return result

@@ -38,8 +38,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable
 
-from generation.dataset.manifest import sha256_file, source_digest, write_json_atomic
+from generation.dataset.manifest import source_digest, write_json_atomic
 from generation.dataset.storage import Location
+from training import files
 
 RECORD = ".stage.json"
 # Plain logging (no Prefect here); in a flow run it reaches the run's console.
@@ -65,9 +66,9 @@ def stage_key(stage: str, section: Any, upstream: dict[str, str], code: str) -> 
 def file_key(path) -> str:
     """An input file's part of a stage key: its content's sha256 (not its path: two
     spellings of one file are one input), or "none" without a file."""
-    if not path or not Path(path).is_file():
+    if not path or not files.is_file(path):
         return "none"
-    return sha256_file(Path(path))
+    return files.sha256(path)          # a local file or an object (s3://, gs://)
 
 
 def read_record(out_dir) -> dict | None:

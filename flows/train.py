@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Callable
 
 import cv2
+import numpy as np
 import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -28,6 +30,8 @@ from flows import progress, stage_cache
 from flows.run_view import artifact_key, reused, training_run_name
 from generation.dataset.contact_sheet import sheet_png
 from generation.dataset.manifest import read_manifest
+from generation.dataset.storage import scratch_dir
+from training import files
 from training.config import EvaluateConfig, FinetuneConfig, PretrainConfig
 from training.run_layout import RunLayout, evaluation_dir
 
@@ -62,7 +66,9 @@ def _metrics_artifact(stage: str, summary: dict) -> None:
     create_table_artifact(key=artifact_key(f"{stage}-metrics", where), table=rows,
                           description=f"{stage} summary of {where}")
     curve = RunLayout(summary.get("run_dir", "")).loss_curve
-    image = cv2.imread(str(curve)) if curve.is_file() else None
+    image = None
+    if files.is_file(curve):    # here or on a bucket
+        image = cv2.imdecode(np.frombuffer(files.read_bytes(curve), np.uint8), cv2.IMREAD_COLOR)
     if image is not None:
         # Embedded, as the contact sheet is: a file:// link does not load in the UI.
         png = base64.b64encode(sheet_png(image[..., ::-1], 150_000)).decode()
@@ -81,23 +87,36 @@ def processes_for(cfg) -> int:
 
 def _train(stage: str, cfg, run) -> dict:
     """Train in this process, or -- with several processes per node -- launch torchrun
-    on this machine (DDP: NCCL on GPUs, gloo on CPUs) and read the run's summary."""
+    on this machine (DDP: NCCL on GPUs, gloo on CPUs) and read the run's summary. A run
+    on an object store keeps torchrun's config and log in scratch while it runs; the
+    log is then uploaded next to the run's other files."""
     nproc = processes_for(cfg)
     if nproc == 1:
         return run(cfg, progress=_log_progress(stage))
     layout = RunLayout(cfg.out)
-    config_path = layout.torchrun_config(stage)
+    local = RunLayout(scratch_dir("pvit-torchrun-")) if layout.remote else layout
+    config_path, log_path = local.torchrun_config(stage), local.torchrun_log(stage)
     config_path.write_text(yaml.safe_dump({stage: cfg.model_dump(mode="json")}))
-    log_path = layout.torchrun_log(stage)
+    try:
+        code = _torchrun(stage, nproc, config_path, log_path)
+    finally:
+        if layout.remote:
+            files.write_bytes(layout.torchrun_log(stage), log_path.read_bytes())
+            shutil.rmtree(local.root, ignore_errors=True)
+    if code != 0:
+        raise RuntimeError(f"{stage}: torchrun exited with code {code} (log: "
+                           f"{layout.torchrun_log(stage)})")
+    return json.loads(files.read_bytes(layout.summary))
+
+
+def _torchrun(stage: str, nproc: int, config_path: Path, log_path: Path) -> int:
     logger = get_run_logger()
     logger.info("%s: torchrun with %d processes (log: %s)", stage, nproc, log_path)
     with open(log_path, "a") as log:
         code = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                                f"--nproc-per-node={nproc}", "-m", "flows.commands", stage,
                                str(config_path)], stdout=log, stderr=subprocess.STDOUT).returncode
-    if code != 0:
-        raise RuntimeError(f"{stage}: torchrun exited with code {code} (log: {log_path})")
-    return json.loads(layout.summary.read_text())
+    return code
 
 
 @task(name="pretrain", task_run_name="pretrain", retries=TRAIN_RETRIES, retry_delay_seconds=2,
@@ -105,9 +124,9 @@ def _train(stage: str, cfg, run) -> dict:
 def pretrain_task(cfg: PretrainConfig, key: str) -> dict:
     from training.train import run_pretrain
     # a retry finds "resumable": keeps last.pt; a stale run loses only what a run writes
-    stage_cache.begin(Path(cfg.out), key, owned=RunLayout(cfg.out).owned("pretrain"))
+    stage_cache.begin(cfg.out, key, owned=RunLayout(cfg.out).owned("pretrain"))
     summary = _train("pretrain", cfg, run_pretrain)
-    stage_cache.finish(Path(cfg.out), key, summary, trained_outputs(cfg.out))
+    stage_cache.finish(cfg.out, key, summary, trained_outputs(cfg.out))
     _metrics_artifact("pretrain", {**summary, "run_dir": cfg.out})
     return summary
 
@@ -116,9 +135,9 @@ def pretrain_task(cfg: PretrainConfig, key: str) -> dict:
       result_serializer="json")
 def finetune_task(cfg: FinetuneConfig, key: str) -> dict:
     from training.train import run_finetune
-    stage_cache.begin(Path(cfg.out), key, owned=RunLayout(cfg.out).owned("finetune"))
+    stage_cache.begin(cfg.out, key, owned=RunLayout(cfg.out).owned("finetune"))
     summary = _train("finetune", cfg, run_finetune)
-    stage_cache.finish(Path(cfg.out), key, summary, trained_outputs(cfg.out))
+    stage_cache.finish(cfg.out, key, summary, trained_outputs(cfg.out))
     _metrics_artifact("finetune", {**summary, "run_dir": cfg.out})
     return summary
 
@@ -182,15 +201,15 @@ def evaluate(config: EvaluateConfig) -> State[dict]:
 def cached(stage: str, out_dir, key: str) -> dict | None:
     """The stored summary when ``out_dir`` is done for ``key``. The reuse is put on the
     current run (an artifact), so a cached run does not look like one that did nothing."""
-    if stage_cache.state(Path(out_dir), key) != "done":
+    if stage_cache.state(out_dir, key) != "done":
         return None
     get_run_logger().info("%s is up to date (key %s): skipped", out_dir, key[:12])
     create_markdown_artifact(
         key=artifact_key(f"{stage.replace('_', '-')}-reused", out_dir),
         markdown=f"**{stage}: reused**, nothing recomputed: `{out_dir}` is up to date "
-                 f"(stage key `{key[:12]}`, record `{Path(out_dir) / stage_cache.RECORD}`).",
+                 f"(stage key `{key[:12]}`, record `{files.join(out_dir, stage_cache.RECORD)}`).",
         description=f"{stage} reused its cached output")
-    return stage_cache.read_record(Path(out_dir))["summary"]
+    return stage_cache.read_record(out_dir)["summary"]
 
 
 def reuse_message(out_dir) -> str:

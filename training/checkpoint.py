@@ -5,6 +5,9 @@ model name and arguments, state dicts, the loop position, RNG states and the res
 stage config (what a training run puts in one, and how it resumes from it:
 ``training.resume``). Files are written to a temporary name and renamed into place, so
 a killed run leaves either the old checkpoint or the new one, never half of one.
+A checkpoint may be an object (``s3://bucket/runs/x/checkpoints/last.pt``): it is
+written as one PUT and read as bytes through fsspec (``training.files``), then loaded
+with ``weights_only=True`` like a local file.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Any
 
 import torch
 
-from generation.dataset.storage import write_atomic
+from training import files
 from training.heads import split_legacy_dense_heads
 from training.model import PromptonomyViT, create_model
 
@@ -29,18 +32,17 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = io.BytesIO()
     torch.save({"format": FORMAT, **state}, data)
-    write_atomic(path, data.getbuffer())
+    files.write_bytes(path, data.getbuffer())
 
 
-def _load_marked(path: Path) -> dict[str, Any]:
-    if not path.is_file():
+def _load_marked(path: Path | str) -> dict[str, Any]:
+    if not files.is_file(path):
         raise CheckpointError(f"checkpoint: no such file {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        source = path if isinstance(path, Path) else io.BytesIO(files.read_bytes(path))
+        state = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - unreadable for whatever reason
         raise CheckpointError(f"checkpoint: cannot read {path} ({type(exc).__name__})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
@@ -50,7 +52,7 @@ def _load_marked(path: Path) -> dict[str, Any]:
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """A pvit checkpoint with all of ``FIELDS`` (an edited or truncated one is named)."""
-    state = _load_marked(Path(path))
+    state = _load_marked(files.location(path))
     for key, kind in FIELDS.items():
         if not isinstance(state.get(key), kind):
             got = "missing" if key not in state else f"a {type(state[key]).__name__}"
@@ -64,10 +66,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 def is_pvit_checkpoint(path: str | Path) -> bool:
     """Our checkpoints are torch files carrying the format marker (not a key guess); a
     damaged one still is one, so ``load_checkpoint`` names what is wrong with it."""
-    if Path(path).suffix == ".safetensors":
+    if files.name(path).endswith(".safetensors"):
         return False
     try:
-        _load_marked(Path(path))
+        _load_marked(files.location(path))
         return True
     except CheckpointError:
         return False

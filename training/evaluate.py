@@ -23,12 +23,11 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from generation.dataset.storage import check_writable_dir
+from training import files
 from training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from training.config import EvaluateConfig
 from training.convert import export_inference
 from training.loader_workers import loader_worker_kwargs
-from training.run_files import write_text_atomic
 from training.run_layout import evaluation_file
 from training.video_data import (
     VideoClips,
@@ -82,8 +81,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     ``flows.evaluation_home`` for the recorded one the commands use)."""
     if not cfg.checkpoint:
         raise CheckpointError("checkpoint: none given")
-    out = Path(cfg.out) if cfg.out else evaluation_file(cfg.checkpoint, cfg.split)
-    check_writable_dir(out.parent, "out")  # before the evaluation, not after it
+    out = files.location(cfg.out) if cfg.out else evaluation_file(cfg.checkpoint, cfg.split)
+    files.check_writable(files.parent(out), "out")  # before the evaluation, not after it
     return write_result(out, score(cfg))
 
 
@@ -115,8 +114,8 @@ def score(cfg: EvaluateConfig) -> dict[str, Any]:
     }
 
 
-def write_result(out: Path, result: dict[str, Any]) -> dict[str, Any]:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out, json.dumps(result, indent=2) + "\n")
+def write_result(out: Path | str, result: dict[str, Any]) -> dict[str, Any]:
+    """``out``: a local path or an object URL (``training.files``)."""
+    files.write_bytes(out, (json.dumps(result, indent=2) + "\n").encode())
     result["out"] = str(out)
     return result

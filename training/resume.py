@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import numpy as np
 import torch
 
-from training import distributed
+from training import distributed, files
 from training.checkpoint import (
     CheckpointError,
     is_pvit_checkpoint,
@@ -123,7 +123,7 @@ def resumable_checkpoint(setup: RunSetup) -> Optional[dict[str, Any]]:
     """The run directory's ``last.pt`` (None: there is none), once it is of this very
     model, config and schedule; another run's raises ``CheckpointError``."""
     last = setup.layout.last_checkpoint
-    if not last.is_file():
+    if not files.is_file(last):
         return None
     state = load_checkpoint(last)
     check_resume_fields(state, last)
@@ -143,7 +143,7 @@ def initial_weights(cfg: PretrainConfig | FinetuneConfig, model: PromptonomyViT,
     for files without our marker, timm image weights (inflated); None: from scratch."""
     if not cfg.init:
         return None
-    if not Path(cfg.init).is_file():
+    if not files.is_file(cfg.init):     # a local file or an object (s3://, gs://)
         raise CheckpointError(f"init: no such file {cfg.init}")
     fmt = cfg.init_format
     if is_pvit_checkpoint(cfg.init):
@@ -156,7 +156,7 @@ def initial_weights(cfg: PretrainConfig | FinetuneConfig, model: PromptonomyViT,
     if fmt == "pvit":
         raise CheckpointError(f"init: {cfg.init} is not a pvit checkpoint (init_format 'pvit')")
     try:
-        weights = read_weights(cfg.init)
+        weights = read_weights(files.local_copy(cfg.init))
     except CheckpointMismatch:  # its own message says only "KeyError" or the like
         raise CheckpointError(f"init: {cfg.init} is not a checkpoint or weights file "
                               "(a pvit .pt, a torch state dict or .safetensors)") from None

@@ -1,6 +1,9 @@
 """How a run's files are written (their names: ``training.run_layout``): the config,
 metrics, summary and loss curve. Whole files are written to a temporary name
-and renamed into place; ``metrics.jsonl`` is appended line by line."""
+and renamed into place; ``metrics.jsonl`` is appended line by line. A run on an object
+store (``training.files``) writes each file as one object; there is no appending to an
+object, so ``metrics.jsonl`` is written whole at each logged line (one small PUT per
+``log_every`` steps), and a killed run leaves the lines up to its last write."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from typing import Any
 import yaml
 
 from generation.dataset.storage import write_atomic
+from training import files
 from training.run_layout import RunLayout
 
 # matplotlib stays inside plot_loss_curve(), which runs once at the end of a run:
@@ -20,8 +24,19 @@ from training.run_layout import RunLayout
 # imports training.train or training.evaluate (`pvit evaluate`, each DDP rank).
 
 
-def write_text_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path | str, text: str) -> None:
     write_atomic(path, text.encode())
+
+
+def start_run_dir(layout: RunLayout) -> None:
+    """Make ``layout.root`` a run directory (its marker): on an object store nothing else
+    needs creating."""
+    if layout.remote:
+        if not files.is_file(layout.marker):
+            files.write_bytes(layout.marker, b"")
+        return
+    Path(layout.checkpoints).mkdir(parents=True, exist_ok=True)
+    Path(layout.marker).touch()
 
 
 def write_config(run_dir: Path, stage: str, config: dict[str, Any]) -> None:
@@ -36,25 +51,31 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
 class MetricsLog:
     """``metrics.jsonl``: one JSON object per logged step or epoch."""
 
-    def __init__(self, path: Path, resume_step: int = 0):
+    def __init__(self, path: Path | str, resume_step: int = 0):
         self.path = path
+        self.remote = files.remote(path)
         # a resumed run redoes the steps after its checkpoint: drop their old lines
-        kept = []
-        if resume_step and path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if line and json.loads(line).get("step", 0) <= resume_step]
-        write_text_atomic(path, "".join(line + "\n" for line in kept))
+        self.lines: list[str] = []
+        if resume_step and files.is_file(path):
+            self.lines = [line for line in files.read_bytes(path).decode().splitlines()
+                          if line and json.loads(line).get("step", 0) <= resume_step]
+        write_text_atomic(path, "".join(line + "\n" for line in self.lines))
 
     def write(self, record: dict[str, Any]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
+        line = json.dumps(record, sort_keys=True)
+        if self.remote:     # an object is replaced whole, never appended to
+            self.lines.append(line)
+            write_text_atomic(self.path, "".join(x + "\n" for x in self.lines))
+            return
+        with Path(self.path).open("a") as f:
+            f.write(line + "\n")
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
+def read_metrics(path: Path | str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in files.read_bytes(path).decode().splitlines() if line]
 
 
-def plot_loss_curve(metrics_path: Path, png_path: Path) -> None:
+def plot_loss_curve(metrics_path: Path | str, png_path: Path | str) -> None:
     """Total and per-task training losses against the optimizer step."""
     import matplotlib
     matplotlib.use("Agg")  # no display on training machines

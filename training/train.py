@@ -28,8 +28,8 @@ from torch.utils.data import DataLoader
 
 from generation.dataset.index import DatasetIndex
 from generation.dataset.shard_format import CLASSES
-from generation.dataset.storage import check_writable_dir, write_atomic
-from training import distributed
+from generation.dataset.storage import WriteError, write_atomic
+from training import distributed, files
 from training.config import FinetuneConfig, PretrainConfig
 from training.convert import export_inference
 from training.evaluate import evaluate_model
@@ -43,7 +43,13 @@ from training.resume import (
     resumable_checkpoint,
     save_last,
 )
-from training.run_files import MetricsLog, plot_loss_curve, write_config, write_summary
+from training.run_files import (
+    MetricsLog,
+    plot_loss_curve,
+    start_run_dir,
+    write_config,
+    write_summary,
+)
 from training.run_layout import RunLayout
 from training.synthetic_data import (
     SKIPPED_SHARDS,
@@ -178,7 +184,7 @@ def preflight(stage: str, cfg: PretrainConfig | FinetuneConfig) -> None:
     """Check every input the run will read, before any training; raises ``InputError``
     naming the field. The commands call it so bad input exits 2 with one line."""
     try:
-        check_writable_dir(cfg.out, "out")
+        files.check_writable(cfg.out, "out")    # a directory, or a bucket that answers
         if problem := RunLayout(cfg.out).foreign():
             raise InputError(f"out: {problem}")
         # bad labels, or a split none of whose videos decode, are bad input like a
@@ -188,7 +194,7 @@ def preflight(stage: str, cfg: PretrainConfig | FinetuneConfig) -> None:
         if setup.resume is None and cfg.init:
             initial_weights(cfg, create_model(cfg.model, **setup.model_kwargs),
                              setup.model_kwargs)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, WriteError) as exc:  # WriteError: a store down
         raise InputError(str(exc).splitlines()[0]) from None
 
 
@@ -210,9 +216,8 @@ def _run(stage: str, cfg: PretrainConfig | FinetuneConfig, progress: Progress,
          stop_after: Optional[int]) -> dict[str, Any]:
     start_time = time.perf_counter()
     dist = distributed.setup()
-    if dist.is_main:
-        RunLayout(cfg.out).checkpoints.mkdir(parents=True, exist_ok=True)
-        RunLayout(cfg.out).marker.touch()
+    if dist.is_main:    # only rank 0 writes the run's files, here or on a bucket
+        start_run_dir(RunLayout(cfg.out))
     torch.manual_seed(cfg.seed + dist.rank)  # dropout differs per rank, reproducibly
     # checked again here: Prefect tasks call run_pretrain/run_finetune without preflight
     setup = prepare(stage, cfg, dist.world_size)
@@ -431,7 +436,7 @@ def _finish(setup: RunSetup, dist: distributed.Dist, model: PromptonomyViT,
     """Final checkpoint, exported inference weights, validation accuracy."""
     cfg, layout = setup.cfg, setup.layout
     final = layout.final_checkpoint
-    write_atomic(final, layout.last_checkpoint.read_bytes())
+    files.copy(layout.last_checkpoint, final)
     inference = export_inference(model)
     write_atomic(layout.inference_weights,
                  save({k: v.contiguous() for k, v in inference.state_dict().items()}))

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from training import files
 from training.synthetic_data import normalize_rgb
 
 log = logging.getLogger(__name__)
@@ -154,6 +155,8 @@ def read_records(data_format: str, root: str | Path, split: str, videos_dir: str
                  num_classes: int | None = None) -> tuple[list[VideoRecord], int]:
     """Records and the number of classes of a split in either layout. ``num_classes``
     (a validation split, a trained model) bounds its labels: it may lack some classes."""
+    # a set on an object store is read from this node's copy of it (OpenCV reads files)
+    root = files.mirror(root)
     if data_format == "ssv2":
         records, names = read_ssv2(root, split, videos_dir)
         if num_classes is not None and len(names) > num_classes:
