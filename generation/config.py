@@ -23,7 +23,6 @@ from generation.render.assets import DEFAULT_MANIFEST, load_manifest
 from generation.render.object_assets import ASSET_SETS
 from generation.render.recipes import RECIPE_ASSET_SET, RECIPES
 
-
 # The presets of ``SceneConfig.quality``, chosen with ``benchmarks/render.py --quality``
 # (movi_c, 128 px, CPU; docs/performance.md, "Quality per second"): standard is the
 # cheapest setting within 0.5 dB PSNR of Kubric's default (128 spp + denoising).

@@ -67,12 +67,22 @@ from typing import Iterable, Iterator
 import numpy as np
 import zstandard
 
-from generation.dataset.actor_format import (ACTOR_CLASSES, ACTOR_SHAPES, ACTOR_SWITCH,
-                                             MAX_ACTORS, MAX_JOINTS, check_actor_shapes,
-                                             writes_actors)
+from generation.dataset.actor_format import (
+    ACTOR_CLASSES,
+    ACTOR_SHAPES,
+    ACTOR_SWITCH,
+    MAX_ACTORS,
+    MAX_JOINTS,
+    check_actor_shapes,
+    writes_actors,
+)
 from generation.dataset.storage import open_file
-from generation.dataset.track_format import (MAX_TRACKS, TRACK_SHAPES, TRACK_SWITCH,
-                                             check_track_shapes)
+from generation.dataset.track_format import (
+    MAX_TRACKS,
+    TRACK_SHAPES,
+    TRACK_SWITCH,
+    check_track_shapes,
+)
 
 # webdataset stays inside write_samples() and group_samples(): it imports torch (1.0-1.6
 # s, python -X importtime after flows.cli), and every `pvit` command imports this module

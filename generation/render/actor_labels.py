@@ -76,7 +76,7 @@ def instance_rows(actors) -> dict:
     in each frame (axis-aligned, corners x fastest as ``labels.box_corners``)."""
     return {"position": np.array([a.root_position for a in actors], dtype=np.float32),
             "quaternion": np.array([a.root_quaternion for a in actors], dtype=np.float32),
-            "bbox_3d": np.array([[_box(lo, hi) for lo, hi in zip(a.box_min, a.box_max)]
+            "bbox_3d": np.array([[_box(lo, hi) for lo, hi in zip(a.box_min, a.box_max, strict=True)]
                                  for a in actors], dtype=np.float32)}
 
 

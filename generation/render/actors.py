@@ -186,7 +186,7 @@ def set_pose(spec: ActorSpec, body: int, scene_time: float, client: int) -> None
     position, orientation = base_pose(spec, pose)
     pb.resetBasePositionAndOrientation(body, position, orientation, physicsClientId=client)
     at = 7
-    for joint, size in zip(POSE_JOINTS, POSE_SIZES):
+    for joint, size in zip(POSE_JOINTS, POSE_SIZES, strict=True):
         pb.resetJointStateMultiDof(body, joint, pose[at:at + size], physicsClientId=client)
         at += size
 
@@ -304,7 +304,8 @@ def shape_poses(positions: np.ndarray, orientations: np.ndarray, scale: float):
         centre, rotation = pb.multiplyTransforms(
             positions[shape.link], orientations[shape.link],
             URDF_SCALE * scale * np.array(shape.xyz), local)
-        out.append((np.array(centre), np.array(rotation), URDF_SCALE * scale * shape.half_extents()))
+        out.append((np.array(centre), np.array(rotation),
+                    URDF_SCALE * scale * shape.half_extents()))
     return out
 
 

@@ -26,9 +26,15 @@ from generation.dataset.actor_format import ACTION_NAMES
 from generation.render import actors as skeleton
 from generation.render.physics import PyBullet
 from generation.render.procedural import HDRI_NAMES, random_hdri_world, random_procedural_material
-from generation.render.recipes.movi import (FLOOR_CATEGORY, FLOOR_HALF_SIZE, SCALE_RANGE,
-                                            SceneContent, _camera_position, _place,
-                                            _random_material)
+from generation.render.recipes.movi import (
+    FLOOR_CATEGORY,
+    FLOOR_HALF_SIZE,
+    SCALE_RANGE,
+    SceneContent,
+    _camera_position,
+    _place,
+    _random_material,
+)
 
 HEIGHT_M = (1.5, 1.9)
 TIME_SCALE = (0.85, 1.15)
@@ -200,13 +206,13 @@ def _record_frames(actor: Actor, body: int, client: int, frames: range, fps: int
         skeleton.set_pose(actor.spec, body, frame / fps, client)
         positions, orientations = skeleton.link_frames(body, client)
         poses = skeleton.shape_poses(positions, orientations, actor.spec.scale)
-        for (obj, _), (centre, rotation, semi_axes) in zip(actor.parts, poses):
+        for (obj, _), (centre, rotation, semi_axes) in zip(actor.parts, poses, strict=True):
             obj.position, obj.scale = centre, semi_axes
             obj.quaternion = (rotation[3], *rotation[:3])
             obj.keyframe_insert("position", frame)
             obj.keyframe_insert("quaternion", frame)
         extent = [_half_extent(kind, rotation, axes) for kind, (_, rotation, axes)
-                  in zip([s.kind for s in skeleton.SHAPES], poses)]
+                  in zip([s.kind for s in skeleton.SHAPES], poses, strict=True)]
         centres = np.array([p[0] for p in poses])
         lows.append((centres - extent).min(axis=0))
         highs.append((centres + extent).max(axis=0))

@@ -7,10 +7,20 @@ import pybullet as pb
 import pytest
 
 from generation.config import SceneConfig
-from generation.dataset.actor_format import (ACTION_NAMES, ACTOR_CLASSES, BODY_PARTS,
-                                             JOINT_NAMES, PERSON)
-from generation.dataset.shard_format import (CLASSES, ReadRules, clip_limit, decode_sample,
-                                             encode_clip)
+from generation.dataset.actor_format import (
+    ACTION_NAMES,
+    ACTOR_CLASSES,
+    BODY_PARTS,
+    JOINT_NAMES,
+    PERSON,
+)
+from generation.dataset.shard_format import (
+    CLASSES,
+    ReadRules,
+    clip_limit,
+    decode_sample,
+    encode_clip,
+)
 from generation.render import actors as skeleton
 
 pytestmark = pytest.mark.blender
@@ -109,7 +119,8 @@ def test_visible_joints_lie_on_their_own_part(humanoid_clip):
 def test_actor_instances_and_classes(humanoid_clip):
     clip, _ = humanoid_clip
     classes = clip["meta"]["classes"]
-    assert classes[:len(CLASSES)] == list(CLASSES) and classes[-len(ACTOR_CLASSES):] == list(ACTOR_CLASSES)
+    assert classes[:len(CLASSES)] == list(CLASSES)
+    assert classes[-len(ACTOR_CLASSES):] == list(ACTOR_CLASSES)
     inst = clip["instances"]
     for a, actor_id in enumerate(clip["actor_ids"]):
         row = list(inst["id"]).index(actor_id)
@@ -123,7 +134,8 @@ def test_actor_instances_and_classes(humanoid_clip):
         assert (joints >= box.min(axis=1)[:, None] - 1e-4).all()
         assert (joints <= box.max(axis=1)[:, None] + 1e-4).all()
         np.testing.assert_allclose(inst["position"][row], joints[:, 0], atol=1e-6)
-        assert clip["meta"]["action_names"][clip["actor_action"][a]] == clip["meta"]["actors"][a]["action"]
+        played = clip["meta"]["action_names"][clip["actor_action"][a]]
+        assert played == clip["meta"]["actors"][a]["action"]
     body_parts = np.isin(clip["semantic_seg"], [classes.index(p) for p in BODY_PARTS])
     assert np.isin(clip["instance_seg"][body_parts], clip["actor_ids"]).all()
 

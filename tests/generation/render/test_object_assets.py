@@ -17,7 +17,7 @@ def test_committed_object_set_is_what_the_builder_writes(tmp_path):
     for name in sorted(p.name for p in committed.iterdir()):
         built = (manifest.parent / name).read_bytes()
         assert built == (again.parent / name).read_bytes(), name
-        assert built == (committed / name).read_bytes(), f"{name}: rebuild differs from assets/objects"
+        assert built == (committed / name).read_bytes(), f"{name}: differs from assets/objects"
 
 
 def test_objects_carry_category_real_size_mass_and_their_own_collision(tmp_path):
