@@ -132,6 +132,14 @@ def pvit_test() -> dict[str, Any]:
 
 
 @register_model
+def pvit_study() -> dict[str, Any]:
+    """benchmarks/study.py's CPU size: 8 px patches (a 32 px frame is 4 x 4 of them), four
+    blocks of width 64; ~0.2 M parameters, so that ~90 runs train on 2 cores in an hour."""
+    return dict(img_size=32, patch_size=8, num_frames=8, embed_dim=64, depth=4, num_heads=4,
+                mlp_ratio=2.0)
+
+
+@register_model
 def pvit_tiny() -> dict[str, Any]:
     return dict(patch_size=16, embed_dim=192, depth=12, num_heads=3)  # ViT-Ti widths
 
