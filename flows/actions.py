@@ -14,8 +14,6 @@ next ``validation_per_class`` validate, the rest are the test split.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import flow, get_run_logger, task
 from prefect.states import Completed, State
 
@@ -28,6 +26,7 @@ from generation.dataset.actor_format import ACTION_NAMES
 from generation.dataset.index import open_dataset
 from generation.dataset.manifest import renderer_fingerprint
 from generation.dataset.shard_format import read_shard
+from training import files
 from training.video_set import VideoSetWriter
 
 RENDERS = "render"      # OUT/render/<action>/: the stage keeps them across runs
@@ -47,7 +46,7 @@ def write_action_set(cfg: HumanoidActionsConfig) -> dict:
     """Write ``OUT/set`` from the classes' rendered datasets; returns its summary. Each
     clip's actor must play its class's motion (a dataset rendered for another class, or
     by hand, fails here rather than teaching the wrong label)."""
-    writer = VideoSetWriter(Path(cfg.out) / SET, writer="flows.actions.write_action_set",
+    writer = VideoSetWriter(files.join(cfg.out, SET), writer="flows.actions.write_action_set",
                             fps=cfg.scene.fps)
     for label, action in enumerate(cfg.actions):
         index = open_dataset(str(cfg.generation(action).out))
@@ -94,7 +93,7 @@ def humanoid_actions(config: HumanoidActionsConfig) -> State[dict]:
     Args:
         config: the experiment file's `humanoid_actions` section (docs/training.md)
     """
-    out = Path(config.out)
+    out = config.out      # a directory or an object-store prefix
     key = stage_key(config)
     summary = cached("humanoid_actions", out, key)
     if summary is not None:
@@ -104,5 +103,5 @@ def humanoid_actions(config: HumanoidActionsConfig) -> State[dict]:
         generate_dataset(config.generation(action))
     summary = write_action_set_task(config)
     stage_cache.finish(out, key, summary, [SET])
-    get_run_logger().info("action set %s: %s", out / SET, summary)
+    get_run_logger().info("action set %s: %s", files.join(out, SET), summary)
     return Completed(message=f"computed into {out}", data=summary)

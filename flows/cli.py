@@ -25,6 +25,7 @@ from generation.dataset.storage import (
     LocationError,
     canonical,
     dataset_path,
+    filesystem,
     is_remote,
 )
 from generation.dataset.storage import check_writable_dir as probe
@@ -56,6 +57,10 @@ def check_writable_dir(path: Path, what: str) -> None:
     an object-store URL: if its bucket does not answer or does not exist)."""
     try:
         if is_remote(path):
+            try:                            # e.g. gs:// without gcsfs: name the field
+                filesystem(Location(path).scheme)
+            except LocationError as exc:
+                raise LocationError(f"{what}: {exc}") from None
             Location(path).makedirs()
         else:
             probe(path, what)
@@ -258,19 +263,23 @@ def check_stage_outputs(cfg: ExperimentConfig) -> None:
     from flows.pipeline import wire
 
     wired = wire(cfg)
-    outs = {"generation.out": Path(wired.generation.out)}
+    outs = {"generation.out": wired.generation.out}
     for section in ("toy_actions", "humanoid_actions", "pretrain", "finetune"):
         stage = getattr(wired, section)
         if stage is not None:
-            outs[f"{section}.out"] = Path(stage.out)
+            outs[f"{section}.out"] = stage.out
     for what, path in outs.items():
+        try:    # a path, or an object-store URL (a scheme it cannot write: one line)
+            canonical(path)
+        except LocationError as exc:
+            fail(f"{what}: {exc}")
         check_writable_dir(path, what)
         if what != "generation.out" and (problem := stage_cache.foreign(path)):
             fail(f"{what}: {problem}")
-    resolved = {what: path.resolve() for what, path in outs.items()}
+    resolved = {what: _comparable(path) for what, path in outs.items()}
     for a, pa in resolved.items():
         for b, pb in resolved.items():
-            if a < b and (pa == pb or pa in pb.parents or pb in pa.parents):
+            if a < b and (pa == pb or pa.startswith(pb + "/") or pb.startswith(pa + "/")):
                 fail(f"{a} ({outs[a]}) and {b} ({outs[b]}) overlap: each stage needs a "
                      "directory of its own")
     check_stage_inputs(wired)
@@ -279,6 +288,13 @@ def check_stage_outputs(cfg: ExperimentConfig) -> None:
         target = evaluation_dir(wired.evaluate.checkpoint)
         if problem := stage_cache.foreign(target):
             fail(f"evaluate: {problem}")
+
+
+def _comparable(path) -> str:
+    """An output as a string whose ``/``-prefixes are its parents: a resolved local path,
+    or the canonical URL of an object-store prefix."""
+    where = canonical(path)
+    return where if isinstance(where, str) else str(where.resolve())
 
 
 def check_stage_inputs(wired: ExperimentConfig) -> None:
@@ -349,8 +365,8 @@ def actions(
     section = cfg.humanoid_actions
     if section is None:
         fail("the experiment file has no `humanoid_actions` section")
-    check_writable_dir(Path(section.out), "humanoid_actions.out")
-    if problem := stage_cache.foreign(Path(section.out)):
+    check_writable_dir(section.out, "humanoid_actions.out")
+    if problem := stage_cache.foreign(section.out):
         fail(f"humanoid_actions.out: {problem}")
     try:
         use_server()

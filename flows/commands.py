@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from flows.cli_common import ConfigFlags, SetOpt, console, fail
 from flows.experiment import ConfigError, load_experiment
+from generation.dataset.storage import WriteError
 from training.config import EvaluateConfig
 
 # Inside the commands: training.train, training.checkpoint, training.synthetic_data,
@@ -76,8 +77,8 @@ def _train(stage: str, cfg) -> None:
 
         try:
             summary = run(cfg, progress=progress)
-        except (ShardDecodeError, train.NonFiniteLoss) as exc:  # met while training: exit 1
-            bar.stop()
+        except (ShardDecodeError, train.NonFiniteLoss, WriteError) as exc:  # while training:
+            bar.stop()              # exit 1 (WriteError: a disk full, a store still down)
             fail(str(exc), code=1)
     if summary.get("checkpoint"):  # rank 0 only
         # the counts, not the lists (summary.json has those)
@@ -110,7 +111,9 @@ def finetune(
 
 @EVALUATE_FLAGS.add_options
 def evaluate(
-    checkpoint: Path = typer.Argument(..., help="finetune checkpoint (.pt)"),
+    # a str: a Path would collapse s3://bucket/run/... to s3:/bucket/run/...
+    checkpoint: str = typer.Argument(..., help="finetune checkpoint (.pt): a path or an "
+                                     "s3:// / gs:// URL"),
     config: Optional[Path] = typer.Option(None, help="experiment YAML (its `evaluate` section)"),
     sets: Optional[list[str]] = SetOpt,
     **flags: Any,
@@ -125,7 +128,7 @@ def evaluate(
         # validates the file and --set; then this command's flags win
         cfg = _stage_config("evaluate", config, {}, sets)
         section = cfg.model_dump(exclude_unset=True)
-    section["checkpoint"] = str(checkpoint)
+    section["checkpoint"] = checkpoint
     section.update({key.removeprefix("evaluate."): value
                     for key, value in EVALUATE_FLAGS.overrides(flags).items()})
     try:
@@ -140,6 +143,8 @@ def evaluate(
         result = run_evaluate(cfg) if cfg.out else run_evaluate_in_home(cfg)
     except (CheckpointError, FileNotFoundError, ValueError) as exc:
         fail(f"evaluate.{str(exc).splitlines()[0]}")
+    except WriteError as exc:   # a store that stayed down past its retries
+        fail(str(exc), code=1)
     typer.echo(json.dumps({k: result[k] for k in ("top1", "top5", "out")}
                           | {"multi_view_top1": result["multi_view"]["top1"],
                              "multi_view_top5": result["multi_view"]["top5"]}, indent=2))

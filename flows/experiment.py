@@ -8,6 +8,7 @@ applied before validation, so a bad flag is reported exactly like a bad key.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,6 +24,7 @@ from pydantic import (
 
 from generation.config import GenerationConfig, SceneConfig
 from generation.dataset.actor_format import ACTION_NAMES
+from training import files
 from training.config import EvaluateConfig, FinetuneConfig, PretrainConfig
 
 # An experiment file is a few KB; reading (and quoting) more is only ever a mistake or an
@@ -43,22 +45,31 @@ class ConfigError(ValueError):
         super().__init__(line)
 
 
+def _location_text(value: Any) -> Any:
+    """An ``out`` given as a ``Path`` (by code, not by the file), as its canonical text:
+    ``Path("s3://b/x")`` has already become ``s3:/b/x``, which ``storage`` reads back."""
+    return str(files.location(value)) if isinstance(value, os.PathLike) else value
+
+
 class ToyActionsConfig(BaseModel):
     """The offline downstream set the demo trains on (``training/toy_actions.py``): real
     encoded videos of moving shapes in both the SSv2 and the list layout."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    out: Path = Path("data/toy_actions")
+    # a str, not a Path: a Path collapses s3://bucket/x to s3:/bucket/x
+    out: str = "data/toy_actions"
+    _out_text = field_validator("out", mode="before")(classmethod(
+        lambda cls, value: _location_text(value)))
     clips_per_class: int = Field(8, ge=2)
     val_per_class: int = Field(2, ge=1)
     size: int = Field(64, ge=16)       # pixels
     frames: int = Field(24, ge=4)
     seed: int = Field(0, ge=0)
 
-    def root(self, data_format: str) -> Path:
-        """Where the set's ``ssv2`` or ``list`` layout is written."""
-        return Path(self.out) / "set" / ("ssv2" if data_format == "ssv2" else "list")
+    def root(self, data_format: str) -> str:
+        """Where the set's ``ssv2`` or ``list`` layout is written (a path or a URL)."""
+        return str(files.join(self.out, "set", "ssv2" if data_format == "ssv2" else "list"))
 
 
 # What an action-set clip looks like unless the file says otherwise: one actor in the
@@ -75,8 +86,11 @@ class HumanoidActionsConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    out: Path = Field(Path("data/humanoid_actions"), description="where the set and its "
-                      "renders (render/<action>/, one shard dataset per class) are written")
+    out: str = Field("data/humanoid_actions", description="where the set and its "
+                      "renders (render/<action>/, one shard dataset per class) are written: "
+                      "a directory or an s3:// / gs:// prefix")
+    _out_text = field_validator("out", mode="before")(classmethod(
+        lambda cls, value: _location_text(value)))
     actions: list[str] = Field(["walk", "run", "jump", "kick", "punch", "dance_a"],
                                min_length=2, description="the classes: motions of "
                                "generation/dataset/actor_format.ACTION_NAMES")
@@ -114,15 +128,15 @@ class HumanoidActionsConfig(BaseModel):
     def clips_per_class(self) -> int:
         return self.train_per_class + self.validation_per_class + self.test_per_class
 
-    def root(self, data_format: str) -> Path:
-        """Where the set's ``ssv2`` or ``list`` layout is written."""
-        return Path(self.out) / "set" / ("ssv2" if data_format == "ssv2" else "list")
+    def root(self, data_format: str) -> str:
+        """Where the set's ``ssv2`` or ``list`` layout is written (a path or a URL)."""
+        return str(files.join(self.out, "set", "ssv2" if data_format == "ssv2" else "list"))
 
     def generation(self, action: str) -> GenerationConfig:
         """The shard dataset of one class: its clips, its own seed, the stage's renders
         (``overwrite``: the stage owns them, a new renderer re-renders them)."""
         return GenerationConfig(
-            out=Path(self.out) / "render" / action, scenes=self.clips_per_class,
+            out=str(files.join(self.out, "render", action)), scenes=self.clips_per_class,
             scenes_per_shard=self.scenes_per_shard, workers=self.workers, overwrite=True,
             seed=self.seed * 32 + ACTION_NAMES.index(action),
             scene=self.scene.model_copy(update={"actions": [action]}))

@@ -31,6 +31,7 @@ from flows.train import (
 )
 from generation.dataset.manifest import read_manifest
 from generation.dataset.storage import Location
+from training import files
 from training.run_layout import RunLayout, evaluation_dir, evaluation_file
 from training.toy_actions import write_toy_actions
 
@@ -43,9 +44,9 @@ class StageError(RuntimeError):
 
 @task(name="toy-actions", task_run_name="toy-actions", result_serializer="json")
 def toy_actions_task(cfg: ToyActionsConfig, key: str) -> dict:
-    out = Path(cfg.out)
+    out = cfg.out     # a directory or an object-store prefix
     stage_cache.begin(out, key, owned=["set", "set.tmp"])   # write_toy_actions' names
-    summary = write_toy_actions(out / "set", clips_per_class=cfg.clips_per_class,
+    summary = write_toy_actions(files.join(out, "set"), clips_per_class=cfg.clips_per_class,
                                 val_per_class=cfg.val_per_class, seed=cfg.seed, size=cfg.size,
                                 frames=cfg.frames)
     stage_cache.finish(out, key, summary, ["set"])
@@ -92,7 +93,7 @@ def force_stage(cfg: ExperimentConfig, stage: str) -> None:
         and evaluation_dir(cfg.evaluate.checkpoint),
     }
     if targets.get(stage):
-        stage_cache.invalidate(Path(targets[stage]))
+        stage_cache.invalidate(targets[stage])
 
 
 def _stage(name: str, fn, *args, logs: str = "", states: dict, messages: dict,

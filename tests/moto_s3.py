@@ -4,6 +4,7 @@ S3 API over HTTP, so s3fs, retries and conditional writes run as against a store
 
 A module of its own, not a conftest: test files of several directories import it."""
 
+import logging
 import os
 from contextlib import contextmanager
 
@@ -16,6 +17,8 @@ def running_s3(bucket: str):
 
     from generation.dataset import storage
 
+    # its request log would land in the output the tests read (one line per request)
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()

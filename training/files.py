@@ -29,6 +29,7 @@ from generation.dataset.storage import (
     WriteError,
     canonical,
     check_writable_dir,
+    filesystem,
     is_remote,
     open_file,
     scratch_base,
@@ -81,8 +82,9 @@ def check_writable(path: str | os.PathLike, what: str) -> None:
         check_writable_dir(where, what)
         return
     try:
+        filesystem(Location(where).scheme)  # no fsspec package for it: say so, first
         Location(where).makedirs()
-    except WriteError as exc:
+    except (LocationError, WriteError) as exc:
         raise LocationError(f"{what}: {exc}") from None
 
 

@@ -6,6 +6,10 @@
 The whole set is written under ``<out>.tmp`` and renamed into place at the end, so a
 killed run never leaves half a set, and only a directory that carries this project's
 marker (or is empty) is ever replaced: an ``out`` pointing at someone's files is refused.
+An ``out`` on an object store (``s3://bucket/sets/x``) is written in this node's scratch
+and uploaded at the end (marker first), after the set written there before is removed;
+no rename exists there, so its stage record (``flows.stage_cache``), written once the
+upload is done, is what says the set is whole.
 Used by the toy action set (``training.toy_actions``) and the humanoid action set
 (``flows.actions``).
 """
@@ -20,6 +24,9 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
+from generation.dataset.storage import Location, scratch_dir
+from training import files
 
 CODECS = {"webm": "VP80", "mp4": "mp4v"}  # both encoders ship with opencv-python wheels
 # Written first into every set (and its temporary directory): only a directory that
@@ -72,6 +79,15 @@ def check_replaceable(path: Path) -> None:
                          "replacing it")
 
 
+def check_replaceable_objects(url: str) -> None:
+    """``check_replaceable`` of a prefix: empty, or a set written here (its marker)."""
+    where = Location(url)
+    names = {key[len(where.root) + 1:] for key in where.fs.find(where.root)}
+    if names and MARKER not in names:
+        raise ValueError(f"{url} holds objects that are not a video set written here: not "
+                         "replacing it")
+
+
 def _remove_set(path: Path) -> None:
     """Remove a set (or a killed run's temporary one) written here; refuse anything else."""
     check_replaceable(path)
@@ -84,11 +100,16 @@ class VideoSetWriter:
     ``finish`` with the class names: the set appears at ``out`` all at once."""
 
     def __init__(self, out: str | Path, *, writer: str, fps: float = 12.0):
-        self.out = Path(out)
-        self.tmp = self.out.with_name(self.out.name + ".tmp")
+        self.out = files.location(out)
         self.fps = fps
-        check_replaceable(self.out)          # refuse before anything is drawn or rendered
-        _remove_set(self.tmp)
+        # refuse before anything is drawn or rendered
+        if isinstance(self.out, str):
+            check_replaceable_objects(self.out)
+            self.tmp = scratch_dir("pvit-videoset-") / "set"
+        else:
+            check_replaceable(self.out)
+            self.tmp = self.out.with_name(self.out.name + ".tmp")
+            _remove_set(self.tmp)
         self.tmp.mkdir(parents=True)
         (self.tmp / MARKER).write_text(f"written by {writer}\n")
         for d in (self.tmp / "ssv2" / "labels", self.tmp / "ssv2" / "videos",
@@ -114,8 +135,24 @@ class VideoSetWriter:
             (self.tmp / "ssv2" / "labels" / f"{split}.json").write_text(
                 json.dumps(entries, indent=1))
             (self.tmp / "list" / f"{split}.txt").write_text("\n".join(self.lines[split]) + "\n")
-        _remove_set(self.out)
-        self.tmp.rename(self.out)
-        return {"ssv2_root": str(self.out / "ssv2"), "list_root": str(self.out / "list"),
+        if isinstance(self.out, str):
+            self._upload()
+        else:
+            _remove_set(self.out)
+            self.tmp.rename(self.out)
+        return {"ssv2_root": str(files.join(self.out, "ssv2")),
+                "list_root": str(files.join(self.out, "list")),
                 "classes": list(classes),
                 **{f"{split}_clips": len(e) for split, e in self.entries.items()}}
+
+    def _upload(self) -> None:
+        """Replace the set at the prefix ``out``: the old one's objects go, the marker
+        is put first (a killed upload leaves a prefix this writer may replace), then the
+        rest; the scratch copy is removed."""
+        check_replaceable_objects(self.out)
+        where = Location(self.out)
+        where.delete_prefix("ssv2")
+        where.delete_prefix("list")
+        where.upload(self.tmp / MARKER, MARKER)
+        files.upload_tree(self.tmp, self.out)
+        shutil.rmtree(self.tmp.parent, ignore_errors=True)
