@@ -23,6 +23,9 @@ from generation.render.assets import DEFAULT_MANIFEST, load_manifest
 from generation.render.object_assets import ASSET_SETS
 from generation.render.recipes import RECIPE_ASSET_SET, RECIPES
 
+# recipes that take actors when asked (``max_actors``); humanoid always has them
+PEOPLE_OPTIONAL = frozenset({"movi_c", "movi_e", "movi_f"})
+
 # The presets of ``SceneConfig.quality``, chosen with ``benchmarks/render.py --quality``
 # (movi_c, 128 px, CPU; docs/performance.md, "Quality per second"): standard is the
 # cheapest setting within 0.5 dB PSNR of Kubric's default (128 spp + denoising).
@@ -67,11 +70,15 @@ class SceneConfig(BaseModel):
     shutter: float = Field(0.5, gt=0.0, le=1.0, description="movi_f's motion-blur shutter, "
                            "in frames (labels are for its centre)")
 
-    # humanoid only (generation/render/recipes/humanoid.py)
+    # people (generation/render/recipes/humanoid.py): humanoid has 1-3 actors by default,
+    # movi_c / movi_e / movi_f none unless max_actors asks for them, movi never
     actions: Optional[list[str]] = Field(None, description="motions the actors play (None: "
                                          "all of the manifest's action_names)")
-    min_actors: int = Field(1, ge=1, le=3)
-    max_actors: int = Field(3, ge=1, le=3)
+    min_actors: int = Field(None, ge=0, le=3, validate_default=False,
+                            description="fewest actors (default: humanoid 1, others 0)")
+    max_actors: int = Field(None, ge=0, le=3, validate_default=False,
+                            description="most actors (default: humanoid 3, others 0; movi_c, "
+                            "movi_e and movi_f take up to 3)")
     domain: Literal["source", "heldout"] = Field(
         "source", description="humanoid looks: heldout draws other worlds, materials, "
         "camera ranges and body heights than source (a held-out test domain)")
@@ -93,6 +100,17 @@ class SceneConfig(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
+    def _actor_defaults(cls, data: Any) -> Any:
+        """Unset actor counts are the recipe's: 1-3 for humanoid, none for the others."""
+        if isinstance(data, dict):
+            people = data.get("recipe") in ACTOR_RECIPES
+            data = {"min_actors": 1 if people else 0, "max_actors": 3 if people else 0,
+                    **{k: v for k, v in data.items() if v is not None or
+                       k not in ("min_actors", "max_actors")}}
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
     def _asset_set(cls, data: Any) -> Any:
         """``asset_manifest`` may name an asset set (``objects``); left out, it is the
         recipe's own set (``RECIPE_ASSET_SET``), else the shapes."""
@@ -110,6 +128,11 @@ class SceneConfig(BaseModel):
             raise ValueError(f"min_objects ({self.min_objects}) > max_objects ({self.max_objects})")
         if self.min_actors > self.max_actors:
             raise ValueError(f"min_actors ({self.min_actors}) > max_actors ({self.max_actors})")
+        if self.recipe in ACTOR_RECIPES and self.min_actors < 1:
+            raise ValueError(f"min_actors: a {self.recipe} scene has at least one actor")
+        if self.max_actors and self.recipe not in ACTOR_RECIPES | PEOPLE_OPTIONAL:
+            raise ValueError(f"max_actors: recipe {self.recipe!r} has no actors (recipes "
+                             f"with people: {sorted(ACTOR_RECIPES | PEOPLE_OPTIONAL)})")
         if self.actions is not None:
             unknown = sorted(set(self.actions) - set(ACTION_NAMES))
             if unknown or not self.actions:
@@ -142,12 +165,12 @@ class SceneConfig(BaseModel):
         """The semantic classes its clips label: the fixed list, then any extra
         categories of the asset manifest, then "person" and the body parts for a recipe
         with people (what the manifest's ``classes`` records)."""
-        return class_list(load_manifest(self.asset_manifest), actors=self.recipe in ACTOR_RECIPES)
+        return class_list(load_manifest(self.asset_manifest), actors=self.max_actors > 0)
 
     def actor_names(self) -> dict:
         """What the manifest adds for a recipe with people: the names its clips'
         ``actor_action`` and joint axis index (``actor_format``); else nothing."""
-        if self.recipe not in ACTOR_RECIPES:
+        if self.max_actors == 0:
             return {}
         return {"action_names": list(ACTION_NAMES), "joint_names": list(JOINT_NAMES)}
 

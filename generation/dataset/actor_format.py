@@ -30,16 +30,18 @@ BODY_PARTS = ("head", "torso", "left_upper_arm", "right_upper_arm", "left_lower_
 PERSON = "person"
 ACTOR_CLASSES = (PERSON,) + BODY_PARTS
 
-# Recipes whose scenes have people (generation.render.recipes.humanoid): their datasets'
-# classes add "person" and the body parts, their clips the actor_* fields. The spec's
-# recipe is the fields' switch (shard_format.SPEC_SWITCHES).
+# Recipes whose scenes have people (generation.render.recipes.humanoid); the richer
+# recipes (movi_c, movi_e, movi_f) have them when their spec asks for actors
+# (``max_actors`` > 0). Their datasets' classes add "person" and the body parts, their
+# clips the actor_* fields. The spec is the fields' switch (shard_format.SPEC_SWITCHES).
 ACTOR_RECIPES = frozenset({"humanoid"})
-ACTOR_SWITCH = "recipe"
+ACTOR_SWITCH = "max_actors"
 
 
-def writes_actors(recipe) -> bool:
-    """Whether a spec's ``recipe`` writes the actor fields."""
-    return recipe in ACTOR_RECIPES
+def writes_actors(spec: dict) -> bool:
+    """Whether a spec writes the actor fields: a recipe with people, or one asked for
+    actors (a spec that says neither is the default, movi: none)."""
+    return spec.get("recipe") in ACTOR_RECIPES or (spec.get(ACTOR_SWITCH) or 0) > 0
 
 
 # Bounds of a clip's actor arrays for the reader's memory budget (shard_format.clip_limit).

@@ -282,9 +282,9 @@ def clip_limit(spec: dict) -> tuple[int, str] | None:
 def _switched_on(spec: dict, key: str) -> bool:
     """Whether the spec's switch lets the renderer write optional field ``key``; a switch
     the spec leaves out allows it (a hand-made spec). The actor fields' switch is the
-    recipe (``actor_format.writes_actors``); a spec without one is the default, movi."""
+    recipe and ``max_actors`` (``actor_format.writes_actors``)."""
     if SPEC_SWITCHES[key] == ACTOR_SWITCH:
-        return writes_actors(spec.get(ACTOR_SWITCH))
+        return writes_actors(spec)
     return bool(spec.get(SPEC_SWITCHES[key], True))
 
 

@@ -131,14 +131,17 @@ def _overlaps(body: int, others: list[int], client: int) -> bool:
 
 
 def _place_actor(rng, client: int, placed: list[tuple], times: list[float],
-                 actions: tuple[str, ...], height_m: tuple[float, float]):
+                 actions: tuple[str, ...], height_m: tuple[float, float],
+                 blockers: list[int] = ()):
     """(spec, body) of a new actor whose body meets no placed actor at any of ``times``
-    (each at its own pose then), or None after PLACEMENT_TRIES draws."""
+    (each at its own pose then) and no body of ``blockers`` at the first, or None after
+    PLACEMENT_TRIES draws."""
     for _ in range(PLACEMENT_TRIES):
         spec = _draw_spec(rng, actions, height_m)
         body = skeleton.load_body(spec, client)
-        clear = True
-        for t in times:
+        skeleton.set_pose(spec, body, times[0], client)
+        clear = not _overlaps(body, list(blockers), client)
+        for t in times if clear else ():
             for other_spec, other in placed:
                 skeleton.set_pose(other_spec, other, t, client)
             skeleton.set_pose(spec, body, t, client)
@@ -233,11 +236,67 @@ def _half_extent(kind: str, rotation_xyzw, semi_axes) -> np.ndarray:
     return np.sqrt((columns ** 2).sum(axis=1))
 
 
+def place_actors(scene: kb.Scene, simulator: PyBullet, floor, cfg, rng: np.random.RandomState,
+                 domain: Domain, avoid: list = ()) -> list[tuple]:
+    """Draw ``cfg.min_actors``..``max_actors`` actors and place each where its body meets
+    no other actor in any frame of the clip, nor any body in ``avoid`` (objects already
+    in the scene) at the start; returns their (spec, pybullet body). The actors are posed
+    bodies in the simulator: the floor never pushes them, the objects bounce off them."""
+    client = simulator._physics_client._client
+    actions = tuple(cfg.actions or ACTION_NAMES)
+    # Frames 0..T+1 as Kubric simulates them (the renderer's neighbours of 1..T).
+    times = [f / cfg.fps for f in range(0, scene.frame_end + 2)]
+    blockers = [obj.linked_objects[simulator] for obj in avoid]
+    placed = []
+    for _ in range(rng.randint(cfg.min_actors, cfg.max_actors + 1)):
+        found = _place_actor(rng, client, placed, times, actions, domain.height_m, blockers)
+        if found is not None:
+            placed.append(found)
+    for spec, body in placed:
+        skeleton.set_pose(spec, body, 0.0, client)
+        for link in range(-1, len(skeleton.LINK_NAMES)):   # posed, never pushed back by the floor
+            pb.setCollisionFilterPair(body, floor.linked_objects[simulator], link, -1, 0,
+                                      physicsClientId=client)
+    return placed
+
+
+def simulate(scene: kb.Scene, simulator: PyBullet, placed: list[tuple]) -> None:
+    """Run the simulation of the clip with the actors posed before every step."""
+    if not placed:
+        simulator.run(frame_start=0, frame_end=scene.frame_end + 1)
+        return
+    client = simulator._physics_client._client
+    step_rate = scene.step_rate
+
+    def pose_at_step(step: int) -> None:
+        for spec, body in placed:
+            skeleton.set_pose(spec, body, step / step_rate, client)
+
+    real = simulator._physics_client
+    simulator._physics_client = _PosingClient(real, pose_at_step)
+    try:
+        simulator.run(frame_start=0, frame_end=scene.frame_end + 1)
+    finally:
+        simulator._physics_client = real
+
+
+def dress_actors(scene: kb.Scene, simulator: PyBullet, placed: list[tuple], cfg,
+                 rng: np.random.RandomState, domain: Domain) -> list[Actor]:
+    """The actors' render meshes, keyframed at every frame, and their labels' arrays."""
+    client = simulator._physics_client._client
+    actors = []
+    for n, (spec, body) in enumerate(placed):
+        actor = Actor(name=f"actor{n}_{spec.action}", spec=spec)
+        _add_parts(scene, actor, _materials(rng, actor.name, domain.patterned))
+        _record_frames(actor, body, client, range(0, scene.frame_end + 2), cfg.fps)
+        actors.append(actor)
+    return actors
+
+
 def build(scene: kb.Scene, cfg, rng: np.random.RandomState, assets: kb.AssetSource,
           asset_ids: list[str]) -> HumanoidContent:
     """Populate ``scene`` and simulate it. ``cfg`` is a ``SceneConfig``."""
     simulator = PyBullet(scene)
-    client = simulator._physics_client._client
 
     floor = kb.Cube(name="floor", scale=(FLOOR_HALF_SIZE, FLOOR_HALF_SIZE, 0.5),
                     position=(0, 0, -0.5), static=True, friction=0.3, restitution=0.5)
@@ -259,25 +318,11 @@ def build(scene: kb.Scene, cfg, rng: np.random.RandomState, assets: kb.AssetSour
     else:   # light and background from an HDRI (movi_c's world): depth +inf, id 0 there
         world = random_hdri_world(rng)
     view = _draw_view(cfg, rng, domain)
-    actions = tuple(cfg.actions or ACTION_NAMES)
-
-    # Frames 0..T+1 as Kubric simulates them (the renderer's neighbours of 1..T).
-    frames = range(0, scene.frame_end + 2)
-    times = [f / cfg.fps for f in frames]
-    placed = []
-    for _ in range(rng.randint(cfg.min_actors, cfg.max_actors + 1)):
-        found = _place_actor(rng, client, placed, times, actions, domain.height_m)
-        if found is not None:
-            placed.append(found)
+    placed = place_actors(scene, simulator, floor, cfg, rng, domain)
     # the camera looks at the actors' mean start place, at waist height: they fill the
     # frame wherever they were placed
     centre = np.mean([spec.origin for spec, _ in placed], axis=0) if placed else np.zeros(2)
     camera = _add_camera(scene, view, (float(centre[0]), float(centre[1]), LOOK_AT_HEIGHT))
-    for spec, body in placed:
-        skeleton.set_pose(spec, body, 0.0, client)
-        for link in range(-1, len(skeleton.LINK_NAMES)):   # posed, never pushed back by the floor
-            pb.setCollisionFilterPair(body, floor.linked_objects[simulator], link, -1, 0,
-                                      physicsClientId=client)
 
     objects = []
     for i in range(rng.randint(cfg.min_objects, cfg.max_objects + 1)):
@@ -291,26 +336,8 @@ def build(scene: kb.Scene, cfg, rng: np.random.RandomState, assets: kb.AssetSour
         scene += obj
         if _place(scene, simulator, obj, rng):     # movi's spawn region, clear of the actors
             objects.append(obj)
-
-    step_rate = scene.step_rate
-
-    def pose_at_step(step: int) -> None:
-        for spec, body in placed:
-            skeleton.set_pose(spec, body, step / step_rate, client)
-
-    real = simulator._physics_client
-    simulator._physics_client = _PosingClient(real, pose_at_step)
-    try:
-        simulator.run(frame_start=0, frame_end=scene.frame_end + 1)
-    finally:
-        simulator._physics_client = real
-
-    actors = []
-    for n, (spec, body) in enumerate(placed):
-        actor = Actor(name=f"actor{n}_{spec.action}", spec=spec)
-        _add_parts(scene, actor, _materials(rng, actor.name, domain.patterned))
-        _record_frames(actor, body, client, frames, cfg.fps)
-        actors.append(actor)
+    simulate(scene, simulator, placed)
+    actors = dress_actors(scene, simulator, placed, cfg, rng, domain)
     return HumanoidContent(floor=floor, objects=objects, camera=camera, world=world,
                            actors=actors)
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from generation.render.physics import PyBullet
 from generation.render.procedural import random_hdri_world, random_procedural_material
+from generation.render.recipes import humanoid as people
 from generation.render.recipes.movi import (
     CAMERA_ARC_DEG,
     CAMERA_ELEVATION_DEG,
@@ -113,7 +114,14 @@ def build(scene: kb.Scene, cfg, rng: np.random.RandomState, assets: kb.AssetSour
     floor = add_floor(scene, rng)
     world = random_hdri_world(rng)
     camera = add_camera(scene, rng, moving=cfg.camera_motion)
+    # people when the spec asks for them (none by default: no draw, so a spec without
+    # actors renders what it always did); the objects are then placed clear of them
+    placed = people.place_actors(scene, simulator, floor, cfg, rng,
+                                 people.DOMAINS[cfg.domain]) if cfg.max_actors else []
     count = rng.randint(cfg.min_objects, cfg.max_objects + 1)
     objects = throw_objects(scene, simulator, rng, assets, asset_ids, count)
-    simulator.run(frame_start=0, frame_end=scene.frame_end + 1)
-    return SceneContent(floor=floor, objects=objects, camera=camera, world=world)
+    people.simulate(scene, simulator, placed)
+    actors = people.dress_actors(scene, simulator, placed, cfg, rng,
+                                 people.DOMAINS[cfg.domain]) if placed else []
+    return people.HumanoidContent(floor=floor, objects=objects, camera=camera, world=world,
+                                  actors=actors)

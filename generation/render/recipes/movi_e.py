@@ -15,6 +15,7 @@ import numpy as np
 
 from generation.render.physics import PyBullet
 from generation.render.procedural import random_hdri_world
+from generation.render.recipes import humanoid as people
 from generation.render.recipes.movi import (
     CAMERA_ELEVATION_DEG,
     CAMERA_RADIUS,
@@ -86,8 +87,15 @@ def build(scene: kb.Scene, cfg, rng: np.random.RandomState, assets: kb.AssetSour
         if _place(scene, simulator, obj, rng, STATIC_SPAWN_REGION):
             statics.append(obj)
     _settle(scene, simulator, statics, scene.frame_rate)
+    # people among the settled objects when the spec asks for them (none by default:
+    # no draw, so a spec without actors renders what it always did)
+    placed = people.place_actors(scene, simulator, floor, cfg, rng, people.DOMAINS[cfg.domain],
+                                 avoid=statics) if cfg.max_actors else []
     dynamic = throw_objects(scene, simulator, rng, assets, asset_ids,
                             rng.randint(DYNAMIC_OBJECTS[0], DYNAMIC_OBJECTS[1] + 1),
                             first_index=n_static)
-    simulator.run(frame_start=0, frame_end=scene.frame_end + 1)
-    return SceneContent(floor=floor, objects=statics + dynamic, camera=camera, world=world)
+    people.simulate(scene, simulator, placed)
+    actors = people.dress_actors(scene, simulator, placed, cfg, rng,
+                                 people.DOMAINS[cfg.domain]) if placed else []
+    return people.HumanoidContent(floor=floor, objects=statics + dynamic, camera=camera,
+                                  world=world, actors=actors)

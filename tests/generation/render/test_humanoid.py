@@ -220,3 +220,23 @@ def test_an_action_set_clip_one_actor_playing_a_chosen_motion_in_the_heldout_dom
         SceneConfig(recipe="humanoid", actions=["moonwalk"])
     with pytest.raises(ValueError, match="min_actors"):
         SceneConfig(recipe="humanoid", min_actors=3, max_actors=2)
+
+
+def test_the_richer_recipes_take_actors_with_the_same_labels():
+    """movi_e (so movi_f) with people: actors among the settled objects, each one
+    instance with its body-part classes and joint labels, every label check passing; a
+    spec without actors draws none (movi_c/e/f render what they did)."""
+    from generation.dataset.label_checks import check_labels
+    from generation.render.scene import render_clip
+
+    cfg = SceneConfig(recipe="movi_e", resolution=32, frames=2, spp=1, min_actors=1,
+                      max_actors=1, actions=["walk"])
+    assert SceneConfig(recipe="movi_e").max_actors == 0
+    assert PERSON in cfg.classes() and cfg.actor_names()["joint_names"] == list(JOINT_NAMES)
+    clip, _ = render_clip(cfg, seed=2, key="people0002")
+    assert clip["actor_ids"].shape == (1,) and ACTION_NAMES[clip["actor_action"][0]] == "walk"
+    assert check_labels(clip, cfg.classes()) == []
+    projected = clip["actor_joints_2d"][0]
+    assert projected.shape == (2, len(JOINT_NAMES), 2)
+    with pytest.raises(ValueError, match="has no actors"):
+        SceneConfig(recipe="movi", max_actors=1)
