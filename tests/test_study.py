@@ -92,7 +92,7 @@ def test_quick_study_end_to_end(tmp_path, toy_set, shard_dir):
     argv = ["--quick", "--work", str(tmp_path / "work"), "--doc", str(doc),
             "--data-root", str(root), "--synthetic", str(shard_dir),
             "--tasks", "depth", "segmentation", "--variants", "vit", "mt", "pvit",
-            "--bootstrap", "200"]
+            "--bootstrap", "200", "--jobs", "1"]
     result = study.main(argv)
     for variant in ("vit", "mt", "pvit", "pvit_best"):
         r = result[variant]
