@@ -74,3 +74,64 @@ def training_run_name(stage: str):
         return f"{stage}-{location_name(_config_value('out'))}"
     name.__name__ = f"{stage}_run_name"
     return name
+
+
+def run_owner() -> dict:
+    """This process (``holder.identity``) and, inside a flow run, that run's id: what a
+    running stage record names, so that the next run on the stage can tell Prefect that a
+    killed one's runs are over (``mark_crashed``)."""
+    from prefect.context import FlowRunContext
+
+    from generation.dataset.holder import identity
+
+    context = FlowRunContext.get()
+    run = context.flow_run if context is not None else None
+    return {"flow_run_id": str(run.id) if run is not None else None, **identity()}
+
+
+def mark_crashed(owner: dict, where: str) -> list[str]:
+    """When the process ``owner`` names is gone, end its flow run, the runs above it
+    (the pipeline that started it) and their task runs that still show as running in
+    the UI, as Crashed; returns the names of the flow runs marked. A killed client
+    leaves its runs RUNNING forever otherwise (issue 25). Best effort: Prefect being
+    unreachable costs a warning, never the stage."""
+    import logging
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        TaskRunFilter,
+        TaskRunFilterFlowRunId,
+        TaskRunFilterState,
+        TaskRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Crashed
+
+    from generation.dataset.holder import holder_state, identity
+
+    if not owner.get("flow_run_id") or holder_state(owner, identity()) != "dead":
+        return []
+    live = (StateType.RUNNING, StateType.PENDING, StateType.SCHEDULED, StateType.PAUSED)
+    message = (f"its process (pid {owner.get('pid')} on {owner.get('host')}) died; found by "
+               f"the next run on {where}")
+    marked = []
+    try:
+        with get_client(sync_client=True) as client:
+            run = client.read_flow_run(owner["flow_run_id"])
+            while run is not None:
+                if run.state is not None and run.state.type in live:
+                    tasks = client.read_task_runs(task_run_filter=TaskRunFilter(
+                        flow_run_id=TaskRunFilterFlowRunId(any_=[run.id]),
+                        state=TaskRunFilterState(type=TaskRunFilterStateType(any_=list(live)))))
+                    for task_run in tasks:
+                        client.set_task_run_state(task_run.id, Crashed(message=message),
+                                                  force=True)
+                    client.set_flow_run_state(run.id, Crashed(message=message), force=True)
+                    marked.append(run.name)
+                parent = run.parent_task_run_id
+                run = (client.read_flow_run(client.read_task_run(parent).flow_run_id)
+                       if parent else None)
+    except Exception as exc:  # noqa: BLE001 - bookkeeping only: the stage goes on
+        logging.getLogger(__name__).warning("could not mark the runs of a dead process "
+                                            "Crashed: %s", exc)
+    return marked

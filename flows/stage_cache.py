@@ -138,7 +138,16 @@ def begin(out_dir: Path, key: str, owned: Iterable[str] = (), clear_files: bool 
         raise ForeignDirectory(problem)
     where = Location(out_dir)
     # what this stage, and every earlier run of it here, said it writes
+    # run_view imports Prefect (0.7 s), and `pvit --help` imports this module
+    from flows import run_view
+
     previous = read_record(out_dir) or {}
+    if previous.get("status") == "running" and isinstance(previous.get("run"), dict):
+        # a run that never finished here: if its process is gone, its runs are Crashed
+        marked = run_view.mark_crashed(previous["run"], str(where))
+        if marked:
+            log.warning("%s: marked the runs of a killed process Crashed: %s", where,
+                        ", ".join(marked))
     earlier = previous.get("owned") if isinstance(previous.get("owned"), list) else []
     owned = sorted({_owned_name(n) for n in [*owned, *earlier] if isinstance(n, str)})
     if clear_files and state(out_dir, key) == "stale" and where.exists():
@@ -149,7 +158,8 @@ def begin(out_dir: Path, key: str, owned: Iterable[str] = (), clear_files: bool 
         if kept:
             log.warning("%s: kept %s, not written by this stage", where, ", ".join(kept))
     where.makedirs()
-    write_json_atomic(where.join(RECORD), {"key": key, "status": "running", "owned": owned})
+    write_json_atomic(where.join(RECORD), {"key": key, "status": "running", "owned": owned,
+                                           "run": run_view.run_owner()})
 
 
 def _owned_name(name: str) -> str:

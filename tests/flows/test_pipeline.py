@@ -220,8 +220,16 @@ def test_killed_pipeline_resumes_without_redoing_finished_stages(tmp_path):
     shards = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "shards").glob("*.tar")}
     toy = (tmp_path / "toy" / ".stage.json").stat().st_mtime_ns
 
+    killed = json.loads(record.read_text())["run"]["flow_run_id"]
     rerun = pipeline(cfg)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
+    # the killed client's runs no longer show as running: the rerun marked them Crashed
+    from prefect.client.orchestration import get_client
+    with get_client(sync_client=True) as client:
+        stage = client.read_flow_run(killed)
+        parent = client.read_flow_run(client.read_task_run(stage.parent_task_run_id).flow_run_id)
+    assert stage.state.type.value == "CRASHED" and parent.state.type.value == "CRASHED"
+    assert parent.name == "pipeline-shards" and "died" in stage.state.message
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "shards").glob("*.tar")} == shards
     assert (tmp_path / "toy" / ".stage.json").stat().st_mtime_ns == toy
     assert json.loads(record.read_text())["status"] == "done"
