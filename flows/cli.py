@@ -243,7 +243,8 @@ def show(directory: str = typer.Argument(..., help="shard directory or URL", met
          out: Path = typer.Option(..., help="PNG to write"),
          sample: Optional[str] = typer.Option(None, help="sample key (default: the first)")
          ) -> None:
-    """Write a contact sheet: RGB | depth | instance seg | semantic seg | normals."""
+    """Write a contact sheet: RGB | depth | instance seg | semantic seg | normals (and
+    flow and point tracks when the clip has them)."""
     from generation.dataset.contact_sheet import write_contact_sheet
     from generation.dataset.shard_format import FormatError
 

@@ -1,8 +1,13 @@
 """``pvit show``: a contact sheet a person can look at.
 
 One row per frame (a few frames), columns RGB | depth | instance seg | semantic seg |
-normals, each tile upscaled to at least 128 px with nearest neighbour so label edges
-stay crisp.
+normals, then flow and point tracks when the clip has them, each tile upscaled to at
+least 128 px with nearest neighbour so label edges stay crisp.
+
+Flow is ``forward_flow`` in the usual colour wheel (hue: direction, brightness:
+length over the clip's longest motion). Tracks are drawn on a dimmed copy of the RGB
+at the upscaled size: one colour per track, a filled dot where the point is seen and a
+line back through its last ``TRAIL`` seen positions; occluded points are left out.
 """
 
 from __future__ import annotations
@@ -19,6 +24,13 @@ from generation.dataset.shard_format import FormatError, read_shard
 from generation.dataset.storage import Location, write_atomic
 
 COLUMNS = ("rgb", "depth", "instance", "semantic", "normal")
+TRAIL = 3          # earlier frames a track's trail goes back through
+
+
+def columns(clip: dict) -> tuple[str, ...]:
+    """The sheet's columns for this clip: the fixed ones, then what it carries."""
+    return COLUMNS + (("flow",) if "forward_flow" in clip else ()) \
+        + (("tracks",) if "tracks_2d" in clip else ())
 
 
 def _palette(n: int, seed: int) -> np.ndarray:
@@ -39,7 +51,44 @@ def tiles(clip: dict, t: int) -> list[np.ndarray]:
     sem = _palette(len(clip["meta"].get("classes", [])) + 1, 2)[clip["semantic_seg"][t]]
     normal = ((clip["normal"][t] + 1) * 127.5).clip(0, 255).astype(np.uint8)
     normal[clip["instance_seg"][t] == 0] = 0
-    return [clip["rgb"][t], depth_rgb, inst, sem, normal]
+    out = [clip["rgb"][t], depth_rgb, inst, sem, normal]
+    if "forward_flow" in clip:
+        out.append(flow_tile(clip["forward_flow"], t))
+    return out
+
+
+def flow_tile(flow: np.ndarray, t: int) -> np.ndarray:
+    """Frame ``t`` of a ``[T,H,W,2]`` flow as colour: hue the direction, value the
+    length over the whole clip's longest (so frames compare), 0 black."""
+    dx, dy = flow[t, ..., 0].astype(np.float32), flow[t, ..., 1].astype(np.float32)
+    magnitude, angle = cv2.cartToPolar(dx, dy, angleInDegrees=True)
+    longest = float(np.max(np.hypot(flow[..., 0], flow[..., 1]))) or 1.0
+    hsv = np.stack([angle / 2, np.full_like(angle, 255),
+                    np.clip(255 * magnitude / longest, 0, 255)], axis=-1).astype(np.uint8)
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+
+
+def tracks_tile(clip: dict, t: int, scale: int) -> np.ndarray:
+    """Frame ``t``'s RGB, dimmed and upscaled ``scale`` times, with the tracks seen in
+    it as dots and their trails through the frames before (occluded points left out)."""
+    image = cv2.resize(clip["rgb"][t], None, fx=scale, fy=scale,
+                       interpolation=cv2.INTER_NEAREST)
+    image = np.ascontiguousarray((image * 0.6).astype(np.uint8))
+    points, hidden = clip["tracks_2d"], clip["tracks_occluded"]
+    colours = _palette(len(points) + 1, 3)[1:]
+    radius = max(1, scale // 2)
+    for q in range(len(points)):
+        seen = [s for s in range(max(0, t - TRAIL), t + 1)
+                if not hidden[q, s] and np.all(np.isfinite(points[q, s]))]
+        if t not in seen:
+            continue
+        # pixel (u, v)'s centre (u + 0.5, v + 0.5) is k (u + 0.5) upscaled k times, the
+        # centre of upscaled pixel k (u + 0.5) - 0.5 (OpenCV draws on pixel centres)
+        path = np.round(points[q, seen] * scale - 0.5).astype(np.int32)
+        colour = tuple(int(c) for c in colours[q])
+        cv2.polylines(image, [path.reshape(-1, 1, 2)], False, colour, 1, cv2.LINE_AA)
+        cv2.circle(image, tuple(int(c) for c in path[-1]), radius, colour, -1, cv2.LINE_AA)
+    return image
 
 
 def contact_sheet(clip: dict, max_frames: int = 4, min_tile: int = 128) -> np.ndarray:
@@ -48,13 +97,18 @@ def contact_sheet(clip: dict, max_frames: int = 4, min_tile: int = 128) -> np.nd
     frames = np.unique(np.linspace(0, t_count - 1, min(max_frames, t_count)).round().astype(int))
     h = clip["rgb"].shape[1]
     scale = max(1, int(np.ceil(min_tile / h)))
-    rows = [np.concatenate([cv2.resize(tile, None, fx=scale, fy=scale,
-                                       interpolation=cv2.INTER_NEAREST) for tile in tiles(clip, t)],
-                           axis=1) for t in frames]
+    names = columns(clip)
+    rows = []
+    for t in frames:
+        row = [cv2.resize(tile, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
+               for tile in tiles(clip, t)]
+        if "tracks" in names:
+            row.append(tracks_tile(clip, t, scale))
+        rows.append(np.concatenate(row, axis=1))
     sheet = np.concatenate(rows, axis=0)
     header = np.full((24, sheet.shape[1], 3), 255, np.uint8)
-    tile_w = sheet.shape[1] // len(COLUMNS)
-    for i, name in enumerate(COLUMNS):
+    tile_w = sheet.shape[1] // len(names)
+    for i, name in enumerate(names):
         cv2.putText(header, name, (i * tile_w + 6, 17), cv2.FONT_HERSHEY_SIMPLEX, 0.5,
                     (0, 0, 0), 1, cv2.LINE_AA)
     return np.concatenate([header, sheet], axis=0)

@@ -107,3 +107,59 @@ def test_the_generated_sheet_never_replaces_a_users_file(tmp_path):
     sheet[:, :40] = 255
     assert store_sheet(where, sheet) is None                    # ...and replaced by ours
     assert (tmp_path / SHEET_NAME).read_bytes() != first
+
+
+@pytest.mark.blender
+def test_flow_and_track_panels_of_a_real_render(tracked_clip):
+    """Issue 26: flow and point-track columns when the clip has them; tracks drawn where
+    the labels put them, occluded ones left out."""
+    import numpy as np
+
+    from generation.dataset.contact_sheet import (
+        COLUMNS,
+        _palette,
+        columns,
+        contact_sheet,
+        flow_tile,
+        tracks_tile,
+    )
+
+    clip = tracked_clip
+    assert columns(clip) == COLUMNS + ("flow", "tracks")
+    bare = {k: v for k, v in clip.items() if not k.startswith(("tracks_", "forward_"))}
+    assert columns(bare) == COLUMNS
+    T, H, W = clip["rgb"].shape[:3]
+    scale = int(np.ceil(128 / H))
+    sheet = contact_sheet(clip)
+    assert sheet.shape[1] == 7 * W * scale and sheet.shape[0] == 24 + T * H * scale
+
+    # flow: black where nothing moves (the last frame is stored as 0), bright where the
+    # surface moves most, red where it moves straight right
+    assert not flow_tile(clip["forward_flow"], T - 1).any()
+    tile, flow = flow_tile(clip["forward_flow"], 0), clip["forward_flow"][0]
+    length = np.hypot(flow[..., 0], flow[..., 1])
+    assert not tile[length == 0].any()
+    assert tile.max(-1)[length > 0.5 * length.max()].min() > 100
+    right = (flow[..., 0] > 0.3 * length.max()) & (np.abs(flow[..., 1]) < 0.1 * flow[..., 0])
+    if right.any():
+        assert (tile[right].argmax(-1) == 0).all()
+
+    # tracks: one track at a time; its dot is at its labelled position in its colour,
+    # nothing is drawn for it where it is occluded
+    t = T - 1
+    dimmed = tracks_tile({**clip, "tracks_occluded": np.ones_like(clip["tracks_occluded"])},
+                         t, scale)
+    assert dimmed.max() <= 0.6 * 255 + 1            # nothing drawn: the dimmed frame alone
+    seen = np.flatnonzero(~clip["tracks_occluded"][:, t])
+    assert len(seen) > 10
+    for q in seen[:10]:
+        one = np.ones_like(clip["tracks_occluded"])
+        one[q] = clip["tracks_occluded"][q]
+        tile = tracks_tile({**clip, "tracks_occluded": one}, t, scale)
+        x, y = np.round(clip["tracks_2d"][q, t] * scale - 0.5).astype(int)
+        colour = _palette(len(clip["tracks_2d"]) + 1, 3)[1 + q]
+        assert (tile[y, x] == colour).all()                 # the dot, in the track's colour
+        drawn = np.argwhere((tile != dimmed).any(-1))
+        assert np.abs(drawn - [y, x]).max(1).min() == 0
+        one[q, t] = True                                    # occluded now: nothing drawn
+        assert np.array_equal(tracks_tile({**clip, "tracks_occluded": one}, t, scale), dimmed)
