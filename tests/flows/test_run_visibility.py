@@ -183,3 +183,20 @@ def test_loss_curve_artifact_embeds_the_image(tmp_path):
     encoded = re.search(r"data:image/png;base64,([A-Za-z0-9+/=]+)\)", markdown).group(1)
     image = cv2.imdecode(np.frombuffer(base64.b64decode(encoded), np.uint8), cv2.IMREAD_COLOR)
     assert image.shape == (300, 400, 3) and image[150, 10, 1] == 255
+
+
+def test_prefect_calls_outlast_a_two_minute_outage_unless_the_user_says_otherwise():
+    """Prefect's client retries a lost connection with 2**n s backoff: the flows set 6
+    retries (126 s in all), in this process and in every `pvit` it starts; a user's
+    own PREFECT_CLIENT_MAX_RETRIES is kept."""
+    import os
+
+    code = ("import flows.cli; from prefect.settings import get_current_settings; "
+            "print(get_current_settings().client.max_retries)")
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_CLIENT_MAX_RETRIES"}
+    ours = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env,
+                          capture_output=True, text=True)
+    assert ours.stdout.strip() == "6" and sum(2 ** n for n in range(1, 7)) >= 120
+    theirs = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                            text=True, env={**env, "PREFECT_CLIENT_MAX_RETRIES": "2"})
+    assert theirs.stdout.strip() == "2"
