@@ -170,7 +170,7 @@ def _pipeline(config: ExperimentConfig, force: list[str] | None) -> State[dict]:
         results["evaluate"] = _stage("evaluate", evaluate, cfg.evaluate,
                                      after=("finetune",), **run)
     results["paths"] = {
-        "dataset": str(cfg.generation.out),
+        "dataset": str(files.location(cfg.generation.out)),   # s3://, not a Path's s3:/
         "pretrain": cfg.pretrain and cfg.pretrain.out,
         "finetune": cfg.finetune and cfg.finetune.out,
         "metrics": cfg.evaluate and cfg.evaluate.checkpoint and str(
@@ -188,7 +188,8 @@ def _summary_artifact(cfg: ExperimentConfig, results: dict, messages: dict) -> N
     a user looks for next (the dataset's hash, the checkpoints, top-1/top-5), so that a
     cached pipeline shows its metrics too (not only inside the evaluate run)."""
     rows = [{"stage": name, "outcome": text} for name, text in messages.items()]
-    rows.append({"stage": "dataset", "outcome": f"{cfg.generation.out} (content key "
+    dataset = files.location(cfg.generation.out)     # s3://, not a Path's s3:/
+    rows.append({"stage": "dataset", "outcome": f"{dataset} (content key "
                                                 f"{dataset_key(cfg.generation.out)[:12]})"})
     for stage in ("pretrain", "finetune"):
         section = getattr(cfg, stage)
