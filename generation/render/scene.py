@@ -116,7 +116,7 @@ def render_passes(cfg: SceneConfig, seed: int, key: str, *, scratch_root: Path |
             # Cycles skips syncing object motion at the neighbouring frames; pass files
             # without what nobody reads and without compression: same arrays, less I/O
             renderer = Blender45(scene, scratch_dir=scratch, samples_per_pixel=cfg.spp,
-                                 use_denoising=cfg.denoise, adaptive_sampling=False,
+                                 use_denoising=cfg.denoise, adaptive_sampling=cfg.adaptive,
                                  one_call=True, flow=cfg.flow, uv=False,
                                  object_coordinates=cfg.object_coordinates,
                                  linear_image=False, compress_scratch=False)
