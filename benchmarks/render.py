@@ -35,7 +35,22 @@ by ~1.5x in cost), the mean of 3a's and 3b's slopes; ``sampling_drift`` is 3b's 
 ``overhead_ratio_sequential`` 3b's phases added up, over all scenes), ``fixed_s`` (the
 command's cost outside the render worker), ``rgb_psnr_db``, ``rgb_psnr_db_kubric``.
 
+``--quality`` measures something else (item 5 of issue 26, "quality per second"): one
+warm process renders ``--recipe`` (default ``movi_c``) scenes' RGB at every setting of
+spp x OpenImageDenoise off/on x adaptive sampling off/on (``--grid``), scene by scene so
+that drift hits every setting alike, and a ``--ref-spp`` reference (1024; no denoising)
+of the same frames. Per setting: the render call's s/frame, PSNR (all pixels pooled) and
+SSIM (Gaussian window, sigma 1.5, per channel) against the reference. Prints the
+cheapest setting whose PSNR is at least Kubric's default (128 spp + denoising) - 0.5 dB
+and its cost relative to Kubric's default; its last line is JSON with
+``quality_standard_spp`` (and ``_denoise``, ``_adaptive``), ``psnr_standard_db``,
+``psnr_kubric_default_db``, ``cost_ratio_vs_kubric_default``, the same for the
+``scene.quality`` presets as configured (``presets``), and every setting (``settings``).
+``--plot`` draws PSNR against s/frame.
+
     .venv/bin/python benchmarks/render.py [--scenes 8 --frames 8 --resolution 128 --spp 16]
+    .venv/bin/python benchmarks/render.py --quality --scenes 4 --frames 8 --resolution 128 \\
+        --plot docs/images/quality_per_second.png
     .venv/bin/python benchmarks/render.py --device cuda --resolution 256 --frames 24 \\
         --spp 64 --denoise --workers 2 --workers-per-gpu 2      # MOVi's settings on a GPU
 """
@@ -118,6 +133,38 @@ BREAKDOWN = textwrap.dedent("""
 """)
 
 
+QUALITY = textwrap.dedent("""
+    import json, sys, time
+    import numpy as np
+    from generation.config import SceneConfig
+    from generation.render.scene import render_clip
+    cfg = SceneConfig.model_validate_json(sys.argv[1]); seeds = json.loads(sys.argv[2])
+    settings = json.loads(sys.argv[3]); ref_spp = int(sys.argv[4]); device = sys.argv[5]
+    frames = json.loads(sys.argv[6]); out = sys.argv[7]
+    def rgb(update, seed):
+        c0 = time.process_time()       # Blender's threads included: the machine is shared
+        clip, t = render_clip(cfg.model_copy(update=update), seed, "q", labels_on=False,
+                              device=device, frames=frames)
+        return clip["rgb"], (t["render_calls_s"], time.process_time() - c0)
+    rgb(settings[0], seeds[0])                     # warm-up: imports, first Blender reset
+    images = {i: [] for i in range(len(settings))}
+    seconds = {i: 0.0 for i in range(len(settings))}
+    cpu = {i: 0.0 for i in range(len(settings))}
+    refs = []
+    for seed in seeds:           # setting by setting within each scene: drift hits all
+        for i, setting in enumerate(settings):
+            image, (s, c) = rgb(setting, seed)
+            images[i].append(image)
+            seconds[i] += s
+            cpu[i] += c
+        refs.append(rgb({"spp": ref_spp, "denoise": False, "adaptive": False}, seed)[0])
+    np.savez(out, ref=np.stack(refs), **{f"s{i}": np.stack(v) for i, v in images.items()})
+    print("RESULT " + json.dumps({"seconds": seconds, "cpu": cpu}), flush=True)
+""")
+
+# (spp, denoise, adaptive) of Kubric's renderer by default
+KUBRIC_DEFAULT = (128, True, False)
+
 
 # CPU seconds of every finished command's process tree (what run() adds up per label).
 cpu_s: dict[str, float] = {}
@@ -145,6 +192,22 @@ def psnr(images: list[np.ndarray], refs: np.ndarray) -> float:
     err = np.mean([(np.asarray(a, np.float64) - np.asarray(r, np.float64)) ** 2
                    for a, r in zip(images, refs, strict=True)])
     return float(10 * np.log10(255.0 ** 2 / max(err, 1e-12)))
+
+
+def ssim(images: np.ndarray, refs: np.ndarray) -> float:
+    """Mean SSIM (Wang et al. 2004: Gaussian window sigma 1.5, K1 0.01, K2 0.03, 8-bit
+    range) over every pixel and channel of the frames."""
+    from scipy.ndimage import gaussian_filter
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    x = np.asarray(images, np.float64).reshape(-1, *np.shape(images)[-3:])
+    y = np.asarray(refs, np.float64).reshape(x.shape)
+
+    def blur(a):       # over the two image axes only (frames and channels stay apart)
+        return gaussian_filter(a, sigma=(0, 1.5, 1.5, 0), truncate=3.5)
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
+    return float(np.mean((2 * mx * my + c1) * (2 * cxy + c2)
+                         / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))))
 
 
 def worker_timings(out: Path) -> list[dict]:
@@ -175,9 +238,28 @@ def main() -> None:
     parser.add_argument("--workers-per-gpu", type=int, default=1)
     parser.add_argument("--scenes-per-shard", type=int, default=None,
                         help="default: all scenes in one shard (one worker)")
+    parser.add_argument("--quality", action="store_true",
+                        help="quality per second instead (see the module docstring)")
+    parser.add_argument("--recipe", default=None, help="default: movi with --quality off, "
+                        "movi_c with it")
+    parser.add_argument("--grid", default="1,2,4,8,16,32,64,128",
+                        help="--quality: the spp values (each with denoising off/on and "
+                        "adaptive sampling off/on)")
+    parser.add_argument("--adaptive-from", type=int, default=1,
+                        help="--quality: adaptive sampling only at this many spp and more "
+                        "(below 32 it renders the same image as without: Cycles' automatic "
+                        "minimum samples)")
+    parser.add_argument("--eval-frames", type=int, default=None,
+                        help="--quality: frames of each clip rendered and compared, "
+                        "evenly spaced (default all)")
+    parser.add_argument("--plot", type=Path, default=None, help="--quality: PNG of PSNR "
+                        "against s/frame")
     args = parser.parse_args()
 
     sys.path.insert(0, str(REPO))
+    if args.quality:
+        quality(args)
+        return
     from generation.config import GenerationConfig
     from generation.dataset.plan import plan
     from generation.dataset.shard_format import read_shard
@@ -187,7 +269,7 @@ def main() -> None:
     pin = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3",
            **worker_env(device, 0, 1, visible_gpus())}
     scene = {"resolution": args.resolution, "frames": args.frames, "spp": args.spp,
-             "denoise": args.denoise}
+             "denoise": args.denoise, "recipe": args.recipe or "movi"}
     per_shard = args.scenes_per_shard or args.scenes
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -356,6 +438,135 @@ def main() -> None:
           f"bare Kubric: {result['sec_per_frame_kubric']:.3f} s/frame; "
           f"ratio {result['ratio_vs_kubric']:.3f}")
     print(json.dumps(result))
+
+
+def quality(args) -> None:
+    """``--quality``: PSNR / SSIM and s/frame of every setting of the grid (module
+    docstring)."""
+    from generation.config import QUALITY_PRESETS, GenerationConfig
+    from generation.dataset.plan import plan
+    from generation.render.devices import preflight, visible_gpus, worker_env
+
+    device = preflight(args.device)
+    pin = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3",
+           **worker_env(device, 0, 1, visible_gpus())}
+    grid = [(int(spp), denoise, adaptive) for spp in args.grid.split(",")
+            for denoise in (False, True) for adaptive in (False, True)
+            if not (adaptive and int(spp) < args.adaptive_from)]
+    wanted = [KUBRIC_DEFAULT] + [(p["spp"], p["denoise"], p["adaptive"])
+                                 for p in QUALITY_PRESETS.values()]
+    grid += [key for key in wanted if key not in grid]
+    settings = [{"spp": spp, "denoise": d, "adaptive": a} for spp, d, a in grid]
+    gen = GenerationConfig.model_validate({
+        "scenes": args.scenes, "scene": {"recipe": args.recipe or "movi_c",
+                                         "resolution": args.resolution,
+                                         "frames": args.frames}})
+    seeds = [s for job in plan(gen) for s in job.seeds]
+    n = args.eval_frames or args.frames      # evenly spaced, the ends left out
+    frames = (list(range(1, args.frames + 1)) if n >= args.frames else
+              sorted({int(x) for x in np.linspace(1, args.frames + 1, n + 2)[1:-1]}))
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "images.npz"
+        proc = subprocess.run([sys.executable, "-c", QUALITY, gen.scene.model_dump_json(),
+                               json.dumps(seeds), json.dumps(settings), str(args.ref_spp),
+                               device, json.dumps(frames), str(out)],
+                              cwd=REPO, capture_output=True, text=True, env=pin)
+        if proc.returncode != 0:
+            sys.exit(f"error: the quality worker failed ({proc.returncode}): "
+                     f"{proc.stderr.strip().splitlines()[-1:]}")
+        times = json.loads(next(line[7:] for line in proc.stdout.splitlines()
+                                if line.startswith("RESULT ")))
+        seconds, cpu = times["seconds"], times["cpu"]
+        data = np.load(out)
+        refs = data["ref"]
+        rows = {}
+        for i, key in enumerate(grid):
+            images = data[f"s{i}"]
+            rows[key] = {"spp": key[0], "denoise": key[1], "adaptive": key[2],
+                         "s_per_frame": round(seconds[str(i)] / (len(seeds) * len(frames)), 4),
+                         "cpu_s_per_frame": round(cpu[str(i)] / (len(seeds) * len(frames)), 4),
+                         "psnr_db": round(psnr(list(images), refs), 2),
+                         "ssim": round(ssim(images, refs), 4)}
+    kubric = rows[KUBRIC_DEFAULT]
+    passing = [r for r in rows.values() if r["psnr_db"] >= kubric["psnr_db"] - 0.5]
+    # cheapest in CPU seconds: on a shared machine the load moves wall time more (the
+    # wall-time ratio is reported beside it)
+    best = min(passing, key=lambda r: r["cpu_s_per_frame"])
+
+    def cost(row, key="s_per_frame") -> float:
+        return round(row[key] / kubric[key], 3)
+
+    print(f"{'spp':>5} {'denoise':>8} {'adaptive':>9} {'s/frame':>8} {'PSNR dB':>8} "
+          f"{'SSIM':>7} {'cost':>6} {'cpu cost':>8}")
+    for r in sorted(rows.values(), key=lambda r: (r["denoise"], r["adaptive"], r["spp"])):
+        mark = " <- Kubric's default" if r is kubric else " <- cheapest >= Kubric - 0.5 dB" \
+            if r is best else ""
+        print(f"{r['spp']:>5} {r['denoise']!s:>8} {r['adaptive']!s:>9} "
+              f"{r['s_per_frame']:>8.4f} {r['psnr_db']:>8.2f} {r['ssim']:>7.4f} "
+              f"{cost(r):>6.3f} {cost(r, 'cpu_s_per_frame'):>8.3f}{mark}")
+    print(f"cheapest setting with PSNR >= {kubric['psnr_db'] - 0.5:.2f} dB (Kubric's default "
+          f"{kubric['psnr_db']:.2f} - 0.5): {best['spp']} spp, denoise {best['denoise']}, "
+          f"adaptive {best['adaptive']}: PSNR {best['psnr_db']:.2f} dB at {cost(best):.3f}x "
+          f"Kubric's default s/frame ({cost(best, 'cpu_s_per_frame'):.3f}x in CPU s)")
+    presets = {name: {**p, "psnr_db": rows[key]["psnr_db"], "ssim": rows[key]["ssim"],
+                      "s_per_frame": rows[key]["s_per_frame"],
+                      "cost_ratio_vs_kubric_default": cost(rows[key]),
+                      "cost_ratio_vs_kubric_default_cpu": cost(rows[key], "cpu_s_per_frame")}
+               for name, p in QUALITY_PRESETS.items()
+               for key in [(p["spp"], p["denoise"], p["adaptive"])]}
+    if args.plot:
+        plot_quality(list(rows.values()), kubric, best, args.plot,
+                     f"{args.recipe or 'movi_c'}, {args.resolution} px, {len(seeds)} scenes "
+                     f"x {len(frames)} frames, {device.upper()}")
+    print(json.dumps({
+        "recipe": args.recipe or "movi_c", "scenes": len(seeds), "frames": frames,
+        "resolution": args.resolution, "device": device, "ref_spp": args.ref_spp,
+        "quality_standard_spp": best["spp"], "quality_standard_denoise": best["denoise"],
+        "quality_standard_adaptive": best["adaptive"], "psnr_standard_db": best["psnr_db"],
+        "ssim_standard": best["ssim"], "psnr_kubric_default_db": kubric["psnr_db"],
+        "ssim_kubric_default": kubric["ssim"],
+        "sec_per_frame_standard": best["s_per_frame"],
+        "sec_per_frame_kubric_default": kubric["s_per_frame"],
+        "cost_ratio_vs_kubric_default": cost(best),
+        "cost_ratio_vs_kubric_default_cpu": cost(best, "cpu_s_per_frame"), "presets": presets,
+        "settings": list(rows.values())}))
+
+
+def plot_quality(rows: list[dict], kubric: dict, best: dict, path: Path, title: str) -> None:
+    """PSNR against s/frame, one line per (denoise, adaptive) over spp."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    for denoise in (False, True):
+        for adaptive in (False, True):
+            line = sorted((r for r in rows if r["denoise"] == denoise
+                           and r["adaptive"] == adaptive), key=lambda r: r["spp"])
+            if not line:
+                continue
+            x, y = [r["s_per_frame"] for r in line], [r["psnr_db"] for r in line]
+            ax.plot(x, y, "o-" if denoise else "s--", ms=3.5, label=f"denoise "
+                    f"{'on' if denoise else 'off'}, adaptive {'on' if adaptive else 'off'}")
+            for r in line:
+                ax.annotate(str(r["spp"]), (r["s_per_frame"], r["psnr_db"]), fontsize=6,
+                            xytext=(2, 2), textcoords="offset points")
+    ax.axhline(kubric["psnr_db"] - 0.5, color="grey", lw=0.8, ls=":",
+               label="Kubric's default - 0.5 dB")
+    ax.plot(kubric["s_per_frame"], kubric["psnr_db"], "k*", ms=11,
+            label="Kubric's default (128 spp + denoise)")
+    ax.plot(best["s_per_frame"], best["psnr_db"], "r*", ms=11, label=f"cheapest within 0.5 "
+            f"dB ({best['spp']} spp)")
+    ax.set_xscale("log")
+    ax.set_xlabel("render call, s/frame (log)")
+    ax.set_ylabel("PSNR vs 1024-spp reference, dB")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, which="both", lw=0.5)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    tmp.replace(path)
 
 
 if __name__ == "__main__":
