@@ -284,6 +284,12 @@ def check_stage_outputs(cfg: ExperimentConfig) -> None:
                 fail(f"{a} ({outs[a]}) and {b} ({outs[b]}) overlap: each stage needs a "
                      "directory of its own")
     check_stage_inputs(wired)
+    if wired.toy_actions is not None or wired.humanoid_actions is not None:
+        from training.video_set import check_encoders
+        try:
+            check_encoders()
+        except RuntimeError as exc:
+            fail(f"{'toy_actions' if wired.toy_actions else 'humanoid_actions'}: {exc}")
     if wired.evaluate is not None and wired.finetune is not None:
         # inside finetune.out, so only a foreign directory already there can be in the way
         target = evaluation_dir(wired.evaluate.checkpoint)

@@ -25,7 +25,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from generation.dataset.storage import Location, scratch_dir
+from generation.dataset.storage import Location, scratch_base, scratch_dir
 from training import files
 
 CODECS = {"webm": "VP80", "mp4": "mp4v"}  # both encoders ship with opencv-python wheels
@@ -58,6 +58,16 @@ def write_video(path: Path, frames: np.ndarray, fps: float = 12.0) -> None:
             writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
     finally:
         writer.release()
+
+
+def check_encoders() -> None:
+    """Raise ``RuntimeError`` (one line) unless OpenCV here encodes both layouts' videos:
+    checked before a set's clips are rendered (minutes), not at its first video."""
+    import tempfile
+    scratch_base().mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="pvit-encoders-", dir=scratch_base()) as tmp:
+        for suffix in CODECS:
+            write_video(Path(tmp) / f"probe.{suffix}", np.zeros((2, 16, 16, 3), np.uint8))
 
 
 def _is_set(path: Path) -> bool:
