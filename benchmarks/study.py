@@ -195,18 +195,17 @@ def render_all(args) -> dict[str, Any]:
                      for split in ("train", "validation", "test")}
     labels = (Path(root) / "train.txt").read_text().split()[1::2]
     data["classes"] = len(set(labels))
-    data["fingerprint"] = fingerprint(data)
     return data
 
 
-def fingerprint(data: dict) -> str:
-    """The data a run reads, as bytes: the splits and the synthetic manifests (their
-    shards' sha256). Part of every run's key: re-rendered data retrains."""
+def fingerprint(list_root: str, synthetic: str | None) -> str:
+    """The data a run reads, as bytes: the splits and its synthetic manifest (its shards'
+    sha256). Part of every run's key: re-rendered data retrains."""
     digest = hashlib.sha256()
     for split in ("train", "validation", "test"):
-        digest.update((Path(data["list_root"]) / f"{split}.txt").read_bytes())
-    for multiple, path in sorted(data["synthetic"].items()):
-        digest.update(f"{multiple}".encode() + (Path(path) / "manifest.json").read_bytes())
+        digest.update((Path(list_root) / f"{split}.txt").read_bytes())
+    if synthetic:
+        digest.update((Path(synthetic) / "manifest.json").read_bytes())
     return digest.hexdigest()[:16]
 
 
@@ -263,7 +262,7 @@ def pretrained(args, data: dict, lr: float, seed: int) -> str:
     fields = {k: v for k, v in base_fields(args, data, lr, seed).items()
               if k in PretrainConfig.model_fields}
     fields.update(variant="pvit", synthetic=data["synthetic"][1])
-    key = _key({**fields, "_data": data["fingerprint"]})
+    key = _key({**fields, "_data": fingerprint(data["list_root"], fields["synthetic"])})
     out = args.work / "runs" / f"pretrain-s{seed}-{key}"
     final = out / "checkpoints" / "final.pt"
     if not final.is_file():
@@ -298,11 +297,11 @@ def run_one(args, data: dict, variant: str, seed: int, lr: float,
               **variant_fields(variant, args, data, tasks or [])}
     if variant == "pvit_pretrain":
         fields["init"] = pretrained(args, data, lr, seed)
-    key = _key({**fields, "_data": data["fingerprint"]})
+    key = _key({**fields, "_data": fingerprint(data["list_root"], fields["synthetic"])})
     out = args.work / "runs" / f"{variant}-s{seed}-{key}"
     result_file = out / "study.json"
     if result_file.is_file():
-        return json.loads(result_file.read_text())
+        return {**json.loads(result_file.read_text()), "losses": epoch_losses(out)}
     cfg = FinetuneConfig(**fields, out=str(out))
     t0 = time.perf_counter()
     summary = run_finetune(cfg)
@@ -311,6 +310,7 @@ def run_one(args, data: dict, variant: str, seed: int, lr: float,
               "test_correct": test_correct(summary["checkpoint"], data["list_root"], cfg),
               "train_s": round(time.perf_counter() - t0, 1)}
     result_file.write_text(json.dumps(result))
+    result["losses"] = epoch_losses(out)
     print(f"  {variant:<16} seed {seed} lr {lr:g}: val {100 * np.mean(result['val_correct']):5.1f}"
           f" test {100 * np.mean(result['test_correct']):5.1f} ({result['train_s']} s, "
           f"{result['steps']} steps)", flush=True)
@@ -333,6 +333,15 @@ def run_many(args, jobs: list[tuple]) -> list[dict]:
     from concurrent.futures import ProcessPoolExecutor
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         return list(pool.map(_run_job, jobs))
+
+
+def epoch_losses(run: Path) -> dict[str, list[float]]:
+    """Each loss's mean over the first and over the last epoch of a run: did the
+    synthetic tasks learn, and did the action loss fall?"""
+    records = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+    epochs = [r for r in records if r.get("kind") == "epoch"]
+    return {k.removeprefix("loss/"): [round(epochs[0][k], 4), round(epochs[-1][k], 4)]
+            for k in epochs[0] if k.startswith("loss/") and k != "loss/total"}
 
 
 def choose_lr(args, data: dict) -> tuple[float, dict]:
@@ -389,6 +398,8 @@ def summarise(runs: dict[str, list[dict]], resamples: int) -> dict[str, dict]:
             "top1_per_seed": [round(t, 2) for t in top1],
             "top1_ci95": bootstrap(test, resamples, np.random.default_rng(0)),
             "val_top1_mean": round(100.0 * float(np.mean([r["val_correct"] for r in results])), 2),
+            "losses": {k: [round(float(np.mean([r["losses"][k][i] for r in results])), 3)
+                           for i in (0, 1)] for k in results[0].get("losses", {})},
             "tasks": results[0]["tasks"], "steps": sorted({r["steps"] for r in results}),
             "seeds": [r["seed"] for r in results]}
     return out
@@ -518,6 +529,12 @@ def write_report(args, data: dict, meta: dict, summary: dict, pairs: dict) -> No
     prow = "\n".join(f"| {k.replace('_minus_', ' − ')} | {p['diff']:+.1f} | "
                      f"[{p['ci95'][0]:+.1f}, {p['ci95'][1]:+.1f}] | {_excludes_zero(p['ci95'])} |"
                      for k, p in pairs.items())
+    names = ["action", *args.tasks]
+    lrows = "\n".join(
+        f"| `{v}` | " + " | ".join(
+            f"{s['losses'][k][0]:.3f} → {s['losses'][k][1]:.3f}" if k in s["losses"] else "–"
+            for k in names) + " |" for v, s in summary.items() if v != "pvit_best")
+    lhead = "| variant | " + " | ".join(names) + " |\n|---|" + "---|" * len(names)
     grid = ", ".join(f"{lr:g}: {v:.1f}" for lr, v in meta["lr_grid"].items()) or "one rate given"
     text = TEMPLATE.format(
         command=meta["command"], classes=data["classes"],
@@ -530,8 +547,9 @@ def write_report(args, data: dict, meta: dict, summary: dict, pairs: dict) -> No
         steps=meta["steps"], seeds=" ".join(map(str, meta["seeds"])), grid=grid,
         lr=f"{meta['lr']:g}", tasks=", ".join(args.tasks), best=", ".join(meta["best_tasks"]),
         multiples=", ".join(f"{m}x ({m * n_train} clips)" for m in args.synthetic_multiples),
-        chance=chance, rows=rows, prow=prow, verdicts="\n".join(verdicts(
-            summary, pairs, args.synthetic_multiples)),
+        chance=chance, lnc=float(np.log(data["classes"])), rows=rows, prow=prow,
+        losses=f"{lhead}\n{lrows}",
+        verdicts="\n".join(verdicts(summary, pairs, args.synthetic_multiples)),
         render_s=data["render_s"], runs=meta["runs"], run_s=meta["mean_run_s"],
         train_min=meta["train_s"] / 60, total_min=meta["total_s"] / 60,
         full_runs=meta["full_runs"], full_min=meta["full_runs"] * meta["mean_run_s"] / 60,
@@ -583,6 +601,12 @@ run. Rerun it to check them: renders and finished runs are cached in its `--work
 {prow}
 
 ![test top-1 against the amount of synthetic data](images/study_synthetic.png)
+
+Training losses, mean over seeds, first epoch → last epoch (a weight-0 task of
+`prompts_only` and `pvit_pretrain`'s fine-tuning is still computed and logged; `action`
+is the downstream cross-entropy, ln {classes} = {lnc:.3f} at chance):
+
+{losses}
 
 ### The issue's goals
 
