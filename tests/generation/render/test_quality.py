@@ -35,19 +35,19 @@ def test_labels_do_not_depend_on_the_preset():
     from generation.render.scene import render_clip
 
     clips = {}
-    for name in ("draft", "high"):
+    for name in ("draft", "standard"):
         cfg = SceneConfig(quality=name, resolution=32, frames=2, min_objects=3,
                           max_objects=3, flow=True, tracks=16)
         clips[name], _ = render_clip(cfg, seed=4, key="q")
-    draft, high = clips["draft"], clips["high"]
-    assert not np.array_equal(draft["rgb"], high["rgb"])
+    draft, other = clips["draft"], clips["standard"]
+    assert not np.array_equal(draft["rgb"], other["rgb"])
     # both converge to the same image: the presets differ by noise, not by content
-    diff = np.abs(draft["rgb"].astype(float) - high["rgb"].astype(float)).mean()
+    diff = np.abs(draft["rgb"].astype(float) - other["rgb"].astype(float)).mean()
     assert 0 < diff < 12
     arrays = [k for k in draft if k not in ("key", "rgb", "meta", "instances")]
     assert {"depth", "instance_seg", "normal", "forward_flow", "tracks_2d"} <= set(arrays)
     for key in arrays:
-        assert np.array_equal(draft[key], high[key]), key
+        assert np.array_equal(draft[key], other[key]), key
     for key, value in draft["instances"].items():
-        assert np.array_equal(value, high["instances"][key]), key
-    assert draft["meta"] == high["meta"]
+        assert np.array_equal(value, other["instances"][key]), key
+    assert draft["meta"] == other["meta"]
