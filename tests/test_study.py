@@ -109,7 +109,7 @@ def test_quick_study_end_to_end(tmp_path, toy_set, shard_dir):
     assert len({r["steps"] for r in runs}) == 1  # equal steps for every variant
     text = doc.read_text()
     assert "pvit − vit" in text and "| `pvit` |" in text
-    for png in ("study_variants.png", "study_synthetic.png"):
+    for png in ("science_variants.png", "science_synthetic.png"):
         assert (doc.parent / "images" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # a rerun trains nothing: every run's result is kept
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "work" / "runs").rglob("*.json")}
