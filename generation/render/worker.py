@@ -23,11 +23,13 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 import types
 from pathlib import Path
 
 from generation.config import SceneConfig
+from generation.dataset import storage
 from generation.dataset.shard_format import write_samples
 from generation.render import devices
 from generation.render import scratch as scratch_module
@@ -78,8 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m generation.render.worker JOB.json | --wait", file=sys.stderr)
         return 2
     warm = argv[0] == WAIT_FLAG
-    if not warm:
-        job = json.loads(Path(argv[0]).read_text())
+    job = None if warm else json.loads(Path(argv[0]).read_text())
     t_start = time.perf_counter()
     try:  # the interpreter's own start, before main(), for the benchmark's breakdown
         import psutil  # (installed with dask[distributed])
@@ -90,7 +91,20 @@ def main(argv: list[str] | None = None) -> int:
     # What killed render processes of this node left (their shard scratch, EXRs and
     # PNGs): every worker sweeps it when it starts (generation.render.scratch).
     scratch_module.sweep(warn=lambda line: print(line, file=sys.stderr, flush=True))
+    # Blender makes its session directory (blender_XXXXXX) in TMPDIR at import and removes
+    # it only at a clean exit: a crashed or killed worker left one per process in the
+    # node's temp dir. Everything this process puts in a temp dir goes into a scratch
+    # directory of its own instead, removed when it returns, and by the next worker's
+    # sweep when it dies.
+    own_tmp = storage.scratch_dir("pvit-worker-")
+    os.environ["TMPDIR"] = tempfile.tempdir = str(own_tmp)
+    try:
+        return _main(warm, job, t_start, interpreter_s)
+    finally:
+        shutil.rmtree(own_tmp, ignore_errors=True)
 
+
+def _main(warm: bool, job: dict | None, t_start: float, interpreter_s: float) -> int:
     # write_samples's (lazily imported there), with torch: worker start-up, not shard write
     import webdataset  # noqa: F401, I001
     import bpy  # noqa: F401

@@ -1,14 +1,17 @@
 """Render scratch on a node (issue 25, item 6): a real render worker, when it starts,
 removes the scratch of render processes that are gone and nothing else, and leaves no
-empty temporary directory of its own (Kubric's pybullet module makes one at import)."""
+temporary directory of its own (Kubric's pybullet module makes one at import, Blender its
+session directory, which only a clean exit removed)."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 
 import pytest
+from pathlib import Path
 from pvit_cli import REPO
 
 from generation.dataset.storage import SCRATCH_OWNER, scratch_dir
@@ -41,6 +44,7 @@ def test_a_worker_start_removes_dead_processes_scratch_and_leaves_no_temp_dir(tm
     scratch, tmp = tmp_path / "scratch", tmp_path / "tmp"
     tmp.mkdir()
     env = {**os.environ, "PVIT_SCRATCH": str(scratch), "TMPDIR": str(tmp)}
+    killed = _killed_after_blender_started(env, scratch)       # (its start sweeps too)
     dead, dead_dir = _make(env, "pvit-shard-000003-", "die")
     dead.wait()
     live, live_dir = _make(env, "pvit-shard-000004-", "live")
@@ -64,6 +68,7 @@ def test_a_worker_start_removes_dead_processes_scratch_and_leaves_no_temp_dir(tm
         assert worker.returncode == 0, worker.stderr[-2000:]
         assert not os.path.exists(dead_dir)
         assert f"removed the scratch {dead_dir} of pid {dead.pid}" in worker.stderr
+        assert not killed.exists()      # the killed worker's temp dir, Blender's inside it
         assert os.path.isfile(os.path.join(live_dir, SCRATCH_OWNER))   # a live process's
         assert not_ours.is_dir() and logs.is_dir() and elsewhere.is_dir()
         assert sorted(p.name for p in tmp.iterdir()) == [], seconds   # nothing left
@@ -72,6 +77,25 @@ def test_a_worker_start_removes_dead_processes_scratch_and_leaves_no_temp_dir(tm
         live.wait()
     # the live one's owner is gone now: the next sweep takes it
     assert sweep(scratch) == [scratch / os.path.basename(live_dir)]
+
+
+def _killed_after_blender_started(env, scratch):
+    """A render worker killed (-9) once Blender made its session directory: returns the
+    directory its temp files went to (its own scratch, not the node's TMPDIR)."""
+    proc = subprocess.Popen([sys.executable, "-m", "generation.render.worker", "--wait"],
+                            cwd=REPO, env=env, stdin=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(scratch.glob("pvit-worker-*/blender_*")):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    [own] = scratch.glob("pvit-worker-*")
+    assert not list(Path(env["TMPDIR"]).iterdir())   # nothing in the node's temp dir
+    return own
 
 
 def test_scratch_is_named_only_once_it_names_its_owner(tmp_path, monkeypatch):
