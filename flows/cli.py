@@ -30,6 +30,7 @@ from generation.dataset.storage import (
 )
 from generation.dataset.storage import check_writable_dir as probe
 from generation.render.devices import DeviceError, preflight, worker_env
+from training import files
 from training.run_layout import evaluation_dir
 
 # What stays inside the commands that use it, by its cost on top of this module's own
@@ -295,6 +296,12 @@ def check_stage_outputs(cfg: ExperimentConfig) -> None:
         target = evaluation_dir(wired.evaluate.checkpoint)
         if problem := stage_cache.foreign(target):
             fail(f"evaluate: {problem}")
+        if wired.evaluate.out:      # a copy of the result is written there too
+            try:
+                canonical(wired.evaluate.out)
+            except LocationError as exc:
+                fail(f"evaluate.out: {exc}")
+            check_writable_dir(files.parent(wired.evaluate.out), "evaluate.out")
 
 
 def _comparable(path) -> str:

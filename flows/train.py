@@ -33,7 +33,7 @@ from generation.dataset.manifest import read_manifest
 from generation.dataset.storage import scratch_dir
 from training import files
 from training.config import EvaluateConfig, FinetuneConfig, PretrainConfig
-from training.run_layout import RunLayout, evaluation_dir
+from training.run_layout import RunLayout, evaluation_dir, evaluation_name
 
 # torch, training.train and flows.evaluation_home (which imports training.evaluate) stay
 # inside the functions: with timm they take 2.2-2.8 s (python -X importtime after
@@ -195,7 +195,20 @@ def evaluate(config: EvaluateConfig) -> State[dict]:
     from flows.evaluation_home import evaluation_key
     out_dir = str(evaluation_dir(config.checkpoint))  # shared with `pvit evaluate`
     key = evaluation_key(config)
-    return _cached_or_run("evaluate", out_dir, key, lambda: evaluate_task(config, key))
+    state = _cached_or_run("evaluate", out_dir, key, lambda: evaluate_task(config, key))
+    if config.out:
+        copy_result(files.join(out_dir, evaluation_name(config.checkpoint, config.split)),
+                    config.out)
+    return state
+
+
+def copy_result(home_file, out: str) -> None:
+    """The result also at the file's ``evaluate.out`` (the stage's record stays in the
+    evaluation home): the home file's bytes, written only when ``out`` does not hold them
+    yet, so a cached rerun writes nothing."""
+    payload = files.read_bytes(home_file)
+    if not files.is_file(out) or files.read_bytes(out) != payload:
+        files.write_bytes(out, payload)
 
 
 def cached(stage: str, out_dir, key: str) -> dict | None:
