@@ -33,12 +33,12 @@ from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
 from flows import progress
-from flows.run_view import artifact_key, generate_run_name, reused
+from flows.run_view import artifact_key, generate_run_name, mark_crashed, reused, run_owner
 from generation.config import GenerationConfig
 from generation.dataset import asset_store
 from generation.dataset import plan as dataset
 from generation.dataset.contact_sheet import contact_sheet, find_clip, sheet_png, store_sheet
-from generation.dataset.lock import dataset_lock
+from generation.dataset.lock import dataset_lock, note_run, recovered
 from generation.dataset.manifest import location
 from generation.dataset.storage import Location
 from generation.render import supervisor
@@ -191,7 +191,23 @@ def generate_dataset(config: GenerationConfig) -> State[dict]:
         config: the experiment file's `generation` section (docs/generation.md)
     """
     with dataset_lock(config.out, owner=f"generate_dataset flow run '{flow_run.name}'"):
+        _crash_bookkeeping(config.out)
         return _generate(config)
+
+
+def _crash_bookkeeping(out) -> None:
+    """Name this flow run in the dataset's lock, and end the runs of any killed holder
+    whose stale lock this process recovered (here or in the CLI, which takes the lock
+    first) as Crashed: a `pvit generate` killed with -9 would otherwise leave its flow
+    run and render task runs RUNNING in the UI forever (issue 25)."""
+    for holder in recovered(out):
+        marked = mark_crashed(holder, str(location(out)), known_dead=True)
+        if marked:
+            get_run_logger().warning("%s: marked the runs of a killed writer Crashed: %s",
+                                     location(out), ", ".join(marked))
+    run_id = run_owner()["flow_run_id"]
+    if run_id:
+        note_run(out, flow_run_id=run_id)
 
 
 def _generate(config: GenerationConfig) -> State[dict]:

@@ -89,12 +89,14 @@ def run_owner() -> dict:
     return {"flow_run_id": str(run.id) if run is not None else None, **identity()}
 
 
-def mark_crashed(owner: dict, where: str) -> list[str]:
+def mark_crashed(owner: dict, where: str, known_dead: bool = False) -> list[str]:
     """When the process ``owner`` names is gone, end its flow run, the runs above it
     (the pipeline that started it) and their task runs that still show as running in
     the UI, as Crashed; returns the names of the flow runs marked. A killed client
-    leaves its runs RUNNING forever otherwise (issue 25). Best effort: Prefect being
-    unreachable costs a warning, never the stage."""
+    leaves its runs RUNNING forever otherwise (issue 25). ``known_dead``: the caller has
+    proven it gone (the dataset lock, by its flock or an expired lease), so another
+    host's process counts too. Best effort: Prefect being unreachable costs a warning,
+    never the stage."""
     import logging
 
     from prefect.client.orchestration import get_client
@@ -109,7 +111,8 @@ def mark_crashed(owner: dict, where: str) -> list[str]:
 
     from generation.dataset.holder import holder_state, identity
 
-    if not owner.get("flow_run_id") or holder_state(owner, identity()) != "dead":
+    if not owner.get("flow_run_id") or not (
+            known_dead or holder_state(owner, identity()) == "dead"):
         return []
     live = (StateType.RUNNING, StateType.PENDING, StateType.SCHEDULED, StateType.PAUSED)
     message = (f"its process (pid {owner.get('pid')} on {owner.get('host')}) died; found by "

@@ -35,6 +35,12 @@ the ETag it read, so of two runs taking over only one succeeds and a holder that
 renews meanwhile keeps it. ``--break-lock`` removes another host's fresh lease. The
 holder removes the object at the end only if it still holds its own ``token``.
 
+Crash bookkeeping (issue 25): the flow that writes adds its Prefect flow run id to the
+lock it holds (``note_run``; this module knows nothing of Prefect), and the holders of
+stale locks this process removed or took over are kept for the caller (``recovered``),
+so that the next run on a dataset can end a killed run's flow run as Crashed instead of
+leaving it RUNNING forever.
+
 Within one process the lock is re-entrant (the CLI takes it before Prefect starts, so a
 second writer fails fast with one line; the flow then takes it again for deployments
 and ``pvit serve``, which do not pass through the CLI).
@@ -68,6 +74,8 @@ LEASE_ENV = "PVIT_LOCK_LEASE_S"
 
 _held: dict[str, list] = {}          # lock path or URL -> [count, fd or _Lease]
 _held_guard = threading.Lock()
+# lock path or URL -> what the stale locks this process removed there said (``recovered``)
+_recovered: dict[str, list[dict]] = {}
 
 
 class LockError(RuntimeError):
@@ -216,6 +224,8 @@ def acquire(out: Path, *, owner: str = "pvit generate", break_lock: bool = False
         if holder is None:
             continue            # released meanwhile: try again
         why = _remove_if_stale(path, holder, me)
+        if why in ("dead", "elsewhere"):
+            _remember(key, holder)
         if why == "dead":
             warn(f"{out}: removed the stale lock of {_describe(holder)}: that process is "
                  "no longer running")
@@ -235,6 +245,7 @@ def acquire(out: Path, *, owner: str = "pvit generate", break_lock: bool = False
                             f"a pvit run writing here, remove {path}")
         if break_lock and holder.get("host") != host:
             path.unlink(missing_ok=True)
+            _remember(key, holder)
             warn(f"{out}: --break-lock removed the lock of {_describe(holder)}")
             continue
         if holder.get("host") == host:
@@ -277,6 +288,7 @@ class _Lease:
 
     def __init__(self, out: Location, info: dict, etag: str):
         self.out, self.info, self.etag = out, info, etag
+        self.writing = threading.Lock()     # the renewals and ``update``: one ETag chain
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="pvit-lock-lease",
                                        daemon=True)
@@ -288,6 +300,17 @@ class _Lease:
 
     def _run(self) -> None:
         while not self.stop.wait(self.info["lease_s"] / 3):
+            if not self.renew():
+                log.error("%s: lost the dataset lock (its lease expired and another run "
+                          "took it over)", self.out)
+                return
+
+    def renew(self, **fields) -> bool:
+        """Rewrite the lock (with ``fields`` added); False once another run holds it.
+        The store being away (after retries) is a warning and True: the next renewal
+        tries again."""
+        with self.writing:
+            self.info.update(fields)
             # new bytes every time (renewed): the same bytes would keep the same ETag,
             # and a taker's conditional write on the old one would still succeed
             self.info["renewed"] = time.time_ns()
@@ -297,14 +320,13 @@ class _Lease:
                     # a retried write that did land reads as refused: still ours?
                     holder, meta = _read_object(self.out)
                     etag = meta.etag if holder.get("token") == self.token and meta else None
-            except OSError as exc:     # the store is away (after retries): try again
+            except OSError as exc:
                 log.warning("%s: could not renew the lock's lease: %s", self.out, exc)
-                continue
+                return True
             if etag is None:
-                log.error("%s: lost the dataset lock (its lease expired and another run "
-                          "took it over)", self.out)
-                return
+                return False
             self.etag = etag
+            return True
 
     def end(self) -> None:
         self.stop.set()
@@ -388,6 +410,7 @@ def _acquire_object(out: Location, *, owner: str, break_lock: bool,
             continue                    # renewed or taken meanwhile: look again
         with _held_guard:
             _held[key] = [1, _Lease(out, info, etag)]
+        _remember(key, holder)
         if why == "--break-lock":
             warn(f"{out}: --break-lock removed the lock of {_describe(holder)}")
         else:
@@ -442,6 +465,71 @@ def release(out: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _remember(key: str, holder: dict) -> None:
+    if holder:
+        with _held_guard:
+            _recovered.setdefault(key, []).append(holder)
+
+
+def _key(out) -> str:
+    if is_remote(out):
+        return Location(out).join(LOCK_NAME)
+    return str((Path(out) / LOCK_NAME).resolve())
+
+
+def recovered(out) -> list[dict]:
+    """The lock records of dead holders this process removed or took over on ``out``
+    since the last call (each once): what their runs said of themselves, e.g. the flow
+    run id ``note_run`` added."""
+    with _held_guard:
+        return _recovered.pop(_key(out), [])
+
+
+def note_run(out, **fields) -> bool:
+    """Add ``fields`` (JSON values, e.g. ``flow_run_id``) to the lock this process holds
+    on ``out``, so that whoever recovers it after this process died knows which run
+    it was. Returns False when this process holds no lock there or it could not be
+    rewritten (a warning: bookkeeping never fails a run).
+
+    Locally the new record goes to a new, flocked file renamed over the lock (readers
+    never see half a record; the old inode's flock is let go only after the rename, so
+    the lock is never free); on an object store it is a lease renewal."""
+    key = _key(out)
+    with _held_guard:
+        entry = _held.get(key)
+        if entry is None:
+            return False
+        if isinstance(entry[1], _Lease):
+            lease = entry[1]
+        else:
+            return _rewrite_local(Path(key), entry, fields)
+    return lease.renew(**fields)
+
+
+def _rewrite_local(path: Path, entry: list, fields: dict) -> bool:
+    """``note_run`` on a local lock held as ``entry`` (under ``_held_guard``)."""
+    info = {**(_read(path) or {}), **fields}
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except OSError as exc:
+        log.warning("%s: could not note the run in the lock: %s", path, exc)
+        return False
+    try:
+        _try_flock(fd)
+        os.write(fd, (json.dumps(info) + "\n").encode())
+        os.fsync(fd)
+        os.replace(tmp, path)
+    except OSError as exc:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        log.warning("%s: could not note the run in the lock: %s", path, exc)
+        return False
+    old, entry[1] = entry[1], fd
+    os.close(old)
+    return True
 
 
 @contextmanager
