@@ -50,10 +50,14 @@ TRAIN = dict(model="pvit_test", num_frames=2, img_size=32, label_size=16, pose_s
 # Files of a dataset or a run: none of them may be left on a machine's disk.
 PRODUCTS = (".tar", ".pt", ".safetensors", "manifest.json", ".stage.json", "metrics.jsonl",
             "summary.json", "loss_curve.png", "contact_sheet.png", ".pvit-run")
-# What each machine may keep after a run (its scratch), by top-level name, and why:
-CLIENT_TMP = ("pvit-mirror-",)     # the node's copy of the toy action set (read by OpenCV)
-WORKER_TMP = ("pvit-logs",         # render worker logs stay on the render node
-              "dask-scratch-space")  # dask's own worker directory (--local-directory)
+# What each machine may hold after a run, by path relative to it, and why; anything else
+# (and any of PRODUCTS anywhere) is a leak. The working directories stay empty.
+CLIENT_KEEPS = ("tmp/pvit-mirror-",       # the node's copy of the toy action set (OpenCV)
+                "home/.prefect/storage/",  # Prefect's persisted flow results (small JSON)
+                "home/.cache/matplotlib/")  # matplotlib's font cache (the loss curve)
+WORKER_KEEPS = ("tmp/pvit-logs/",          # render worker logs stay on the render node
+                "tmp/dask-scratch-space/",  # dask's worker directory (--local-directory)
+                "home/.config/blender/")   # Blender's extension cache
 
 
 def experiment(path: Path, dask_address: str) -> Path:
@@ -250,22 +254,17 @@ def pipeline_runs(api: str, out: str) -> list[dict]:
 
 
 def leftovers(cluster) -> dict[str, list[str]]:
-    """What each machine holds outside its allowed scratch, by machine."""
+    """Each machine's files outside what it may keep (``CLIENT_KEEPS``, ``WORKER_KEEPS``),
+    and any dataset or run file (``PRODUCTS``) wherever it is."""
     found = {}
-    client = cluster["client"]
-    found["client cwd"] = [p.name for p in client.cwd.iterdir()]
-    found["client tmp"] = [p.name for p in client.tmp.iterdir()
-                           if not p.name.startswith(CLIENT_TMP)]
-    for worker in cluster["workers"]:
-        name = worker.root.name
-        found[f"{name} cwd"] = [p.name for p in worker.cwd.iterdir()]
-        found[f"{name} tmp"] = [p.name for p in worker.tmp.iterdir()
-                                if not p.name.startswith(WORKER_TMP)]
-    for machine in (client, *cluster["workers"]):
-        found[f"{machine.root.name} products"] = [
-            str(p.relative_to(machine.root)) for p in machine.files()
-            if p.name.endswith(PRODUCTS) or p.name == "manifest.journal"]
-    return {where: sorted(names) for where, names in found.items() if names}
+    machines = [(cluster["client"], CLIENT_KEEPS),
+                *((worker, WORKER_KEEPS) for worker in cluster["workers"])]
+    for machine, keeps in machines:
+        names = [str(p.relative_to(machine.root)) for p in machine.files()]
+        found[machine.root.name] = sorted(
+            n for n in names if not n.startswith(keeps) or n.endswith(PRODUCTS)
+            or "/manifest.journal/" in n)
+    return {where: names for where, names in found.items() if names}
 
 
 @pytest.fixture(scope="module")
@@ -305,6 +304,26 @@ def test_the_pipeline_writes_every_stage_to_the_bucket_and_nothing_local(cluster
     for worker in cluster["workers"]:
         assert list((worker.tmp / "pvit-logs").rglob("*.log")), worker.root.name
     assert not (cluster["client"].tmp / "pvit-logs").exists()
+
+
+def test_a_worker_cannot_see_the_clients_files(cluster, first_run):
+    """Asked through Dask, as a task would: each worker's view of the client's directory
+    (and of the other worker's) is an empty tmpfs, where the machine allows it."""
+    from distributed import Client
+
+    client, workers = cluster["client"], cluster["workers"]
+    reasons = {why for why in cluster["hidden"].values() if isinstance(why, str)}
+    if reasons:
+        pytest.skip(f"workers share the client's mounts here: {reasons.pop()}")
+    assert sorted(os.listdir(client.root)) == ["cwd", "home", "tmp"]
+    assert os.listdir(client.tmp)                 # the client has files there (the mirror)
+    with Client(cluster["address"], timeout=30) as dask:
+        seen = dask.run(lambda paths: {p: os.listdir(p) for p in paths},
+                        [str(client.root), *(str(w.root) for w in workers)])
+    assert len(seen) == 2
+    for view in seen.values():
+        own = [p for p, names in view.items() if names]
+        assert len(own) == 1 and own[0] != str(client.root), view   # only its own
 
 
 def _read(url: str) -> bytes:
