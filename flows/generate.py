@@ -33,7 +33,14 @@ from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
 from flows import progress
-from flows.run_view import artifact_key, generate_run_name, mark_crashed, reused, run_owner
+from flows.run_view import (
+    artifact_key,
+    generate_run_name,
+    mark_crashed,
+    reused,
+    run_owner,
+    without_heartbeats,
+)
 from generation.config import GenerationConfig
 from generation.dataset import asset_store
 from generation.dataset import plan as dataset
@@ -369,6 +376,7 @@ def _dataset_table(out: Location, summary: dict, shards: list[dict], message: st
 
 def run_generate(config: GenerationConfig,
                  on_shard: progress.ShardListener | None = None) -> dict:
-    """Run the flow, calling ``on_shard`` with each shard record it commits."""
-    with progress.listening(on_shard=on_shard):
+    """Run the flow (without Prefect's heartbeats: ``run_view.without_heartbeats``),
+    calling ``on_shard`` with each shard record it commits."""
+    with progress.listening(on_shard=on_shard), without_heartbeats():
         return generate_dataset(config)

@@ -14,7 +14,9 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+from contextlib import contextmanager
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -74,6 +76,42 @@ def training_run_name(stage: str):
         return f"{stage}-{location_name(_config_value('out'))}"
     name.__name__ = f"{stage}_run_name"
     return name
+
+
+# Either name sets Prefect's flow heartbeat interval (the second is its legacy alias).
+HEARTBEAT_ENV = ("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "PREFECT_RUNNER_HEARTBEAT_FREQUENCY")
+
+
+@contextmanager
+def without_heartbeats():
+    """Flow runs started in the block send no Prefect heartbeats, unless the user set
+    the interval (``HEARTBEAT_ENV``).
+
+    Why: Prefect 3.8 heartbeats every flow run (180 s) from a thread that sleeps in 1 s
+    steps, and a run's end joins that thread, so every flow run ends up to 1 s late:
+    0.96 of a cached ``generate_dataset`` rerun's 1.07 s (cProfile, issue 25), and once
+    per stage in a cached pipeline. The heartbeats feed only a zombie-run automation a
+    user sets up in Prefect; pvit's own crash bookkeeping (``mark_crashed``, from the
+    dataset lock and the stage records) does not need them. A user who runs such an
+    automation sets ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` and keeps them."""
+    if any(os.environ.get(name) for name in HEARTBEAT_ENV):
+        yield
+        return
+    from prefect.context import SettingsContext, get_settings_context
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY
+
+    global _quiet
+    context = get_settings_context()
+    # Prefect's temporary_settings rebuilds the settings every time (0.17 s of pydantic
+    # settings sources, half a cached rerun): made once per settings object instead.
+    if _quiet is None or _quiet[0] is not context.settings:
+        _quiet = (context.settings, context.settings.copy_with_update(
+            updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}))
+    with SettingsContext(profile=context.profile, settings=_quiet[1]):
+        yield
+
+
+_quiet = None       # (the settings, the same without heartbeats): without_heartbeats
 
 
 def run_owner() -> dict:
