@@ -172,3 +172,21 @@ def test_the_pipeline_refuses_a_stage_out_it_cannot_write_before_any_stage(s3, t
     assert result.output.strip() == ("error: pretrain.out: gs:// needs the gcsfs package (pip "
                                      "install gcsfs, or the project's 'gcs' extra)")
     assert not shards.exists() and keys(f"s3://{BUCKET}/sets/pipeline-toy") == set()
+
+
+def test_the_pipeline_refuses_an_evaluate_out_it_cannot_write_before_any_stage(s3, tmp_path):
+    # evaluate.out gets a copy of the result (flows.train.copy_result): checked up front
+    shards = tmp_path / "shards"
+    config = tmp_path / "exp.yaml"
+    config.write_text(yaml.safe_dump({
+        "generation": {"out": str(shards), "scenes": 2},
+        "toy_actions": {"out": f"s3://{BUCKET}/sets/pipeline-eval-toy"},
+        "pretrain": {**TINY, "out": f"s3://{BUCKET}/runs/pipeline-pre"},
+        "finetune": {**TINY, "out": f"s3://{BUCKET}/runs/pipeline-fine"},
+        "evaluate": {"out": f"s3://no-such-bucket-{BUCKET}/eval.json"}}))
+    result = CliRunner().invoke(app, ["pipeline", str(config)])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"error: evaluate.out: cannot write s3://no-such-bucket-{BUCKET}"), lines
+    assert not shards.exists() and keys(f"s3://{BUCKET}/sets/pipeline-eval-toy") == set()
