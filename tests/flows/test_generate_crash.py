@@ -159,3 +159,45 @@ def test_pvit_flows_run_without_heartbeats_unless_the_user_asks(monkeypatch):
     monkeypatch.setenv("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "60")
     with without_heartbeats():
         assert get_current_settings().flows.heartbeat_frequency == default
+
+
+def test_on_an_object_store_the_noted_run_survives_in_the_lease_and_is_recovered(
+        monkeypatch):
+    """``note_run`` on an ``s3://`` lock is a lease renewal; a taker of the expired
+    lease gets the run it named (moto's S3 server on 127.0.0.1)."""
+    from moto.server import ThreadedMotoServer
+
+    from generation.dataset import lock as dataset_lock
+    from generation.dataset import storage
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                           "AWS_DEFAULT_REGION": "us-east-1",
+                           "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+                           "AWS_EC2_METADATA_DISABLED": "true"}.items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setattr(storage, "_filesystems", {})
+        storage.filesystem("s3").clear_instance_cache()
+        storage._filesystems.clear()
+        storage.filesystem("s3").mkdir("crash")
+        prefix = "s3://crash/ds"
+        monkeypatch.setenv(dataset_lock.LEASE_ENV, "1")
+        acquire(prefix, owner="killed run")
+        assert note_run(prefix, flow_run_id="run-s3")
+        where = storage.Location(prefix)
+        assert json.loads(where.read_bytes(LOCK_NAME))["flow_run_id"] == "run-s3"
+        # as if killed: the lease stops being renewed, the lock object stays
+        entry = dataset_lock._held.pop(where.join(LOCK_NAME))
+        entry[1].end()
+        time.sleep(2.2)             # the store's last-modified time has 1 s resolution
+        acquire(prefix, warn=lambda _: None)
+        try:
+            (found,) = recovered(prefix)
+            assert found["flow_run_id"] == "run-s3" and found["owner"] == "killed run"
+        finally:
+            release(prefix)
+    finally:
+        server.stop()
