@@ -7,13 +7,17 @@ Kubric run in render workers), but pytest does, so load torch's side first.
 """
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # Every Prefect run of the suite (in-process or in `pvit` subprocesses) uses its own
 # database, not ~/.prefect: runs stay isolated from the user's and from other suites.
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="pvit-tests-prefect-"))
+if "PREFECT_HOME" not in os.environ:
+    _PREFECT_HOME = os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="pvit-tests-prefect-")
+else:
+    _PREFECT_HOME = None
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # As `pvit` itself does (flows/cli.py): in-process flows on a loaded 2-core machine
 # need more than Prefect's 20 s for the temporary server to start.
@@ -22,6 +26,20 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 import pytest  # noqa: E402
 import torch  # noqa: E402,F401
 import torch._dynamo  # noqa: E402,F401
+
+
+def pytest_unconfigure(config):
+    """Stop the in-process flows' temporary Prefect server, then remove the suite's Prefect
+    home (its database grows to ~16 MB a run) unless the user named one. Prefect would stop
+    the server at exit, logging to pytest's capture streams after they are closed (a
+    "--- Logging error ---" block at the end of every run)."""
+    server = sys.modules.get("prefect.server.api.server")
+    if server is not None:
+        for instance in list(server.SubprocessASGIServer._instances.values()):
+            instance.stop()
+    if _PREFECT_HOME is not None:
+        import shutil
+        shutil.rmtree(_PREFECT_HOME, ignore_errors=True)
 
 
 # Made once per session and shared by tests/training and tests/flows (the commands).
