@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, field_serializer, field_validator,
+                      model_validator)
 
 from generation.dataset import asset_store
 from generation.dataset.actor_format import ACTION_NAMES, ACTOR_RECIPES, JOINT_NAMES
@@ -231,3 +232,9 @@ class GenerationConfig(BaseModel):
     def _check_out(cls, value: Any) -> Path:
         # a run parameter: refuse schemes (pipe:...) before anything opens the directory
         return dataset_path(value)
+
+    @field_serializer("out", when_used="json")
+    def _dump_out(self, value: Path | str) -> str:
+        # a Path spells s3://b/p as s3:/b/p: Prefect's run parameters, the experiment YAML
+        # a run writes and the deployment form show the URL itself
+        return str(dataset_path(value))

@@ -150,3 +150,17 @@ def test_device_is_not_part_of_the_spec():
     auto = GenerationConfig()
     assert auto.device == "auto" and auto.workers_per_gpu == 1
     assert [j.spec_hash for j in plan(cpu)] == [j.spec_hash for j in plan(auto)]
+
+
+def test_an_object_store_out_is_dumped_as_its_url():
+    """Prefect's run parameters, the experiment YAML and the deployment form show
+    ``s3://b/p``, not the ``s3:/b/p`` a Path makes of it, and it reads back the same."""
+    from fastapi.encoders import jsonable_encoder   # what Prefect encodes parameters with
+
+    from generation.config import GenerationConfig
+    bucket = GenerationConfig(out="s3://b/p")
+    assert bucket.model_dump(mode="json")["out"] == "s3://b/p"
+    assert jsonable_encoder(bucket)["out"] == "s3://b/p"
+    again = GenerationConfig.model_validate(bucket.model_dump(mode="json"))
+    assert again.model_dump(mode="json") == bucket.model_dump(mode="json")
+    assert GenerationConfig(out="data/x").model_dump(mode="json")["out"] == "data/x"
