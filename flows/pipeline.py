@@ -175,6 +175,8 @@ def _pipeline(config: ExperimentConfig, force: list[str] | None) -> State[dict]:
         "finetune": cfg.finetune and cfg.finetune.out,
         "metrics": cfg.evaluate and cfg.evaluate.checkpoint and str(
             evaluation_file(cfg.evaluate.checkpoint, cfg.evaluate.split)),
+        # evaluate.out: the copy of the result the user asked for (flows/train.py)
+        "result": cfg.evaluate and cfg.evaluate.out and str(files.location(cfg.evaluate.out)),
     }
     _summary_artifact(cfg, results, messages)
     message = "; ".join(f"{name}: {text}" for name, text in messages.items())
@@ -196,6 +198,9 @@ def _summary_artifact(cfg: ExperimentConfig, results: dict, messages: dict) -> N
         if section is not None:
             rows.append({"stage": f"{stage} checkpoint",
                          "outcome": str(RunLayout(section.out).final_checkpoint)})
+    for name in ("metrics", "result"):
+        if results["paths"].get(name):
+            rows.append({"stage": f"evaluate {name}", "outcome": results["paths"][name]})
     metrics = results.get("evaluate") or {}
     for name in ("top1", "top5"):
         if isinstance(metrics.get(name), (int, float)):

@@ -12,8 +12,14 @@ import json
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import (BaseModel, ConfigDict, Field, field_serializer, field_validator,
-                      model_validator)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 from generation.dataset import asset_store
 from generation.dataset.actor_format import ACTION_NAMES, ACTOR_RECIPES, JOINT_NAMES

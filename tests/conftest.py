@@ -33,6 +33,11 @@ def pytest_unconfigure(config):
     home (its database grows to ~16 MB a run) unless the user named one. Prefect would stop
     the server at exit, logging to pytest's capture streams after they are closed (a
     "--- Logging error ---" block at the end of every run)."""
+    # first what the flows still send it: logs and events queued in background workers
+    for module, worker in (("prefect.logging.handlers", "APILogWorker"),
+                           ("prefect.events.worker", "EventsWorker")):
+        if module in sys.modules:
+            getattr(sys.modules[module], worker).drain_all(timeout=5)
     server = sys.modules.get("prefect.server.api.server")
     if server is not None:
         for instance in list(server.SubprocessASGIServer._instances.values()):

@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from generation.config import SceneConfig
-from generation.dataset.shard_format import class_list, encode_clip
+from generation.dataset.shard_format import encode_clip
 from generation.render import actor_labels, labels
 from generation.render.assets import load_manifest
 from generation.render.devices import use_device

@@ -76,6 +76,7 @@ def check_prefect_view(tmp_path: Path, outcome: str) -> None:
     summary = artifacts_of(run.id)[artifact_key("pipeline-summary", tmp_path / "shards")]
     stages = {row["stage"]: row["outcome"] for row in json.loads(summary.data)}
     assert "evaluate top1" in stages and stages["finetune checkpoint"].endswith("final.pt")
+    assert stages["evaluate metrics"].endswith("eval_validation.json")
     assert stages["pretrain"].startswith("reused" if outcome == "Cached" else "computed")
 
 
@@ -98,6 +99,27 @@ def test_pipeline_runs_caches_and_reruns_only_what_changed(tmp_path):
     assert records(tmp_path) == before
     assert "up to date" in again.stdout + again.stderr
     check_prefect_view(tmp_path, "Cached")
+
+    # A deployment run's tags reach every stage's run (Prefect gives a subflow only the
+    # tags in its context, and a worker runs a deployment's run with none): a run
+    # created with tags and run as a worker runs it, by the flow engine.
+    from prefect.client.orchestration import get_client
+    from prefect.flow_engine import run_flow
+
+    from flows.experiment import load_experiment
+    from flows.pipeline import pipeline as pipeline_flow
+    from flows.run_view import without_heartbeats
+    params = {"config": load_experiment(cfg)}
+    with get_client(sync_client=True) as client:
+        created = client.create_flow_run(pipeline_flow, parameters=params, tags=["nightly"])
+    with without_heartbeats():
+        run_flow(pipeline_flow, flow_run=created, parameters=params)
+    run = top_level_runs("pipeline", tmp_path / "shards")[-1]
+    stages = subflow_runs_of(run.id)
+    assert "nightly" in run.tags and len(stages) == 4
+    assert {name: "nightly" in r.tags for name, (r, _) in stages.items()} == dict.fromkeys(
+        stages, True)
+    assert records(tmp_path) == before
 
     # Only the fine-tuning rate changed: finetune and evaluate rerun, nothing else.
     lr = experiment(tmp_path, finetune__lr=5e-4)

@@ -155,7 +155,7 @@ def test_device_is_not_part_of_the_spec():
 def test_an_object_store_out_is_dumped_as_its_url():
     """Prefect's run parameters, the experiment YAML and the deployment form show
     ``s3://b/p``, not the ``s3:/b/p`` a Path makes of it, and it reads back the same."""
-    from fastapi.encoders import jsonable_encoder   # what Prefect encodes parameters with
+    from fastapi.encoders import jsonable_encoder  # what Prefect encodes parameters with
 
     from generation.config import GenerationConfig
     bucket = GenerationConfig(out="s3://b/p")

@@ -9,9 +9,9 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
-from pathlib import Path
 from pvit_cli import REPO
 
 from generation.dataset.storage import SCRATCH_OWNER, scratch_dir
