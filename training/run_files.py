@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -60,15 +61,31 @@ class MetricsLog:
             self.lines = [line for line in files.read_bytes(path).decode().splitlines()
                           if line and json.loads(line).get("step", 0) <= resume_step]
         write_text_atomic(path, "".join(line + "\n" for line in self.lines))
+        self.pending, self.flushed = False, time.monotonic()
+
+    # An object is replaced whole, never appended to: on a bucket the log is uploaded at
+    # most this often (and at every epoch record and flush()), not once per line, which
+    # made a long run's uploads grow with the square of its length.
+    REMOTE_FLUSH_S = 30.0
 
     def write(self, record: dict[str, Any]) -> None:
         line = json.dumps(record, sort_keys=True)
-        if self.remote:     # an object is replaced whole, never appended to
+        if self.remote:
             self.lines.append(line)
-            write_text_atomic(self.path, "".join(x + "\n" for x in self.lines))
+            self.pending = True
+            if (record.get("kind") != "step"
+                    or time.monotonic() - self.flushed >= self.REMOTE_FLUSH_S):
+                self.flush()
             return
         with Path(self.path).open("a") as f:
             f.write(line + "\n")
+
+    def flush(self) -> None:
+        """Upload what is not on the bucket yet (the training loop calls it before each
+        checkpoint, so a resumed run finds every line up to its checkpoint)."""
+        if self.remote and self.pending:
+            write_text_atomic(self.path, "".join(x + "\n" for x in self.lines))
+            self.pending, self.flushed = False, time.monotonic()
 
 
 def read_metrics(path: Path | str) -> list[dict[str, Any]]:

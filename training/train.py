@@ -316,6 +316,8 @@ def _run(stage: str, cfg: PretrainConfig | FinetuneConfig, progress: Progress,
                     if progress:
                         progress({**record, "total_steps": setup.total_steps})
             if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
+                if metrics is not None:
+                    metrics.flush()
                 save_last(setup, dist, model, optimizer, state)
             # for resume tests: ends the run as a kill would, without a final checkpoint
             if stop_after is not None and state.step >= stop_after:

@@ -190,3 +190,26 @@ def test_the_pipeline_refuses_an_evaluate_out_it_cannot_write_before_any_stage(s
     assert len(lines) == 1 and lines[0].startswith(
         f"error: evaluate.out: cannot write s3://no-such-bucket-{BUCKET}"), lines
     assert not shards.exists() and keys(f"s3://{BUCKET}/sets/pipeline-eval-toy") == set()
+
+
+def test_the_metrics_log_on_a_bucket_is_uploaded_in_batches(s3, monkeypatch):
+    """An object cannot be appended to: a log that uploaded itself whole at every line cost
+    a long run uploads growing with the square of its length. Step lines wait for the
+    interval; an epoch line and flush() (before each checkpoint) upload them."""
+    from training.run_files import MetricsLog
+    url = f"s3://{BUCKET}/runs/metrics-batches/metrics.jsonl"
+    monkeypatch.setattr(MetricsLog, "REMOTE_FLUSH_S", 3600.0)
+    log = MetricsLog(url)
+    for step in range(1, 51):
+        log.write({"kind": "step", "step": step})
+    assert read_metrics(url) == []
+    log.flush()
+    assert [r["step"] for r in read_metrics(url)] == list(range(1, 51))
+    log.write({"kind": "epoch", "step": 50})
+    assert read_metrics(url)[-1] == {"kind": "epoch", "step": 50}
+    monkeypatch.setattr(MetricsLog, "REMOTE_FLUSH_S", 0.0)
+    log.write({"kind": "step", "step": 51})       # the interval has passed: uploaded
+    assert read_metrics(url)[-1]["step"] == 51
+    # a resumed run keeps the lines up to its checkpoint's step
+    assert [r["step"] for r in read_metrics(MetricsLog(url, resume_step=50).path)] == \
+        list(range(1, 51)) + [50]
