@@ -330,9 +330,14 @@ def check_stage_inputs(wired: ExperimentConfig) -> None:
     if wired.finetune is not None and wired.pretrain is None and wired.finetune.init:
         inputs.append(("finetune.init", wired.finetune.init))
     for what, value in inputs:
-        if not value or os.path.normpath(str(value)) in made or "://" in str(value):
-            continue        # made upstream; an object-store input is read where it lives
-        if not Path(value).exists():
+        if not value or os.path.normpath(str(value)) in made:
+            continue        # made upstream
+        try:    # an object-store input is looked up where it lives (one listing request)
+            there = Location(canonical(value)).exists() if "://" in str(value) else \
+                Path(value).exists()
+        except (LocationError, WriteError) as exc:
+            fail(f"{what}: {exc}")
+        if not there:
             hint = (f" (the action set stage makes {action_set.root('list')})"
                     if action_set is not None and what.endswith("data_root") else "")
             fail(f"{what}: {value} does not exist and no stage of this pipeline makes "

@@ -192,6 +192,24 @@ def test_the_pipeline_refuses_an_evaluate_out_it_cannot_write_before_any_stage(s
     assert not shards.exists() and keys(f"s3://{BUCKET}/sets/pipeline-eval-toy") == set()
 
 
+def test_the_pipeline_refuses_a_bucket_input_that_is_not_there_before_any_stage(s3, tmp_path):
+    # a downstream set of the finetune stage's own on the bucket, and no such prefix
+    shards = tmp_path / "shards"
+    config = tmp_path / "exp.yaml"
+    config.write_text(yaml.safe_dump({
+        "generation": {"out": str(shards), "scenes": 2},
+        "pretrain": {**TINY, "out": f"s3://{BUCKET}/runs/pipeline-in-pre"},
+        "finetune": {**TINY, "out": f"s3://{BUCKET}/runs/pipeline-in-fine",
+                     "data_root": f"s3://{BUCKET}/sets/nothing-here/list"}}))
+    result = CliRunner().invoke(app, ["pipeline", str(config)])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == (f"error: finetune.data_root: s3://{BUCKET}/sets/nothing-"
+                                     "here/list does not exist and no stage of this pipeline "
+                                     "makes it")
+    assert not shards.exists()
+    assert not [k for k in keys(f"s3://{BUCKET}/runs") if k.startswith("pipeline-in-")]
+
+
 def test_the_metrics_log_on_a_bucket_is_uploaded_in_batches(s3, monkeypatch):
     """An object cannot be appended to: a log that uploaded itself whole at every line cost
     a long run uploads growing with the square of its length. Step lines wait for the
