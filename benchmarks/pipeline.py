@@ -5,8 +5,9 @@ against a real ``prefect server start`` (127.0.0.1, a free port, its own PREFECT
 - ``first_run_s``: a demo-sized dataset into an empty directory;
 - ``rerun_s``: the identical rerun (nothing to render) and ``rerun_fraction``;
 - ``pipeline_first_s`` / ``pipeline_rerun_s`` / ``pipeline_rerun_fraction``: a tiny
-  whole pipeline (generate, toy actions, pretrain, finetune, evaluate) and its cached
-  rerun, through the flow as ``pvit pipeline`` runs it;
+  whole pipeline (generate, toy actions, pretrain, finetune, evaluate), or with
+  ``--pipeline-config`` that experiment's, and its cached rerun, through the flow as
+  ``pvit pipeline`` runs it;
 - ``prefect_overhead_per_task_s``: (flow wall time - sum of the render worker
   processes' wall times) / tasks, on one worker so that nothing overlaps;
 - ``dask_speedup_2_vs_1``: clips/s through an already running Dask ``LocalCluster`` of
@@ -18,6 +19,7 @@ against a real ``prefect server start`` (127.0.0.1, a free port, its own PREFECT
 The last line is one JSON object.
 
     .venv/bin/python benchmarks/pipeline.py [--scenes 24 --scenes-per-shard 4]
+        [--pipeline-config configs/demo.yaml]   # the pipeline `make run` runs, not a tiny one
 """
 
 from __future__ import annotations
@@ -43,6 +45,10 @@ def main() -> None:
     parser.add_argument("--scenes-per-shard", type=int, default=None)
     parser.add_argument("--dask-scenes", type=int, default=12)
     parser.add_argument("--server", choices=("real", "temporary"), default="real")
+    parser.add_argument("--pipeline-config", default=None,
+                        help="time this experiment's whole pipeline and its cached rerun "
+                        "(e.g. configs/demo.yaml, as `make run` runs it; its outputs go to "
+                        "a temporary directory) instead of the tiny one")
     args = parser.parse_args()
     with contextlib.ExitStack() as stack:
         if args.server == "real":
@@ -107,7 +113,8 @@ def measure(args) -> dict:
                 cpu[workers] = {"wall_s": round(wall, 2),
                                 **cpu_since(before, process_cpu())}
 
-        pipeline_first_s, pipeline_rerun_s = time_pipeline(tmp / "pipeline")
+        pipeline_first_s, pipeline_rerun_s = time_pipeline(tmp / "pipeline",
+                                                           args.pipeline_config)
 
     result = {
         "scenes": first["clips"], "shards": first["shards"], "workers": first_cfg.workers,
@@ -119,13 +126,14 @@ def measure(args) -> dict:
         "pipeline_first_s": round(pipeline_first_s, 3),
         "pipeline_rerun_s": round(pipeline_rerun_s, 3),
         "pipeline_rerun_fraction": round(pipeline_rerun_s / pipeline_first_s, 4),
-        "server": args.server,
+        "pipeline": args.pipeline_config or "tiny", "server": args.server,
     }
     print(f"first demo-sized generate_dataset:  {first_s:8.2f} s ({first['clips']} clips)")
     print(f"identical rerun:                    {rerun_s:8.2f} s ({result['rerun_fraction']:.2%})")
     print(f"Prefect overhead per render task:   {overhead:8.3f} s")
     print(f"Dask LocalCluster 2 vs 1 workers:   {result['dask_speedup_2_vs_1']:8.2f}x")
-    print(f"tiny pipeline, first / cached rerun: {pipeline_first_s:8.2f} s / "
+    print(f"{args.pipeline_config or 'tiny'} pipeline, first / cached rerun: "
+          f"{pipeline_first_s:8.2f} s / "
           f"{pipeline_rerun_s:.2f} s ({result['pipeline_rerun_fraction']:.2%})")
     return result
 
@@ -134,16 +142,20 @@ TINY = dict(model="pvit_test", num_frames=2, img_size=32, label_size=16, pose_sl
             num_workers=0, log_every=1, batch_size=2, epochs=1, lr=1e-3)
 
 
-def time_pipeline(root: Path) -> tuple[float, float]:
+def time_pipeline(root: Path, config: str | None = None) -> tuple[float, float]:
     """The first run and the cached rerun of a tiny experiment (the pipeline tests'
-    sizes), through the ``pipeline`` flow as ``pvit pipeline`` calls it."""
+    sizes), or of ``config`` with every stage's ``out`` under ``root``, through the
+    ``pipeline`` flow as ``pvit pipeline`` calls it."""
     import yaml
 
     from flows.experiment import load_experiment
-    from flows.pipeline import pipeline
-    from flows.run_view import without_heartbeats
 
     root.mkdir(parents=True)
+    if config is not None:
+        cfg = load_experiment(config, sets=[f"{section}.out={root / section}" for section in
+                                            ("generation", "toy_actions", "pretrain",
+                                             "finetune")])
+        return _first_and_rerun(cfg)
     data = {"generation": {"out": str(root / "shards"), "scenes": 2, "scenes_per_shard": 1,
                            "workers": 2, "retries": 0,
                            "scene": {"resolution": 32, "frames": 2, "spp": 4,
@@ -155,7 +167,13 @@ def time_pipeline(root: Path) -> tuple[float, float]:
             "evaluate": {"spatial_crops": 3, "temporal_clips": 2, "batch_size": 4,
                          "num_workers": 0}}
     (root / "exp.yaml").write_text(yaml.safe_dump(data))
-    cfg = load_experiment(root / "exp.yaml")
+    return _first_and_rerun(load_experiment(root / "exp.yaml"))
+
+
+def _first_and_rerun(cfg) -> tuple[float, float]:
+    from flows.pipeline import pipeline
+    from flows.run_view import without_heartbeats
+
     times = []
     for _ in range(2):
         t0 = time.perf_counter()
