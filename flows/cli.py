@@ -460,6 +460,10 @@ def main() -> None:
     # render node whose cores Blender holds) starting it took longer and the command
     # failed before doing anything.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    # Prefect's events worker warns "Still processing items: 1 items remaining..." at the
+    # end of every run against a real server whenever an event is still queued at exit
+    # (it warns before sending it): noise, not a fault. A failed send is an ERROR, shown.
+    logging.getLogger("EventsWorker").setLevel(logging.ERROR)
     if sys.argv[1:2] == ["pipeline"] and not {"--help", "-h"} & set(sys.argv):
         # Start Prefect's temporary server (if no API is configured) while the pipeline
         # imports its stages; `_pipeline` waits for it. Measured on a busy 2-core machine
