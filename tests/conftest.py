@@ -6,6 +6,7 @@ crashes the interpreter. The pipeline never loads both in one process (Blender a
 Kubric run in render workers), but pytest does, so load torch's side first.
 """
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -14,10 +15,10 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # Every Prefect run of the suite (in-process or in `pvit` subprocesses) uses its own
 # database, not ~/.prefect: runs stay isolated from the user's and from other suites.
+_ROOT = None
 if "PREFECT_HOME" not in os.environ:
-    _PREFECT_HOME = os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="pvit-tests-prefect-")
-else:
-    _PREFECT_HOME = None
+    _ROOT = Path(tempfile.mkdtemp(prefix="pvit-tests-prefect-"))
+    os.environ["PREFECT_HOME"] = str(_ROOT / "prefect-home")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # As `pvit` itself does (flows/cli.py): in-process flows on a loaded 2-core machine
 # need more than Prefect's 20 s for the temporary server to start.
@@ -28,11 +29,40 @@ import torch  # noqa: E402,F401
 import torch._dynamo  # noqa: E402,F401
 
 
+_SERVER = contextlib.ExitStack()
+
+
+def pytest_configure(config):
+    """One real ``prefect server start`` for the whole suite (127.0.0.1, a free port, the
+    suite's Prefect home), used by every in-process flow and every ``pvit`` subprocess: a
+    temporary server per command cost ~6 s of start-up each, over ~75 commands. Not when
+    the user points the suite at a server (``PREFECT_API_URL``) or names its own home, or
+    with ``PVIT_TESTS_PREFECT=temporary``: Prefect's default of a temporary server per
+    process, which tests/flows/test_server_lifetime.py and the tests that take the
+    ``temporary_prefect_server`` fixture exercise anyway."""
+    if (_ROOT is None or "PREFECT_API_URL" in os.environ
+            or os.environ.get("PVIT_TESTS_PREFECT") == "temporary"):
+        return
+    sys.path.insert(0, str(Path(__file__).parent / "flows"))
+    from prefect_deployment import running_prefect_server
+    env = _SERVER.enter_context(running_prefect_server(_ROOT))
+    assert env["PREFECT_HOME"] == os.environ["PREFECT_HOME"]
+    os.environ["PREFECT_API_URL"] = env["PREFECT_API_URL"]
+
+
+@pytest.fixture
+def temporary_prefect_server(monkeypatch):
+    """``pvit`` subprocesses of this test start Prefect's temporary server, as on a laptop
+    with no Prefect setup (the same database: runs stay readable through the suite's)."""
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+
+
 def pytest_unconfigure(config):
-    """Stop the in-process flows' temporary Prefect server, then remove the suite's Prefect
-    home (its database grows to ~16 MB a run) unless the user named one. Prefect would stop
-    the server at exit, logging to pytest's capture streams after they are closed (a
-    "--- Logging error ---" block at the end of every run)."""
+    """Stop the suite's Prefect servers (the in-process flows' temporary one, if any, and
+    the shared one), then remove the suite's Prefect home (its database grows to ~16 MB a
+    run) unless the user named one. Prefect would stop its temporary server at exit,
+    logging to pytest's capture streams after they are closed (a "--- Logging error ---"
+    block at the end of every run)."""
     # first what the flows still send it: logs and events queued in background workers
     for module, worker in (("prefect.logging.handlers", "APILogWorker"),
                            ("prefect.events.worker", "EventsWorker")):
@@ -42,9 +72,10 @@ def pytest_unconfigure(config):
     if server is not None:
         for instance in list(server.SubprocessASGIServer._instances.values()):
             instance.stop()
-    if _PREFECT_HOME is not None:
+    _SERVER.close()
+    if _ROOT is not None:
         import shutil
-        shutil.rmtree(_PREFECT_HOME, ignore_errors=True)
+        shutil.rmtree(_ROOT, ignore_errors=True)
 
 
 # Made once per session and shared by tests/training and tests/flows (the commands).

@@ -80,7 +80,8 @@ def check_prefect_view(tmp_path: Path, outcome: str) -> None:
     assert stages["pretrain"].startswith("reused" if outcome == "Cached" else "computed")
 
 
-def test_pipeline_runs_caches_and_reruns_only_what_changed(tmp_path):
+def test_pipeline_runs_caches_and_reruns_only_what_changed(tmp_path, temporary_prefect_server):
+    # as `make run` on a laptop: each `pvit pipeline` starts Prefect's temporary server
     cfg = experiment(tmp_path)
     first = pipeline(cfg)
     assert first.returncode == 0, first.stderr[-3000:]
