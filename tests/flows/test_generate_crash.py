@@ -75,7 +75,8 @@ def test_killed_generate_run_is_marked_crashed_by_the_next_run(tmp_path):
         assert run_id and _rendering(proc.pid), "the run never named itself and rendered"
         # the task run reaches the server through Prefect's events, a moment later
         while time.monotonic() < deadline and proc.poll() is None and not any(
-                t.state.type.value == "RUNNING" for t in task_runs_of(run_id)):
+                t.state is not None and t.state.type.value == "RUNNING"
+                for t in task_runs_of(run_id)):
             time.sleep(0.1)
         assert proc.poll() is None, "the run ended before it could be killed mid-render"
     finally:
