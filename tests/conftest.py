@@ -28,7 +28,6 @@ import pytest  # noqa: E402
 import torch  # noqa: E402,F401
 import torch._dynamo  # noqa: E402,F401
 
-
 _SERVER = contextlib.ExitStack()
 
 
@@ -38,8 +37,8 @@ def pytest_configure(config):
     temporary server per command cost ~6 s of start-up each, over ~75 commands. Not when
     the user points the suite at a server (``PREFECT_API_URL``) or names its own home, or
     with ``PVIT_TESTS_PREFECT=temporary``: Prefect's default of a temporary server per
-    process, which tests/flows/test_server_lifetime.py and the tests that take the
-    ``temporary_prefect_server`` fixture exercise anyway."""
+    process, which tests/flows/test_server_lifetime.py and the main pipeline test
+    (tests/flows/test_pipeline.py, ``on_a_laptop``) exercise anyway."""
     if (_ROOT is None or "PREFECT_API_URL" in os.environ
             or os.environ.get("PVIT_TESTS_PREFECT") == "temporary"):
         return
@@ -47,14 +46,7 @@ def pytest_configure(config):
     from prefect_deployment import running_prefect_server
     env = _SERVER.enter_context(running_prefect_server(_ROOT))
     assert env["PREFECT_HOME"] == os.environ["PREFECT_HOME"]
-    os.environ["PREFECT_API_URL"] = env["PREFECT_API_URL"]
-
-
-@pytest.fixture
-def temporary_prefect_server(monkeypatch):
-    """``pvit`` subprocesses of this test start Prefect's temporary server, as on a laptop
-    with no Prefect setup (the same database: runs stay readable through the suite's)."""
-    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    os.environ["PREFECT_API_URL"] = os.environ["PVIT_TESTS_SERVER"] = env["PREFECT_API_URL"]
 
 
 def pytest_unconfigure(config):

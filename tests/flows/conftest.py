@@ -9,9 +9,11 @@ server's temporary ``PREFECT_HOME``; "postgresql" is a throwaway PostgreSQL serv
 (``postgres_database``). One server per test module.
 """
 
+import os
+
 import pytest
 from postgres_server import running, unavailable
-from prefect_deployment import running_prefect_server
+from prefect_deployment import QUICK, running_prefect_server
 
 DATABASES = ("sqlite", "postgresql")
 
@@ -32,6 +34,11 @@ def prefect_server(request, tmp_path_factory):
     """``prefect server start`` on a free port; yields the environment pointing at it."""
     database = getattr(request, "param", "sqlite")
     assert database in DATABASES, f"prefect_server: unknown database {database!r}"
+    if database == "sqlite" and os.environ.get("PVIT_TESTS_SERVER") and \
+            os.environ["PVIT_TESTS_SERVER"] == os.environ.get("PREFECT_API_URL"):
+        # the suite's own `prefect server start` on SQLite (tests/conftest.py): no second
+        yield {**os.environ, **QUICK}
+        return
     url = request.getfixturevalue("postgres_database").url() if database == "postgresql" else None
     with running_prefect_server(tmp_path_factory.mktemp(f"prefect-{database}"), url) as env:
         yield env

@@ -149,6 +149,16 @@ def wait_flow_run(api_url: str, flow_run_id: str, procs: Processes) -> str:
     pytest.fail(f"flow run {flow_run_id} still {state} after {FLOW_RUN_S}s:\n{procs.logs()}")
 
 
+# What the servers and the processes around them run with in the tests.
+QUICK = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # no network here
+    "PREFECT_SERVER_UI_ENABLED": "false",
+    "PREFECT_WORKER_QUERY_SECONDS": "2",          # pick runs up quickly
+    "PREFECT_RUNNER_POLL_FREQUENCY": "2",         # the same for `pvit serve`
+    "TF_CPP_MIN_LOG_LEVEL": "3",
+}
+
+
 @contextlib.contextmanager
 def running_prefect_server(home: Path, database_url: str | None = None) -> Iterator[dict]:
     """A real ``prefect server start`` on a free 127.0.0.1 port with its own
@@ -162,11 +172,7 @@ def running_prefect_server(home: Path, database_url: str | None = None) -> Itera
     env.update({
         "PREFECT_HOME": str(home / "prefect-home"),
         "PREFECT_API_URL": api_url,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # no network here
-        "PREFECT_SERVER_UI_ENABLED": "false",
-        "PREFECT_WORKER_QUERY_SECONDS": "2",          # pick runs up quickly
-        "PREFECT_RUNNER_POLL_FREQUENCY": "2",         # the same for `pvit serve`
-        "TF_CPP_MIN_LOG_LEVEL": "3",
+        **QUICK,
     })
     if database_url is not None:
         env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url

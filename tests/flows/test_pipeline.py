@@ -1,6 +1,8 @@
 """The whole DAG on a tiny experiment: real renders, real training, real Prefect runs."""
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,9 +39,31 @@ def experiment(tmp_path: Path, **changes) -> Path:
     return path
 
 
-def pipeline(config: Path, *flags) -> subprocess.CompletedProcess:
+def pipeline(config: Path, *flags, env=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "flows.cli", "pipeline", str(config), *flags],
-                          cwd=REPO, capture_output=True, text=True, timeout=900)
+                          cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
+
+
+def on_a_laptop() -> dict:
+    """The environment of a laptop with no Prefect setup: ``pvit`` starts Prefect's
+    temporary server (on the suite's database, so the runs stay readable here)."""
+    return {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory) -> Path:
+    """The tiny experiment's dataset, rendered once for the tests that are not about
+    rendering: each copies it to its own ``shards`` (its generate stage is then Cached)."""
+    root = tmp_path_factory.mktemp("rendered")
+    cfg = experiment(root)
+    result = subprocess.run([sys.executable, "-m", "flows.cli", "generate", str(cfg)],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "shards"
+
+
+def with_shards(rendered: Path, tmp_path: Path) -> None:
+    shutil.copytree(rendered, tmp_path / "shards")
 
 
 def records(tmp_path: Path) -> dict:
@@ -80,10 +104,10 @@ def check_prefect_view(tmp_path: Path, outcome: str) -> None:
     assert stages["pretrain"].startswith("reused" if outcome == "Cached" else "computed")
 
 
-def test_pipeline_runs_caches_and_reruns_only_what_changed(tmp_path, temporary_prefect_server):
-    # as `make run` on a laptop: each `pvit pipeline` starts Prefect's temporary server
+def test_pipeline_runs_caches_and_reruns_only_what_changed(tmp_path):
     cfg = experiment(tmp_path)
-    first = pipeline(cfg)
+    # as `make run` and its rerun on a laptop, with Prefect's temporary server
+    first = pipeline(cfg, env=on_a_laptop())
     assert first.returncode == 0, first.stderr[-3000:]
     evaluation = json.loads((tmp_path / "fine" / "checkpoints" / "evaluate" /
                              "eval_validation.json").read_text())
@@ -95,7 +119,7 @@ def test_pipeline_runs_caches_and_reruns_only_what_changed(tmp_path, temporary_p
     check_prefect_view(tmp_path, "Completed")
 
     # Nothing changed: nothing renders, nothing trains.
-    again = pipeline(cfg)
+    again = pipeline(cfg, env=on_a_laptop())
     assert again.returncode == 0, again.stderr[-3000:]
     assert records(tmp_path) == before
     assert "up to date" in again.stdout + again.stderr
@@ -148,10 +172,11 @@ def test_pipeline_runs_caches_and_reruns_only_what_changed(tmp_path, temporary_p
     assert records(tmp_path)["shards"] == final["shards"]
 
 
-def test_pvit_evaluate_and_the_pipeline_share_one_evaluation_home(tmp_path):
+def test_pvit_evaluate_and_the_pipeline_share_one_evaluation_home(tmp_path, rendered):
     """`pvit evaluate` without --out writes where the pipeline's evaluate stage does, with
     the same stage record: a later pipeline run reuses it, and after another split was
     evaluated there the pipeline is not refused and both results stay."""
+    with_shards(rendered, tmp_path)
     cfg = experiment(tmp_path)
     first = pipeline(cfg)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -207,8 +232,9 @@ def test_inputs_no_stage_makes_are_refused_before_any_work_and_set_rewires(tmp_p
     assert cfg.finetune.data_root == root and cfg.evaluate.data_root == root
 
 
-def test_failed_stage_names_itself_and_keeps_upstream_outputs(tmp_path):
+def test_failed_stage_names_itself_and_keeps_upstream_outputs(tmp_path, rendered):
     # finetune on another model size than its pretrain checkpoint: a clear error
+    with_shards(rendered, tmp_path)
     cfg = experiment(tmp_path, finetune__model="pvit_tiny")
     result = pipeline(cfg)
     assert result.returncode == 1
@@ -222,11 +248,11 @@ def test_failed_stage_names_itself_and_keeps_upstream_outputs(tmp_path):
     assert (tmp_path / "pre" / ".stage.json").stat().st_mtime_ns == pre
 
 
-def test_killed_pipeline_resumes_without_redoing_finished_stages(tmp_path):
-    import os
+def test_killed_pipeline_resumes_without_redoing_finished_stages(tmp_path, rendered):
     import signal
     import time
 
+    with_shards(rendered, tmp_path)
     cfg = experiment(tmp_path, pretrain__epochs=3)
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "pipeline", str(cfg)], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
