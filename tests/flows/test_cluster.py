@@ -34,7 +34,6 @@ import psutil
 import pytest
 import yaml
 from moto_s3 import keys, running_s3
-from prefect_deployment import running_prefect_server
 from pvit_cli import PVIT
 
 pytestmark = [pytest.mark.slow, pytest.mark.blender]
@@ -179,14 +178,16 @@ def worker_count(address: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster(tmp_path_factory, prefect_server):
+    # prefect_server: a real `prefect server start` (the suite's own when it runs one,
+    # tests/flows/conftest.py), the "Prefect machine" every other one reports to
     root = tmp_path_factory.mktemp("cluster")
     client = Machine(root, "client")
     workers = [Machine(root, f"worker-{n}") for n in "ab"]
     scheduler = Machine(root, "scheduler")
     procs = Cluster(root)
-    (root / "prefect").mkdir()
-    with running_s3(BUCKET) as s3_env, running_prefect_server(root / "prefect") as server_env:
+    server_env = prefect_server
+    with running_s3(BUCKET) as s3_env:
         base = {**s3_env, "PREFECT_API_URL": server_env["PREFECT_API_URL"],
                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "TF_CPP_MIN_LOG_LEVEL": "3"}
         try:
