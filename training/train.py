@@ -30,6 +30,7 @@ from generation.dataset.index import DatasetIndex
 from generation.dataset.shard_format import CLASSES
 from generation.dataset.storage import WriteError, write_atomic
 from training import distributed, files
+from training.checkpoint import is_pvit_checkpoint, load_checkpoint
 from training.config import FinetuneConfig, PretrainConfig
 from training.convert import export_inference
 from training.evaluate import evaluate_model
@@ -166,9 +167,7 @@ def prepare(stage: str, cfg: PretrainConfig | FinetuneConfig, world_size: int) -
                                             world_size=world_size))
     else:
         steps_per_epoch = max(1, index.clips // (cfg.batch_size * world_size))
-    # segmentation classes from the manifest; no synthetic data: the built-in list (the
-    # head is unused then)
-    seg_classes = len(index.classes) if index else len(CLASSES)
+    seg_classes = _seg_classes(cfg, index)
     model_kwargs = cfg.model_kwargs(num_classes=num_classes, num_seg_classes=seg_classes)
     setup = RunSetup(stage=stage, cfg=cfg, layout=RunLayout(cfg.out),
                      real_records=real_records, num_classes=num_classes, index=index,
@@ -178,6 +177,18 @@ def prepare(stage: str, cfg: PretrainConfig | FinetuneConfig, world_size: int) -
                      model_kwargs=model_kwargs, resume=None)
     setup.resume = resumable_checkpoint(setup)
     return setup
+
+
+def _seg_classes(cfg: PretrainConfig | FinetuneConfig, index) -> int:
+    """Segmentation classes: the manifest's. Without synthetic data the head is unused:
+    a pvit checkpoint to start from decides (its weights then load: a checkpoint
+    pretrained on a dataset with more categories was refused), else the built-in list."""
+    if index:
+        return len(index.classes)
+    if cfg.init and files.is_file(cfg.init) and is_pvit_checkpoint(cfg.init):
+        kwargs = load_checkpoint(cfg.init).get("model_kwargs") or {}
+        return int(kwargs.get("num_seg_classes", len(CLASSES)))
+    return len(CLASSES)
 
 
 def preflight(stage: str, cfg: PretrainConfig | FinetuneConfig) -> None:

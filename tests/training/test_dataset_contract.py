@@ -223,6 +223,27 @@ def test_an_extra_category_sizes_the_segmentation_head(tmp_path):
     assert shapes and shapes[-1][0] == len(CLASSES) + 1, shapes
 
 
+def test_finetuning_without_synthetic_clips_loads_a_checkpoint_of_more_categories(tmp_path,
+                                                                                 toy_set):
+    """No shards to size the segmentation head from (``synthetic_ratio: 0``): it takes the
+    pretrained checkpoint's size, so that checkpoint loads (the built-in 10 classes made
+    ``init`` refuse a checkpoint pretrained on 11)."""
+    import torch
+
+    from training.config import FinetuneConfig, PretrainConfig
+    from training.train import run_finetune, run_pretrain
+    shards = _extra_category_shards(tmp_path / "gizmos")
+    pre = run_pretrain(PretrainConfig(**TINY, out=str(tmp_path / "pre"), synthetic=str(shards)))
+    summary = run_finetune(FinetuneConfig(**TINY, out=str(tmp_path / "fine"),
+                                          init=pre["checkpoint"], synthetic=None,
+                                          synthetic_ratio=0.0, data_root=toy_set["list_root"],
+                                          frame_stride=3, val_split=""))
+    assert set(summary["losses"]) == {"total", "action"}
+    state = torch.load(tmp_path / "fine" / "checkpoints" / "final.pt", weights_only=True,
+                       map_location="cpu")
+    assert state["model_kwargs"]["num_seg_classes"] == len(CLASSES) + 1
+
+
 @pytest.mark.slow
 @pytest.mark.blender
 def test_a_rendered_dataset_with_a_user_category_trains(tmp_path):
