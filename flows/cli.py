@@ -332,9 +332,8 @@ def check_stage_inputs(wired: ExperimentConfig) -> None:
     for what, value in inputs:
         if not value or os.path.normpath(str(value)) in made:
             continue        # made upstream
-        try:    # an object-store input is looked up where it lives (one listing request)
-            there = Location(canonical(value)).exists() if "://" in str(value) else \
-                Path(value).exists()
+        try:    # a path, or an object-store input looked up where it lives
+            there = Location(value).exists()
         except (LocationError, WriteError) as exc:
             fail(f"{what}: {exc}")
         if not there:

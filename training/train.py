@@ -30,7 +30,7 @@ from generation.dataset.index import DatasetIndex
 from generation.dataset.shard_format import CLASSES
 from generation.dataset.storage import WriteError, write_atomic
 from training import distributed, files
-from training.checkpoint import is_pvit_checkpoint, load_checkpoint
+from training.checkpoint import CheckpointError, load_checkpoint
 from training.config import FinetuneConfig, PretrainConfig
 from training.convert import export_inference
 from training.evaluate import evaluate_model
@@ -185,10 +185,13 @@ def _seg_classes(cfg: PretrainConfig | FinetuneConfig, index) -> int:
     pretrained on a dataset with more categories was refused), else the built-in list."""
     if index:
         return len(index.classes)
-    if cfg.init and files.is_file(cfg.init) and is_pvit_checkpoint(cfg.init):
+    if not cfg.init:
+        return len(CLASSES)
+    try:        # one read (a pvit checkpoint is marked; is_pvit_checkpoint reads it too)
         kwargs = load_checkpoint(cfg.init).get("model_kwargs") or {}
-        return int(kwargs.get("num_seg_classes", len(CLASSES)))
-    return len(CLASSES)
+    except CheckpointError:     # none, another format (timm, VideoMAE...) or damaged:
+        return len(CLASSES)     # initial_weights reads it as what it is, or says why not
+    return int(kwargs.get("num_seg_classes", len(CLASSES)))
 
 
 def preflight(stage: str, cfg: PretrainConfig | FinetuneConfig) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 from prefect_api import artifacts_of, subflow_runs_of, task_runs_of, top_level_runs
+from pvit_cli import pvit
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -55,9 +56,7 @@ def rendered(tmp_path_factory) -> Path:
     """The tiny experiment's dataset, rendered once for the tests that are not about
     rendering: each copies it to its own ``shards`` (its generate stage is then Cached)."""
     root = tmp_path_factory.mktemp("rendered")
-    cfg = experiment(root)
-    result = subprocess.run([sys.executable, "-m", "flows.cli", "generate", str(cfg)],
-                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    result = pvit("generate", experiment(root))
     assert result.returncode == 0, result.stderr[-3000:]
     return root / "shards"
 
